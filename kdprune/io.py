@@ -1,0 +1,121 @@
+"""Atomic file writes and safe checkpoint loading.
+
+Every file a stage produces goes through these helpers: the content is written to a temp file
+in the destination directory and then moved into place with ``os.replace``, so a killed process
+leaves either the old file or the new one, never a half-written one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unsafe, corrupted or does not fit the expected model."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; on success move it over ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found (run the stage that writes it first)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def torch_save(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Load a torch file with ``weights_only=True``: tensors and plain containers only, never code."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for unsafe or broken files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: {msg}. kdprune only loads tensors and plain containers "
+            "(torch.load(weights_only=True)); the file is corrupted, truncated, or holds "
+            "pickled objects that could run code."
+        ) from None
+
+
+CHECKPOINT_FORMAT = "kdprune-checkpoint-v1"
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, masks: dict | None = None,
+                    meta: dict | None = None) -> None:
+    """Save the arch spec + state_dict (+ masks, + metadata). Never a pickled module."""
+    torch_save(path, {
+        "format": CHECKPOINT_FORMAT,
+        "spec": model.spec,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "masks": {k: v.cpu() for k, v in masks.items()} if masks else None,
+        "meta": meta or {},
+    })
+
+
+def load_checkpoint(path: str | os.PathLike, expect_classes: int | None = None):
+    """Rebuild the model from a checkpoint. Returns ``(model, masks, meta)``."""
+    from kdprune.models import build_model
+
+    ckpt = torch_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a kdprune checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    spec = ckpt["spec"]
+    if expect_classes is not None and spec.get("num_classes") != expect_classes:
+        raise CheckpointError(
+            f"{path}: the model has {spec.get('num_classes')} output classes but the dataset has "
+            f"{expect_classes}; it was trained on another dataset (meta: {ckpt.get('meta', {}).get('dataset')})")
+    try:
+        model = build_model(spec)
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: weights do not match the stored architecture spec: {first}") from None
+    masks = ckpt.get("masks")
+    if masks:
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        bad = [n for n, m in masks.items() if n not in shapes or shapes[n] != m.shape]
+        if bad:
+            raise CheckpointError(f"{path}: masks do not match the model's parameters: {bad[:3]}")
+    return model, masks, ckpt.get("meta", {})

@@ -1,0 +1,76 @@
+"""Measurements: accuracy, parameter counts, compression ratios, MACs, bytes on disk."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from kdprune.pruning import compression_ratio, count_params, count_prunable
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, loader) -> float:
+    """Top-1 accuracy in percent over every sample the loader yields."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+def dense_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass of a single input, counted by FlopCounterMode."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, *input_shape)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def nonzero_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """MACs that a sparse kernel would need: each conv/linear counts only its non-zero weights.
+
+    Dense kernels (what PyTorch runs) do the full dense MACs whatever the sparsity; this is the
+    theoretical figure papers quote for unstructured pruning.
+    """
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        nz = int(torch.count_nonzero(module.weight))
+        positions = output[0, 0].numel() if isinstance(module, nn.Conv2d) else 1
+        total += nz * positions
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        model(torch.zeros(1, *input_shape))
+    model.train(was_training)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def size_report(model: nn.Module, reference: nn.Module, include_first_conv: bool, include_last_fc: bool) -> dict:
+    """Parameter counts of ``model`` and both compression ratios against ``reference`` (the teacher)."""
+    total, nonzero = count_params(model)
+    ref_total, _ = count_params(reference)
+    prunable, prunable_nz = count_prunable(model, include_first_conv, include_last_fc)
+    ref_prunable, _ = count_prunable(reference, include_first_conv, include_last_fc)
+    return {
+        "params": total,
+        "nonzero_params": nonzero,
+        "prunable_params": prunable,
+        "nonzero_prunable_params": prunable_nz,
+        "sparsity": 1.0 - nonzero / total,
+        "prunable_sparsity": 1.0 - prunable_nz / prunable if prunable else 0.0,
+        "compression_ratio": compression_ratio(ref_total, nonzero),
+        "prunable_compression_ratio": compression_ratio(ref_prunable, prunable_nz),
+    }

@@ -1,0 +1,262 @@
+"""Load and validate ``params.yaml`` into typed dataclasses.
+
+This is the one place that knows what a valid parameter is. Every error names the dotted key,
+the bad value and what is allowed, and all of them are raised before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DATASETS = ("fashion_mnist",)
+ARCHS = ("resnet",)
+VARIANTS = ("kd", "finetune")
+
+
+class ParamsError(ValueError):
+    """Invalid params.yaml content. The message names the key, the value and what is allowed."""
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ParamsError(f"params.yaml: {key} = {value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    name: Literal["fashion_mnist"] = "fashion_mnist"
+    root: str | None = None  # null: search /usr/share/datasets/<name>, then download
+    download: bool = True  # allow torchvision's downloader when no local copy is found
+    train_subset: int = 0  # 0: the whole split; N > 0: a class-stratified subset of N images
+    test_subset: int = 0
+    crop_padding: int = 2  # random-crop augmentation: pad by this many pixels, crop back
+
+    def validate(self, p: str) -> None:
+        _check(self.train_subset >= 0, f"{p}.train_subset", self.train_subset, "must be >= 0 (0 = all)")
+        _check(self.test_subset >= 0, f"{p}.test_subset", self.test_subset, "must be >= 0 (0 = all)")
+        _check(0 <= self.crop_padding <= 8, f"{p}.crop_padding", self.crop_padding, "must be in [0, 8]")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    arch: Literal["resnet"] = "resnet"
+    depth: int = 8
+    width: int = 16  # channels of the first stage; stages use width, 2*width, 4*width
+
+    def validate(self, p: str) -> None:
+        _check(self.depth >= 8 and (self.depth - 2) % 6 == 0, f"{p}.depth", self.depth,
+               "a CIFAR BasicBlock ResNet needs depth = 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110)")
+        _check(1 <= self.width <= 512, f"{p}.width", self.width, "must be in [1, 512]")
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+    bf16: bool = False  # bf16 autocast for training forward passes on CPU
+    channels_last: bool = False
+
+    def validate(self, p: str) -> None:
+        _check(self.threads >= 0, f"{p}.threads", self.threads, "must be >= 0 (0 = all cores)")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 4
+    batch_size: int = 256
+    lr: float = 0.2  # peak learning rate
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_frac: float = 0.2  # onecycle: fraction of steps spent warming up
+    label_smoothing: float = 0.0
+    eval_every: int = 1  # epochs between test-accuracy points on the curve (0 = only at the end)
+
+    def validate(self, p: str) -> None:
+        _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "must be >= 1")
+        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "must be >= 1")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"{p}.lr", self.lr, "must be > 0")
+        _check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "must be in [0, 1)")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "must be >= 0")
+        _check(0 <= self.warmup_frac < 1, f"{p}.warmup_frac", self.warmup_frac, "must be in [0, 1)")
+        _check(0 <= self.label_smoothing < 1, f"{p}.label_smoothing", self.label_smoothing, "must be in [0, 1)")
+        _check(self.eval_every >= 0, f"{p}.eval_every", self.eval_every, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class PruneParams:
+    method: Literal["magnitude"] = "magnitude"
+    ratio: float = 0.8  # fraction of prunable weights removed
+    include_first_conv: bool = True
+    include_last_fc: bool = True
+
+    def validate(self, p: str) -> None:
+        _check(0 <= self.ratio < 1, f"{p}.ratio", self.ratio, "must be in [0, 1) (fraction of prunable weights removed)")
+
+
+@dataclass(frozen=True)
+class DistillParams(TrainParams):
+    epochs: int = 1
+    lr: float = 0.05
+    schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
+    warmup_frac: float = 0.0
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the KD term in kd variants; finetune always uses 0
+
+    def validate(self, p: str) -> None:
+        super().validate(p)
+        _check(len(self.variants) > 0, f"{p}.variants", self.variants, f"must list at least one of {list(VARIANTS)}")
+        for v in self.variants:
+            _check(v in VARIANTS, f"{p}.variants", self.variants, f"each entry must be one of {list(VARIANTS)}")
+        _check(len(set(self.variants)) == len(self.variants), f"{p}.variants", self.variants, "has duplicates")
+        _check(math.isfinite(self.temperature) and self.temperature > 0, f"{p}.temperature", self.temperature, "must be > 0")
+        _check(0 <= self.alpha <= 1, f"{p}.alpha", self.alpha, "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 1000
+
+    def validate(self, p: str) -> None:
+        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    enabled: bool = True
+    experiment: str = "kdprune"
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.experiment.strip()), f"{p}.experiment", self.experiment, "must be a non-empty name")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)
+    teacher: TrainParams = field(default_factory=TrainParams)
+    prune: PruneParams = field(default_factory=PruneParams)
+    distill: DistillParams = field(default_factory=DistillParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+
+    def validate(self, p: str = "") -> None:
+        _check(self.seed >= 0, "seed", self.seed, "must be an integer >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        _check(value in typing.get_args(tp), key, value, f"must be {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ParamsError:
+                continue
+        raise ParamsError(f"params.yaml: {key} = {value!r} is invalid: must be {_type_name(tp)}")
+    if origin is list:
+        _check(isinstance(value, list), key, value, f"must be {_type_name(tp)}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is type(None):
+        _check(value is None, key, value, "must be null")
+        return None
+    if tp is bool:
+        _check(isinstance(value, bool), key, value, "must be true or false")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, value, "must be an integer")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "must be a number")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, value, "must be a string")
+        return value
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, value, "must be a mapping of keys (a section)")
+        return _build(tp, value, key)
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in fields:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ParamsError(f"params.yaml: unknown key '{where}'{hint} Allowed keys here: {sorted(fields)}")
+    kwargs = {}
+    for name in fields:
+        if name in raw:
+            kwargs[name] = _coerce(f"{prefix}.{name}" if prefix else name, raw[name], hints[name])
+    obj = cls(**kwargs)
+    obj.validate(prefix)
+    return obj
+
+
+REQUIRED_SECTIONS = ("data", "model", "teacher", "prune", "distill")
+
+
+def params_from_dict(raw: Any) -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params.yaml: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for section in REQUIRED_SECTIONS:
+        if section not in raw:
+            raise ParamsError(f"params.yaml: missing section '{section}' (required sections: {list(REQUIRED_SECTIONS)})")
+    return _build(Params, raw, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found (run from the repository root)") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    return params_from_dict(raw)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'prune': {'ratio': 0.9}} -> {'prune.ratio': 0.9}"""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,33 @@
+"""Stage train_teacher: train the unpruned teacher -> models/teacher.pt, metrics/teacher.json."""
+import time
+
+from kdprune import io, stage
+from kdprune.measure import dense_macs
+from kdprune.models import build_model, spec_from_params
+from kdprune.params import Params
+from kdprune.pruning import count_params
+from kdprune.train import fit, setup_runtime
+
+
+def main(params: Params) -> None:
+    setup_runtime(params.runtime, params.seed)
+    data = stage.load_data(params)
+    spec = spec_from_params(params.model, data["train_x"].shape[1], len(data["classes"]))
+    model = build_model(spec)
+    t0 = time.perf_counter()
+    history = fit(model, stage.train_loader(params, data, params.teacher), stage.test_loader(params, data),
+                  params.teacher, runtime=params.runtime, name="teacher", log=stage.log)
+    io.save_checkpoint(stage.TEACHER, model, meta=stage.data_meta(data))
+    total, _ = count_params(model)
+    io.write_json(stage.METRICS / "teacher.json", {
+        "acc_teacher": history[-1]["test_acc"],
+        "params_teacher": total,
+        "macs_teacher": dense_macs(model, tuple(data["train_x"].shape[1:])),
+        "epochs": params.teacher.epochs,
+    })
+    stage.write_curve(stage.PLOTS / "teacher.csv", history)
+    stage.write_timing("teacher", history, wall_seconds=round(time.perf_counter() - t0, 3))
+
+
+if __name__ == "__main__":
+    stage.run(main)

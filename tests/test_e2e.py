@@ -1,0 +1,115 @@
+"""The real pipeline, end to end: `dvc repro` then `dvc exp run -S prune.ratio=...` in a temp git repo
+on tiny format-true data, checking caching, metrics and the MLflow store."""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import write_fake_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+COPY = ["kdprune", "stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+
+
+def tiny_params(raw_root: Path) -> dict:
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["data"].update(root=str(raw_root), download=False, train_subset=300, test_subset=100)
+    p["model"].update(depth=8, width=4)
+    p["teacher"].update(epochs=2, batch_size=64, lr=0.2)
+    p["distill"].update(epochs=1, batch_size=64)
+    p["prune"]["ratio"] = 0.5
+    return p
+
+
+def make_repo(tmp_path: Path, venv_bin: Path) -> tuple[Path, dict]:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for item in COPY:
+        src, dst = ROOT / item, repo / item
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    raw = write_fake_dataset(tmp_path / "raw", n_train=300, n_test=100)
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(raw), sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "GIT_"))}
+    env.update(PATH=f"{venv_bin}:{env.get('PATH', '/usr/bin:/bin')}", DVC_NO_ANALYTICS="1",
+               MLFLOW_DISABLE_TELEMETRY="true", DVC_SITE_CACHE_DIR=str(tmp_path / "site-cache"), CI="true",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    git(repo, env, "init", "-q", "-b", "main")
+    git(repo, env, "add", "-A")
+    git(repo, env, "commit", "-qm", "init")
+    return repo, env
+
+
+def git(repo, env, *args):
+    subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True)
+
+
+def dvc(repo, env, *args) -> str:
+    r = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"dvc {' '.join(args)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r.stdout + r.stderr
+
+
+def mlflow_runs(repo: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    exp = client.get_experiment_by_name("kdprune")
+    return client.search_runs([exp.experiment_id])
+
+
+def lock_md5(repo: Path, stage: str, path: str) -> str:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == path)
+
+
+
+def test_repro_then_exp_run_reuses_teacher_and_logs_two_runs(tmp_path, venv_bin):
+    repo, env = make_repo(tmp_path, venv_bin)
+
+    out = dvc(repo, env, "repro")
+    assert "Running stage 'train_teacher'" in out
+    first = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert first["prunable_compression_ratio"] == pytest.approx(2.0, rel=1e-3)
+    for key in ("acc_teacher", "acc_pruned", "acc_kd", "acc_finetune", "compression_ratio", "macs_teacher"):
+        assert key in first
+    assert (repo / "plots/accuracy.png").stat().st_size > 1000
+    assert len(mlflow_runs(repo)) == 1
+    teacher_md5 = lock_md5(repo, "train_teacher", "models/teacher.pt")
+    git(repo, env, "add", "-A")
+    git(repo, env, "commit", "-qm", "baseline")
+
+    out = dvc(repo, env, "repro")  # no-op: nothing runs, nothing is logged again
+    assert "Running stage" not in out
+    assert len(mlflow_runs(repo)) == 1
+
+    out = dvc(repo, env, "exp", "run", "-S", "prune.ratio=0.95")
+    assert "Stage 'train_teacher' didn't change" in out and "Running stage 'train_teacher'" not in out
+    assert "Running stage 'prune'" in out and "Running stage 'distill@kd'" in out
+    assert lock_md5(repo, "train_teacher", "models/teacher.pt") == teacher_md5
+    second = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert second["prunable_compression_ratio"] == pytest.approx(20.0, rel=1e-3)
+    assert second["compression_ratio"] > first["compression_ratio"]
+    assert second["nonzero_params_kd"] < first["nonzero_params_kd"]
+    assert second["acc_teacher"] == first["acc_teacher"]
+
+    runs = mlflow_runs(repo)
+    assert sorted(r.data.params["prune.ratio"] for r in runs) == ["0.5", "0.95"]
+    by_ratio = {r.data.params["prune.ratio"]: r for r in runs}
+    assert by_ratio["0.95"].data.metrics["prunable_compression_ratio"] == pytest.approx(20.0, rel=1e-3)
+    assert by_ratio["0.95"].data.tags["dvc_exp_name"]  # named after the DVC experiment
+    assert by_ratio["0.95"].data.params["model.width"] == "4"
+    for r in runs:
+        assert {"acc_teacher", "acc_kd", "acc_finetune", "acc_pruned", "compression_ratio"} <= set(r.data.metrics)
+
+    relog = subprocess.run([str(venv_bin / "python"), "-m", "kdprune.tracking", "relog"], cwd=repo, env=env,
+                           capture_output=True, text=True)
+    assert relog.returncode == 0 and "already logged" in relog.stdout
+    assert len(mlflow_runs(repo)) == 2

@@ -1,0 +1,100 @@
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdprune.params import ParamsError, flatten, load_params, params_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_value(dotted: str, value):
+    raw = copy.deepcopy(BASE)
+    *path, last = dotted.split(".")
+    node = raw
+    for k in path:
+        node = node[k]
+    node[last] = value
+    return raw
+
+
+def test_repo_params_are_valid():
+    p = load_params(ROOT / "params.yaml")
+    assert p.prune.ratio == BASE["prune"]["ratio"]
+    assert flatten(p.to_dict())["distill.temperature"] == BASE["distill"]["temperature"]
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("prune.ratio", 1.0, "[0, 1)"),
+    ("prune.ratio", -0.1, "[0, 1)"),
+    ("prune.ratio", "0.9", "must be a number"),
+    ("prune.method", "random", "one of 'magnitude'"),
+    ("model.depth", 21, "6n+2"),
+    ("model.depth", 4, "6n+2"),
+    ("model.arch", "vgg", "one of 'resnet'"),
+    ("model.width", 0, "[1, 512]"),
+    ("distill.temperature", 0, "must be > 0"),
+    ("distill.temperature", -1.0, "must be > 0"),
+    ("distill.alpha", 1.5, "[0, 1]"),
+    ("distill.alpha", -0.1, "[0, 1]"),
+    ("distill.variants", ["kd", "dark_magic"], "each entry must be one of"),
+    ("distill.variants", [], "at least one"),
+    ("distill.variants", ["kd", "kd"], "duplicates"),
+    ("distill.variants", "kd", "a list of"),
+    ("teacher.epochs", 0, ">= 1"),
+    ("teacher.epochs", 2.5, "an integer"),
+    ("teacher.lr", 0, "> 0"),
+    ("teacher.momentum", 1.0, "[0, 1)"),
+    ("teacher.schedule", "step", "one of 'onecycle', 'cosine', 'constant'"),
+    ("teacher.nesterov", "yes", "true or false"),
+    ("data.name", "imagenet", "one of 'fashion_mnist'"),
+    ("data.train_subset", -5, ">= 0"),
+    ("data.root", 3, "a string or null"),
+    ("seed", -1, ">= 0"),
+    ("runtime.threads", -2, ">= 0"),
+    ("evaluate.batch_size", 0, ">= 1"),
+    ("mlflow.experiment", " ", "non-empty"),
+])
+def test_bad_values_name_key_value_and_rule(key, value, needle):
+    with pytest.raises(ParamsError) as e:
+        params_from_dict(with_value(key, value))
+    msg = str(e.value)
+    assert key in msg and repr(value) in msg and needle in msg, msg
+
+
+def test_unknown_key_suggests_the_right_one():
+    raw = copy.deepcopy(BASE)
+    raw["prune"]["ration"] = 0.9
+    with pytest.raises(ParamsError, match=r"unknown key 'prune.ration'; did you mean 'ratio'\?"):
+        params_from_dict(raw)
+    raw = copy.deepcopy(BASE)
+    raw["distil"] = {}
+    with pytest.raises(ParamsError, match="unknown key 'distil'; did you mean 'distill'"):
+        params_from_dict(raw)
+
+
+def test_missing_section_and_bad_yaml(tmp_path):
+    raw = copy.deepcopy(BASE)
+    del raw["prune"]
+    with pytest.raises(ParamsError, match="missing section 'prune'"):
+        params_from_dict(raw)
+    with pytest.raises(ParamsError, match="section"):
+        params_from_dict(with_value("teacher", 5))
+    (tmp_path / "params.yaml").write_text("prune: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_stage_exits_nonzero_before_work(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_value("prune.ratio", 1.2)))
+    r = subprocess.run([sys.executable, "-m", "stages.prune"], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2
+    assert "prune.ratio = 1.2 is invalid" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "models").exists()
