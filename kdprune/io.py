@@ -88,7 +88,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, masks: dict
     torch_save(path, {
         "format": CHECKPOINT_FORMAT,
         "spec": model.spec,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "masks": {k: v.cpu() for k, v in masks.items()} if masks else None,
         "meta": meta or {},
     })

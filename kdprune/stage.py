@@ -62,7 +62,7 @@ def train_loader(params: Params, data: dict, cfg) -> TensorLoader:
 
 def test_loader(params: Params, data: dict) -> TensorLoader:
     return TensorLoader(data["test_x"], data["test_y"], data["mean"], data["std"], params.evaluate.batch_size,
-                        train=False)
+                        train=False, channels_last=params.runtime.channels_last)
 
 
 def data_meta(data: dict) -> dict:

@@ -36,6 +36,13 @@ def setup_runtime(runtime, seed: int) -> torch.device:
     return torch.device("cpu")
 
 
+def to_runtime(model: nn.Module, runtime) -> nn.Module:
+    """Put a model in the runtime's memory format (channels_last: NHWC, ~2x faster convs on CPU)."""
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def progress_enabled() -> bool:
     return sys.stdout.isatty() and not os.environ.get("CI")
 
@@ -72,10 +79,9 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
     """Train ``model`` in place for ``cfg.epochs``; return the per-epoch curve (list of dicts)."""
     if alpha > 0 and teacher is None:
         raise ValueError(f"{name}: alpha = {alpha} needs a teacher")
-    if runtime.channels_last:
-        model.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher.to(memory_format=torch.channels_last)
+    to_runtime(model, runtime)
+    if teacher is not None:
+        to_runtime(teacher, runtime)
     use_teacher = teacher is not None and alpha > 0
     if use_teacher:
         teacher.eval()
@@ -124,8 +130,7 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
         evaluate_now = epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)
         row["test_acc"] = accuracy(model, test_loader) if evaluate_now else float("nan")
         history.append(row)
+        test = f"{row['test_acc']:.2f}%" if evaluate_now else "-"
         log(f"{name} epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} train {row['train_acc']:.2f}% "
-            f"test {row['test_acc']:.2f}% lr {row['lr']:.4f} {train_time:.1f}s ({row['images_per_second']:.0f} img/s)")
-    if runtime.channels_last:
-        model.to(memory_format=torch.contiguous_format)
+            f"test {test} lr {row['lr']:.4f} {train_time:.1f}s ({row['images_per_second']:.0f} img/s)")
     return history

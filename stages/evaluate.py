@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from kdprune import io, stage  # noqa: E402
 from kdprune.measure import accuracy, dense_macs, nonzero_macs, size_report  # noqa: E402
 from kdprune.params import Params  # noqa: E402
-from kdprune.train import setup_runtime  # noqa: E402
+from kdprune.train import setup_runtime, to_runtime  # noqa: E402
 
 
 def plot_accuracy(path, names: list[str], accs: list[float], title: str) -> None:
@@ -43,7 +43,7 @@ def main(params: Params) -> None:
         models[v] = io.load_checkpoint(stage.student_path(v), expect_classes=n_classes)[0]
     out: dict = {"prune_ratio": p.ratio, "prune_method": p.method}
     for name, model in models.items():
-        out[f"acc_{name}"] = accuracy(model, test)
+        out[f"acc_{name}"] = accuracy(to_runtime(model, params.runtime), test)
         out[f"macs_{name}"] = dense_macs(model, shape)
         out[f"nonzero_macs_{name}"] = nonzero_macs(model, shape)
         rep = size_report(model, teacher, p.include_first_conv, p.include_last_fc)

@@ -4,7 +4,7 @@ from kdprune.measure import accuracy, size_report
 from kdprune.models import build_model
 from kdprune.params import Params
 from kdprune.pruning import apply_masks, global_magnitude_masks
-from kdprune.train import setup_runtime
+from kdprune.train import setup_runtime, to_runtime
 
 
 def main(params: Params) -> None:
@@ -16,7 +16,7 @@ def main(params: Params) -> None:
     pruned.load_state_dict(teacher.state_dict())
     masks = global_magnitude_masks(pruned, p.ratio, p.include_first_conv, p.include_last_fc)
     apply_masks(pruned, masks)
-    acc = accuracy(pruned, stage.test_loader(params, data))
+    acc = accuracy(to_runtime(pruned, params.runtime), stage.test_loader(params, data))
     report = size_report(pruned, teacher, p.include_first_conv, p.include_last_fc)
     io.save_checkpoint(stage.PRUNED, pruned, masks=masks, meta={**meta, "prune": vars(p)})
     io.write_json(stage.METRICS / "prune.json", {"acc_pruned": acc, "ratio": p.ratio, "method": p.method, **report})
