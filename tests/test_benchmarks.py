@@ -1,0 +1,26 @@
+"""Smoke test: the benchmark code runs on a tiny size so it cannot rot. Speed is never asserted."""
+import importlib.util
+from pathlib import Path
+
+from kdprune.data import prepare_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_throughput_benchmark_runs_tiny(fake_root):
+    bench = load_bench()
+    data = prepare_dataset("fashion_mnist", str(fake_root), False, 0, 0, seed=0)
+    res = bench.run(n_images=300, workers=(0,), data=data)
+    for key in ("a_ours_img_s", "b_naive_img_s", "b_datapath_img_s", "fp32_peak_gflops", "c_achieved_gflops"):
+        assert res[key] > 0, key
+    # a ResNet-8 training step is ~3x the forward FLOPs; the forward is ~9.3 MMAC = 18.7 MFLOP at 28x28
+    assert 40e6 < res["train_flops_per_image"] < 80e6
+    text = bench.report(res)
+    assert "a/b (vs naive pipeline)" in text and "% of fp32 peak" in text
