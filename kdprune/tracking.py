@@ -32,6 +32,8 @@ from kdprune.params import flatten
 
 T = TypeVar("T")
 FINGERPRINT_TAG = "kdprune.fingerprint"
+ALIASES_TAG = "dvc_exp_aliases"  # other DVC experiments that reproduced the same result
+KIND_TAG = "kdprune.kind"  # "pipeline" for one pipeline result, "report" for a sweep summary
 
 
 class TrackingError(RuntimeError):
@@ -152,12 +154,18 @@ def log_pipeline(workdir: Path | None = None, env: Mapping[str, str] | None = No
         raise TrackingError(_unreachable(uri, e)) from None
     if existing:
         run_id = existing[0].info.run_id
+        name = env.get("DVC_EXP_NAME")
+        aliases = [a for a in existing[0].data.tags.get(ALIASES_TAG, "").split(",") if a]
+        if name and name != existing[0].data.tags.get("dvc_exp_name") and name not in aliases:
+            # another DVC experiment reproduced this exact result: remember its name on the run
+            retry(lambda: client.set_tag(run_id, ALIASES_TAG, ",".join(aliases + [name])), "set tag")
         print(f"mlflow: this result is already logged as run {run_id} ({uri}); not logging a duplicate")
         return run_id
 
     exp_name_dvc = env.get("DVC_EXP_NAME")
     tags = {
         FINGERPRINT_TAG: info["fingerprint"],
+        KIND_TAG: "pipeline",
         "git_commit": git_commit(workdir),
         "dvc_exp_name": exp_name_dvc or "",
         "dvc_baseline_rev": env.get("DVC_EXP_BASELINE_REV", ""),

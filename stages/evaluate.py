@@ -1,7 +1,9 @@
-"""Stage evaluate: test accuracy, sizes, compression ratios and MACs of every model.
+"""Stage evaluate: test accuracy, sizes, compression ratios and MACs of every model, in one place.
 
-Writes metrics/evaluate.json (flat keys, shown by `dvc metrics show` / `dvc exp show`) and
-plots/accuracy.png.
+Each model's test accuracy is measured once, by the stage that produced it (full test split,
+fp32, no augmentation); this stage collects those, measures sizes and MACs, checks that every
+student kept the pruned model's mask, and writes metrics/evaluate.json (flat keys, shown by
+`dvc metrics show` / `dvc exp show`) and plots/accuracy.png.
 """
 import matplotlib
 
@@ -9,9 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from kdprune import io, stage  # noqa: E402
-from kdprune.measure import accuracy, dense_macs, nonzero_macs, size_report  # noqa: E402
+from kdprune.measure import dense_macs, nonzero_macs, size_report  # noqa: E402
 from kdprune.params import Params  # noqa: E402
-from kdprune.train import setup_runtime, to_runtime  # noqa: E402
+from kdprune.train import setup_runtime  # noqa: E402
 
 
 def plot_accuracy(path, names: list[str], accs: list[float], title: str) -> None:
@@ -30,20 +32,27 @@ def plot_accuracy(path, names: list[str], accs: list[float], title: str) -> None
     plt.close(fig)
 
 
+def measured_accuracies(variants: list[str]) -> dict[str, float]:
+    """Test accuracy of each model, as measured once by the stage that produced it."""
+    acc = {"teacher": io.read_json(stage.METRICS / "teacher.json")["acc_teacher"],
+           "pruned": io.read_json(stage.METRICS / "prune.json")["acc_pruned"]}
+    for v in variants:
+        acc[v] = io.read_json(stage.METRICS / "distill" / f"{v}.json")[f"acc_{v}"]
+    return acc
+
+
 def main(params: Params) -> None:
     setup_runtime(params.runtime, params.seed)
-    data = stage.load_data(params)
-    n_classes = len(data["classes"])
-    test = stage.test_loader(params, data)
-    shape = tuple(data["train_x"].shape[1:])
     p = params.prune
-    teacher = io.load_checkpoint(stage.TEACHER, expect_classes=n_classes)[0]
-    models = {"teacher": teacher, "pruned": io.load_checkpoint(stage.PRUNED, expect_classes=n_classes)[0]}
+    teacher, _, meta = io.load_checkpoint(stage.TEACHER)
+    shape = tuple(meta["input_shape"])
+    models = {"teacher": teacher, "pruned": io.load_checkpoint(stage.PRUNED)[0]}
     for v in params.distill.variants:
-        models[v] = io.load_checkpoint(stage.student_path(v), expect_classes=n_classes)[0]
+        models[v] = io.load_checkpoint(stage.student_path(v))[0]
+    accs = measured_accuracies(params.distill.variants)
     out: dict = {"prune_ratio": p.ratio, "prune_method": p.method}
     for name, model in models.items():
-        out[f"acc_{name}"] = accuracy(to_runtime(model, params.runtime), test)
+        out[f"acc_{name}"] = accs[name]
         out[f"macs_{name}"] = dense_macs(model, shape)
         out[f"nonzero_macs_{name}"] = nonzero_macs(model, shape)
         rep = size_report(model, teacher, p.include_first_conv, p.include_last_fc)
@@ -59,7 +68,7 @@ def main(params: Params) -> None:
     io.write_json(stage.METRICS / "evaluate.json", out)
     names = list(models)
     plot_accuracy(stage.PLOTS / "accuracy.png", names, [out[f"acc_{n}"] for n in names],
-                  f"{params.data.name}, ResNet-{params.model.depth}, {p.method} ratio {p.ratio} "
+                  f"{meta['dataset']}, ResNet-{teacher.spec['depth']}, {p.method} ratio {p.ratio} "
                   f"({out['compression_ratio']:.1f}x)")
     stage.log("evaluate: " + ", ".join(f"{n} {out[f'acc_{n}']:.2f}%" for n in names)
               + f"; compression {out['compression_ratio']:.2f}x (prunable {out['prunable_compression_ratio']:.2f}x)")

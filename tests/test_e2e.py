@@ -113,3 +113,82 @@ def test_repro_then_exp_run_reuses_teacher_and_logs_two_runs(tmp_path, venv_bin)
                            capture_output=True, text=True)
     assert relog.returncode == 0 and "already logged" in relog.stdout
     assert len(mlflow_runs(repo)) == 2
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sweep_with_two_workers_loses_no_run_then_report_and_ui(tmp_path, venv_bin):
+    import signal
+    import time
+    import urllib.request
+
+    repo, env = make_repo(tmp_path, venv_bin)
+    dvc(repo, env, "repro")
+    git(repo, env, "add", "-A")
+    git(repo, env, "commit", "-qm", "baseline")
+
+    py = str(venv_bin / "python")
+    r = subprocess.run([py, "-m", "kdprune.sweep", "--ratios", "0.6,0.7", "--seeds", "0,1", "-j", "2"], cwd=repo,
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "failed: none; missing: none; duplicated: none" in r.stdout
+
+    runs = mlflow_runs(repo)
+    assert len(runs) == 5  # the baseline + 4 queued experiments, none lost, none duplicated
+    keys = sorted((r.data.params["prune.ratio"], r.data.params["seed"]) for r in runs)
+    assert keys == [("0.5", "0"), ("0.6", "0"), ("0.6", "1"), ("0.7", "0"), ("0.7", "1")]
+    for run in runs:  # artifacts live in the main repo, not in a deleted .dvc/tmp/exps workspace
+        uri = run.info.artifact_uri
+        assert uri.startswith((repo / "mlartifacts").as_uri()), uri
+        assert (Path(uri.removeprefix("file://")) / "metrics" / "evaluate.json").exists()
+    # seed 1's teacher was trained once: the second seed-1 experiment restored it from the run-cache
+    logs = subprocess.run(["dvc", "queue", "logs", next(r.data.tags["dvc_exp_name"] for r in runs
+                                                        if r.data.params["prune.ratio"] == "0.7"
+                                                        and r.data.params["seed"] == "1")],
+                          cwd=repo, env=env, capture_output=True, text=True).stdout
+    assert "Running stage 'train_teacher'" not in logs
+
+    rep = subprocess.run([py, "-m", "kdprune.report"], cwd=repo, env=env, capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stderr
+    table = (repo / "metrics" / "report.csv").read_text()
+    assert "kd_minus_finetune" in table and "0.7" in table
+    assert len((repo / "metrics" / "report_runs.csv").read_text().splitlines()) == 1 + 5
+    assert (repo / "plots" / "accuracy_vs_compression.png").stat().st_size > 1000
+
+    port = free_port()
+    ui_env = dict(env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    server = subprocess.Popen([str(venv_bin / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{repo}/mlflow.db",
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=repo, env=ui_env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow server did not come up"
+                assert server.poll() is None, "mlflow server exited"
+                time.sleep(0.5)
+        exp_id = runs[0].info.experiment_id
+        req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
+                                     data=json.dumps({"experiment_ids": [exp_id], "max_results": 100}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        found = json.load(urllib.request.urlopen(req, timeout=10))["runs"]
+        pipeline = [r for r in found if any(t["key"] == "kdprune.kind" and t["value"] == "pipeline"
+                                            for t in r["data"].get("tags", []))]
+        assert len(pipeline) == 5
+        for run in pipeline:
+            metrics = {m["key"] for m in run["data"]["metrics"]}
+            assert {"acc_kd", "acc_finetune", "compression_ratio"} <= metrics
+        assert any(r["info"]["run_name"].startswith("report") for r in found)  # the report's summary run
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -1,0 +1,222 @@
+"""Sweep report: every comparable pipeline run in MLflow -> table, paired KD - finetune test, plot.
+
+  python -m kdprune.report            # runs comparable with the current params.yaml
+  python -m kdprune.report --all      # every pipeline run in the experiment, grouped anyway
+
+Writes metrics/report.csv (one row per ratio x method), metrics/report_runs.csv (every run used,
+with its MLflow run id and DVC experiment name, so each number is traceable), metrics/report.md
+and plots/accuracy_vs_compression.png, and logs them to MLflow as artifacts of a summary run.
+
+"Comparable" means: every param equal to the current params.yaml except ``prune.ratio`` and
+``seed`` (and the ``mlflow.*`` keys). When several runs share (ratio, seed), the newest is used.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from kdprune import io, tracking
+from kdprune.params import flatten, load_params
+
+VARYING = ("prune.ratio", "seed")
+METHODS = ("kd", "finetune")  # recovery variants reported; 'pruned' (no recovery) is shown too
+
+
+def fetch_runs(uri: str, experiment: str) -> pd.DataFrame:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = tracking.retry(lambda: client.get_experiment_by_name(experiment), "get experiment")
+    if exp is None:
+        return pd.DataFrame()
+    runs = tracking.retry(lambda: client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{tracking.KIND_TAG}` = 'pipeline' and attributes.status = 'FINISHED'",
+        max_results=50000), "search runs")
+    rows = []
+    for r in runs:
+        row = {"run_id": r.info.run_id, "start_time": r.info.start_time,
+               "dvc_exp_name": r.data.tags.get("dvc_exp_name", ""), "git_commit": r.data.tags.get("git_commit", "")}
+        row.update({f"params.{k}": v for k, v in r.data.params.items()})
+        row.update(r.data.metrics)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def select_comparable(df: pd.DataFrame, current: dict[str, object]) -> tuple[pd.DataFrame, int]:
+    """Runs whose params equal ``current`` except the swept keys; newest per (ratio, seed)."""
+    if df.empty:
+        return df, 0
+    keep = pd.Series(True, index=df.index)
+    for key, value in current.items():
+        if key in VARYING or key.startswith("mlflow."):
+            continue
+        col = f"params.{key}"
+        keep &= df[col].astype(str) == str(value) if col in df else False
+    comparable = df[keep].copy()
+    comparable["ratio"] = comparable["params.prune.ratio"].astype(float)
+    comparable["seed"] = comparable["params.seed"].astype(int)
+    comparable = comparable.sort_values("start_time").drop_duplicates(["ratio", "seed"], keep="last")
+    return comparable.sort_values(["ratio", "seed"]), int((~keep).sum())
+
+
+def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and two-sided t confidence interval of paired differences (nan bounds when n < 2)."""
+    from scipy import stats
+
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def verdict(lo: float, hi: float, n: int) -> str:
+    if n < 2 or math.isnan(lo):
+        return f"not testable (n = {n}; needs at least 2 seeds)"
+    if lo > 0:
+        return "KD wins (95 % CI above 0)"
+    if hi < 0:
+        return "fine-tune wins (95 % CI below 0)"
+    return "no significant difference (95 % CI includes 0)"
+
+
+def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows, paired = [], []
+    for ratio, g in runs.groupby("ratio"):
+        cr = g["compression_ratio"].mean()
+        for method in ("pruned", *METHODS):
+            col = f"acc_{method}"
+            if col not in g:
+                continue
+            vals = g[col].dropna()
+            rows.append({"ratio": ratio, "method": method, "compression_ratio": cr,
+                         "prunable_compression_ratio": g["prunable_compression_ratio"].mean(),
+                         "acc_mean": vals.mean(), "acc_std": vals.std(ddof=1) if len(vals) > 1 else float("nan"),
+                         "n": len(vals), "acc_teacher_mean": g["acc_teacher"].mean(),
+                         "run_ids": " ".join(g["run_id"])})
+        if {"acc_kd", "acc_finetune"} <= set(g):
+            both = g.dropna(subset=["acc_kd", "acc_finetune"])
+            diffs = list(both["acc_kd"] - both["acc_finetune"])
+            if diffs:
+                mean, lo, hi = t_interval(diffs)
+                paired.append({"ratio": ratio, "compression_ratio": cr, "n": len(diffs), "kd_minus_finetune": mean,
+                               "ci95_low": lo, "ci95_high": hi, "verdict": verdict(lo, hi, len(diffs))})
+    return pd.DataFrame(rows), pd.DataFrame(paired)
+
+
+def fmt(mean: float, std: float) -> str:
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def markdown(table: pd.DataFrame, paired: pd.DataFrame, n_runs: int, excluded: int) -> str:
+    lines = [f"Runs used: {n_runs} (excluded as not comparable with params.yaml: {excluded}). "
+             "Accuracy: mean ± std over seeds (test set, %).", "",
+             "| prune ratio | compression (all params) | prunable compression | no recovery | finetune | kd | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for ratio, g in table.groupby("ratio"):
+        cell = {r.method: fmt(r.acc_mean, r.acc_std) for r in g.itertuples()}
+        first = g.iloc[0]
+        lines.append(f"| {ratio} | {first.compression_ratio:.1f}x | {first.prunable_compression_ratio:.1f}x | "
+                     f"{cell.get('pruned', '-')} | {cell.get('finetune', '-')} | {cell.get('kd', '-')} | "
+                     f"{int(g['n'].max())} |")
+    if not table.empty:
+        lines += ["", f"Teacher: {table['acc_teacher_mean'].mean():.2f} %."]
+    if not paired.empty:
+        lines += ["", "Paired difference KD − finetune (same teacher, mask and batch order per seed), "
+                      "95 % t interval:", "",
+                  "| prune ratio | n | KD − finetune (pt) | 95 % CI | verdict |", "|---|---|---|---|---|"]
+        for r in paired.itertuples():
+            ci = "-" if math.isnan(r.ci95_low) else f"[{r.ci95_low:+.2f}, {r.ci95_high:+.2f}]"
+            lines.append(f"| {r.ratio} | {r.n} | {r.kd_minus_finetune:+.2f} | {ci} | {r.verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    styles = {"kd": ("#4c72b0", "o", "-"), "finetune": ("#55a868", "s", "-"), "pruned": ("#c44e52", "x", ":")}
+    for method, g in table.groupby("method"):
+        color, marker, ls = styles.get(method, ("#8172b2", "d", "-"))
+        g = g.sort_values("compression_ratio")
+        label = "no recovery" if method == "pruned" else method
+        ax.errorbar(g["compression_ratio"], g["acc_mean"], yerr=g["acc_std"].fillna(0), label=label, color=color,
+                    marker=marker, linestyle=ls, capsize=3)
+    if not table.empty:
+        ax.axhline(table["acc_teacher_mean"].mean(), color="#555555", linestyle="--", label="teacher")
+        recovered = table[table["method"] != "pruned"]["acc_mean"]
+        ax.set_ylim(max(0, recovered.min() - 4), min(100, table["acc_teacher_mean"].max() + 1.5))
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio (teacher params / non-zero student params, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+
+
+def log_summary(uri: str, experiment: str, files: list[Path], n_runs: int) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    run = tracking.retry(lambda: client.create_run(exp.experiment_id, run_name=f"report ({n_runs} runs)",
+                                                   tags={tracking.KIND_TAG: "report"}), "create run")
+    for f in files:
+        tracking.retry(lambda: client.log_artifact(run.info.run_id, str(f)), "log artifact")
+    tracking.retry(lambda: client.set_terminated(run.info.run_id, "FINISHED"), "finish run")
+    return run.info.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kdprune.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--all", action="store_true", help="use every pipeline run, not only the comparable ones")
+    ap.add_argument("--out", type=Path, default=Path("."), help="directory that gets metrics/ and plots/")
+    ap.add_argument("--no-mlflow-summary", action="store_true", help="don't log the report as an MLflow run")
+    args = ap.parse_args(argv)
+    params = load_params()
+    current = flatten(yaml.safe_load(Path("params.yaml").read_text()))
+    uri = tracking.tracking_uri()
+    df = fetch_runs(uri, params.mlflow.experiment)
+    runs, excluded = select_comparable(df, {} if args.all else current)
+    if runs.empty:
+        print(f"error: no comparable pipeline runs in {uri} (experiment '{params.mlflow.experiment}'; "
+              f"{excluded} runs differ from params.yaml in more than prune.ratio/seed; try --all)", file=sys.stderr)
+        return 2
+    table, paired = summarise(runs)
+    out = args.out
+    files = [out / "metrics" / "report.csv", out / "metrics" / "report_runs.csv", out / "metrics" / "report.md",
+             out / "plots" / "accuracy_vs_compression.png"]
+    io.write_text(files[0], table.merge(paired[["ratio", "kd_minus_finetune", "ci95_low", "ci95_high", "verdict"]],
+                                        on="ratio", how="left").to_csv(index=False) if not paired.empty
+                  else table.to_csv(index=False))
+    cols = ["run_id", "dvc_exp_name", "git_commit", "ratio", "seed", "acc_teacher", "acc_pruned", "acc_kd",
+            "acc_finetune", "compression_ratio", "prunable_compression_ratio"]
+    io.write_text(files[1], runs[[c for c in cols if c in runs]].to_csv(index=False))
+    md = markdown(table, paired, len(runs), excluded)
+    io.write_text(files[2], md)
+    plot(table, files[3], f"{params.data.name}, ResNet-{params.model.depth}: accuracy vs compression "
+                          f"({runs['seed'].nunique()} seeds)")
+    print(md)
+    if not args.no_mlflow_summary:
+        run_id = log_summary(uri, params.mlflow.experiment, files, len(runs))
+        print(f"mlflow: report logged as run {run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""One-command sweeps over prune ratio x seed through DVC's own experiment queue.
+
+  python -m kdprune.sweep --ratios 0.5,0.8,0.9,0.95,0.98 --seeds 0,1 [-j 2] [-S distill.epochs=3] [--report]
+
+What it does, in DVC terms:
+  1. ``dvc exp run --queue -S prune.ratio=R -S seed=S [-S ...]`` for every (R, S);
+  2. ``dvc queue start -j N`` twice: first one experiment per seed (each trains that seed's teacher,
+     in parallel across seeds), then the rest, which restore their teacher from DVC's run-cache:
+     a teacher is trained once per (data, model, teacher params, seed);
+  3. waits for the queue, then checks that every experiment has exactly one MLflow run (matched by
+     its DVC experiment name) and reports any that failed or are missing;
+  4. with ``--report``, runs ``python -m kdprune.report``.
+Each method (distill.variants) runs inside every experiment, so KD and fine-tune always share
+the teacher, mask and batch order of their (ratio, seed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from kdprune import tracking
+
+
+def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise SystemExit(f"error: dvc {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def queue_status() -> list[dict]:
+    r = dvc("queue", "status", "--json", check=False)
+    try:
+        return json.loads(r.stdout)
+    except json.JSONDecodeError:
+        return []
+
+
+def wait_for_queue(poll: float = 5.0) -> list[dict]:
+    while True:
+        status = queue_status()
+        if not any(s.get("status") in ("Queued", "Running") for s in status):
+            return status
+        time.sleep(poll)
+
+
+def parse_list(text: str, cast) -> list:
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: cannot parse {text!r} as a comma-separated list of {cast.__name__}") from None
+
+
+def run_names(experiment: str) -> dict[str, int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking.tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    counts: dict[str, int] = {}
+    for r in client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.KIND_TAG}` = 'pipeline'",
+                                max_results=50000):
+        names = [r.data.tags.get("dvc_exp_name", "")]
+        names += [a for a in r.data.tags.get(tracking.ALIASES_TAG, "").split(",") if a]
+        for name in names:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kdprune.sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratios", required=True, help="comma-separated prune.ratio values")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="parallel queue workers (default 1)")
+    ap.add_argument("-S", "--set-param", action="append", default=[], help="extra override for every experiment")
+    ap.add_argument("--report", action="store_true", help="run python -m kdprune.report afterwards")
+    args = ap.parse_args(argv)
+    ratios = parse_list(args.ratios, float)
+    seeds = parse_list(args.seeds, int)
+    from kdprune.params import load_params
+
+    experiment = load_params().mlflow.experiment
+    extra = [a for s in args.set_param for a in ("-S", s)]
+    grid = [(s, r) for s in seeds for r in ratios]
+    first_per_seed = {s: (s, ratios[0]) for s in seeds}
+    phases = [list(first_per_seed.values()), [g for g in grid if g not in first_per_seed.values()]]
+    names: dict[tuple[int, float], str] = {}
+    t0 = time.time()
+    for i, phase in enumerate(phases, 1):
+        if not phase:
+            continue
+        for seed, ratio in phase:
+            name = f"sweep-r{ratio:g}-s{seed}-{int(t0)}".replace(".", "p")
+            dvc("exp", "run", "--queue", "--name", name, "-S", f"prune.ratio={ratio}", "-S", f"seed={seed}", *extra)
+            names[(seed, ratio)] = name
+        jobs = min(args.jobs, len(phase))
+        print(f"phase {i}: {len(phase)} experiments queued, starting {jobs} worker(s)", flush=True)
+        dvc("queue", "start", "-j", str(jobs))
+        wait_for_queue()
+    status = {s.get("name"): s.get("status") for s in queue_status()}
+    counts = run_names(experiment)
+    failed = [n for n in names.values() if status.get(n) == "Failed"]
+    missing = [n for n in names.values() if counts.get(n, 0) == 0 and n not in failed]
+    dup = [n for n in names.values() if counts.get(n, 0) > 1]
+    print(f"sweep: {len(names)} experiments in {time.time() - t0:.0f} s; MLflow runs found for "
+          f"{sum(1 for n in names.values() if counts.get(n, 0) >= 1)}; failed: {failed or 'none'}; "
+          f"missing: {missing or 'none'}; duplicated: {dup or 'none'}")
+    if failed:
+        print("see `dvc queue logs <name>` for a failed experiment's output", file=sys.stderr)
+    if args.report:
+        from kdprune import report
+
+        report.main([])
+    return 1 if (failed or missing or dup) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

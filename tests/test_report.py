@@ -1,0 +1,67 @@
+import math
+
+import pandas as pd
+import pytest
+
+from kdprune import report
+
+
+def fake_runs(kd, ft, ratios=(0.5, 0.9), seeds=(0, 1, 2)):
+    rows = []
+    for i, r in enumerate(ratios):
+        for j, s in enumerate(seeds):
+            rows.append({"run_id": f"r{i}{j}", "start_time": i * 10 + j, "ratio": r, "seed": s,
+                         "compression_ratio": 1 / (1 - r), "prunable_compression_ratio": 1 / (1 - r),
+                         "acc_teacher": 92.0, "acc_pruned": 50.0 + s, "acc_kd": kd[i][j], "acc_finetune": ft[i][j]})
+    return pd.DataFrame(rows)
+
+
+def test_t_interval_matches_hand_computation():
+    mean, lo, hi = report.t_interval([1.0, 2.0, 3.0])
+    # sd = 1, se = 1/sqrt(3), t(0.975, 2) = 4.302653
+    assert mean == 2.0
+    assert hi - mean == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert lo == pytest.approx(2 * mean - hi)
+    assert math.isnan(report.t_interval([1.0])[1])
+
+
+def test_verdicts_say_kd_wins_and_no_difference_plainly():
+    df = fake_runs(kd=[[91.0, 91.2, 91.1], [89.0, 88.0, 90.0]], ft=[[90.0, 90.1, 90.0], [89.5, 87.5, 89.9]])
+    table, paired = report.summarise(df)
+    by_ratio = paired.set_index("ratio")
+    assert by_ratio.loc[0.5, "verdict"].startswith("KD wins")
+    assert by_ratio.loc[0.9, "verdict"].startswith("no significant difference")
+    assert by_ratio.loc[0.5, "n"] == 3
+    assert by_ratio.loc[0.5, "kd_minus_finetune"] == pytest.approx((1.0 + 1.1 + 1.1) / 3)
+    kd05 = table[(table.ratio == 0.5) & (table.method == "kd")].iloc[0]
+    assert kd05.acc_mean == pytest.approx(91.1) and kd05.acc_std == pytest.approx(0.1)
+    assert set(table.method) == {"pruned", "kd", "finetune"}
+    md = report.markdown(table, paired, len(df), 0)
+    assert "91.10 ± 0.10" in md and "no significant difference" in md and "KD wins" in md
+
+
+def test_finetune_wins_and_single_seed_not_testable():
+    df = fake_runs(kd=[[80.0, 80.5, 80.2]], ft=[[85.0, 85.1, 85.3]], ratios=(0.95,))
+    _, paired = report.summarise(df)
+    assert paired.iloc[0].verdict.startswith("fine-tune wins")
+    one = fake_runs(kd=[[80.0]], ft=[[85.0]], ratios=(0.95,), seeds=(0,))
+    _, paired = report.summarise(one)
+    assert paired.iloc[0].verdict.startswith("not testable")
+
+
+def test_select_comparable_keeps_swept_keys_only_and_newest():
+    df = pd.DataFrame([
+        {"run_id": "a", "start_time": 1, "params.prune.ratio": "0.9", "params.seed": "0", "params.teacher.epochs": "5"},
+        {"run_id": "b", "start_time": 2, "params.prune.ratio": "0.9", "params.seed": "0", "params.teacher.epochs": "5"},
+        {"run_id": "c", "start_time": 3, "params.prune.ratio": "0.8", "params.seed": "1", "params.teacher.epochs": "5"},
+        {"run_id": "d", "start_time": 4, "params.prune.ratio": "0.8", "params.seed": "0", "params.teacher.epochs": "9"},
+    ])
+    runs, excluded = report.select_comparable(df, {"prune.ratio": 0.5, "seed": 0, "teacher.epochs": 5})
+    assert list(runs.run_id) == ["c", "b"] and excluded == 1
+
+
+def test_plot_writes_png(tmp_path):
+    df = fake_runs(kd=[[91.0, 91.2, 91.1], [89.0, 88.0, 90.0]], ft=[[90.0, 90.1, 90.0], [89.5, 87.5, 89.9]])
+    table, _ = report.summarise(df)
+    report.plot(table, tmp_path / "p.png", "t")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
