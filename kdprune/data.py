@@ -233,7 +233,7 @@ class TensorLoader:
         if self.pad:
             self.x_padded = torch.nn.functional.pad(self.x, (self.pad,) * 4)
             h, w = x.shape[-2:]
-            hp, wp = h + 2 * self.pad, w + 2 * self.pad
+            wp = w + 2 * self.pad
             rows = torch.arange(h, device=device).view(h, 1) * wp
             cols = torch.arange(w, device=device).view(1, w)
             self._base_index = (rows + cols).view(1, 1, h * w)  # flat index of the top-left crop
