@@ -79,6 +79,7 @@ class TrainParams:
     warmup_frac: float = 0.2  # onecycle: fraction of steps spent warming up
     label_smoothing: float = 0.0
     eval_every: int = 1  # epochs between test-accuracy points on the curve (0 = only at the end)
+    checkpoint_every: int = 1  # epochs between resume checkpoints under checkpoints/ (0 = off)
 
     def validate(self, p: str) -> None:
         _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "must be >= 1")
@@ -89,6 +90,8 @@ class TrainParams:
         _check(0 <= self.warmup_frac < 1, f"{p}.warmup_frac", self.warmup_frac, "must be in [0, 1)")
         _check(0 <= self.label_smoothing < 1, f"{p}.label_smoothing", self.label_smoothing, "must be in [0, 1)")
         _check(self.eval_every >= 0, f"{p}.eval_every", self.eval_every, "must be >= 0")
+        _check(self.checkpoint_every >= 0, f"{p}.checkpoint_every", self.checkpoint_every,
+               "must be >= 0 (epochs between resume checkpoints; 0 = off)")
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,8 @@ def test_repo_params_are_valid():
     ("teacher.epochs", 0, ">= 1"),
     ("teacher.epochs", 2.5, "an integer"),
     ("teacher.lr", 0, "> 0"),
+    ("teacher.checkpoint_every", -1, ">= 0"),
+    ("distill.checkpoint_every", 1.5, "an integer"),
     ("teacher.momentum", 1.0, "[0, 1)"),
     ("teacher.schedule", "step", "one of 'onecycle', 'cosine', 'constant'"),
     ("teacher.nesterov", "yes", "true or false"),
