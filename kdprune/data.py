@@ -199,7 +199,8 @@ def prepare_dataset(name: str, root: str | None, download: bool, train_subset: i
         y = torch.from_numpy(labels.astype(np.int64))
         idx = _stratified_subset(y, subset, g)
         out[f"{split}_x"], out[f"{split}_y"] = x[idx].contiguous(), y[idx].contiguous()
-        out["source"][split] = str(files[f"{split}_images"])
+        # the file name, not its path: the same bytes read from another directory give the same output hash
+        out["source"][split] = files[f"{split}_images"].name
     xf = out["train_x"].float() / 255.0
     out["mean"] = xf.mean(dim=(0, 2, 3)).tolist()
     out["std"] = xf.std(dim=(0, 2, 3)).tolist()

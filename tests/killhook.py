@@ -28,12 +28,12 @@ def hit(path) -> bool:
     return False
 
 
-def die_halfway(path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data[: len(data) // 2])
-        fh.flush()
-        os.fsync(fh.fileno())
-    print(f"killhook: SIGKILL halfway through writing {path}", flush=True)
+def die_halfway(f, data: bytes) -> None:
+    fh = open(f, "wb") if isinstance(f, (str, os.PathLike)) else f
+    fh.write(data[: len(data) // 2])
+    fh.flush()
+    os.fsync(fh.fileno())
+    print(f"killhook: SIGKILL halfway through writing {getattr(f, 'name', f)}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -41,7 +41,7 @@ _save = torch.save
 
 
 def save(obj, f, *a, **k):
-    if isinstance(f, (str, os.PathLike)) and hit(f):
+    if hit(f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", "")):
         buf = io.BytesIO()
         _save(obj, buf, *a, **k)
         die_halfway(f, buf.getvalue())
