@@ -56,6 +56,9 @@ def test_repo_params_are_valid():
     ("data.name", "imagenet", "one of 'fashion_mnist'"),
     ("data.train_subset", -5, ">= 0"),
     ("data.root", 3, "a string or null"),
+    ("data.root", "../../elsewhere", "must stay inside the repository"),
+    ("data.root", "data/../../x", "must stay inside the repository"),
+    ("distill.variants", ["../../etc/kd"], "each entry must be one of"),
     ("seed", -1, ">= 0"),
     ("runtime.threads", -2, ">= 0"),
     ("evaluate.batch_size", 0, ">= 1"),
@@ -66,6 +69,11 @@ def test_bad_values_name_key_value_and_rule(key, value, needle):
         params_from_dict(with_value(key, value))
     msg = str(e.value)
     assert key in msg and repr(value) in msg and needle in msg, msg
+
+
+@pytest.mark.parametrize("root", ["/usr/share/datasets/fashion-mnist", "data/raw", "./raw/../raw2"])
+def test_explicit_or_inside_paths_are_allowed(root):
+    assert params_from_dict(with_value("data.root", root)).data.root == root
 
 
 def test_unknown_key_suggests_the_right_one():
