@@ -49,6 +49,19 @@ def test_repo_params_are_valid():
     ("teacher.epochs", 2.5, "an integer"),
     ("teacher.lr", 0, "> 0"),
     ("teacher.checkpoint_every", -1, ">= 0"),
+    ("teacher.batch_size", 0, ">= 1"),
+    ("teacher.weight_decay", -1e-4, ">= 0"),
+    ("teacher.warmup_frac", 1.0, "[0, 1)"),
+    ("teacher.label_smoothing", 1.0, "[0, 1)"),
+    ("teacher.eval_every", -1, ">= 0"),
+    ("distill.epochs", 0, ">= 1"),
+    ("distill.lr", float("inf"), "> 0"),
+    ("data.test_subset", -1, ">= 0"),
+    ("data.crop_padding", 9, "[0, 8]"),
+    ("data.download", "no", "true or false"),
+    ("runtime.bf16", 1, "true or false"),
+    ("prune.include_last_fc", None, "true or false"),
+    ("mlflow.enabled", "true", "true or false"),
     ("distill.checkpoint_every", 1.5, "an integer"),
     ("teacher.momentum", 1.0, "[0, 1)"),
     ("teacher.schedule", "step", "one of 'onecycle', 'cosine', 'constant'"),
@@ -108,3 +121,29 @@ def test_stage_exits_nonzero_before_work(tmp_path):
     assert r.returncode == 2
     assert "prune.ratio = 1.2 is invalid" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "models").exists()
+
+
+LEAVES = sorted(flatten(BASE))
+
+
+@pytest.mark.parametrize("key", LEAVES)
+def test_every_key_rejects_a_wrong_type(key):
+    with pytest.raises(ParamsError) as e:
+        params_from_dict(with_value(key, {"oops": 1}))  # a mapping is the wrong type for every leaf
+    assert key in str(e.value) and "is invalid: must be" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("section", sorted(k for k, v in BASE.items() if isinstance(v, dict)))
+def test_every_section_rejects_an_unknown_key(section):
+    raw = copy.deepcopy(BASE)
+    raw[section]["no_such_knob"] = 1
+    with pytest.raises(ParamsError, match=f"unknown key '{section}.no_such_knob'"):
+        params_from_dict(raw)
+
+
+@pytest.mark.parametrize("section", ["data", "model", "teacher", "prune", "distill"])
+def test_every_required_section_missing_is_named(section):
+    raw = copy.deepcopy(BASE)
+    del raw[section]
+    with pytest.raises(ParamsError, match=f"missing section '{section}'"):
+        params_from_dict(raw)
