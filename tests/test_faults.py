@@ -105,9 +105,12 @@ def test_sigkill_halfway_through_writes_leaves_no_torn_file(tmp_path):
     r = stage(work, env, "stages.train_teacher", check=False, hook=("checkpoints", 2))
     assert r.returncode == -signal.SIGKILL
     assert io.torch_load(work / "checkpoints" / "teacher.pt")["epoch"] == 1
+    leftovers = sorted(p.name for p in work.rglob(".*.tmp"))
+    assert leftovers  # SIGKILL leaves the temp files of the torn writes behind ...
     r = stage(work, env, "stages.train_teacher")
     assert "resuming from checkpoints/teacher.pt at epoch 1/2" in r.stdout
     assert io.load_checkpoint(work / "models" / "teacher.pt")[2]["dataset"] == "fashion_mnist"
+    assert sorted(p.name for p in work.rglob(".*.tmp")) == []  # ... and the next write of each output removes them
 
 
 def test_teacher_from_another_dataset_is_refused_by_the_stage(tmp_path):
