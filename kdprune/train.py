@@ -43,7 +43,15 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_runtime(runtime, seed: int) -> torch.device:
-    """Threads, seeds and device. CPU only for now; threads = all cores unless set."""
+    """Threads, seeds and device. CPU only for now; threads = all cores unless set.
+
+    Determinism (tests/test_determinism.py): on CPU, the same params + seed give bit-identical outputs
+    with the same torch build, CPU type and *thread count*. The thread count changes the reduction
+    order of the (bf16 and fp32) conv kernels, so results differ between 1 and 2 threads; set
+    ``runtime.threads`` to a fixed number (not 0 = all cores) to reproduce across machines. No
+    ``torch.use_deterministic_algorithms`` is needed on CPU: the data order and augmentation come from
+    the loader's own seeded generator, and nothing else draws random numbers during training.
+    """
     threads = runtime.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     seed_everything(seed)

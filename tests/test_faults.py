@@ -134,3 +134,29 @@ def test_damaged_prepared_dataset_is_a_clear_stage_error(tmp_path, damage):
     r = stage(work, env, "stages.train_teacher", check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "data/prepared/dataset.pt" in r.stderr and "dvc repro prepare" in r.stderr
+
+
+def test_sigkill_during_distill_resumes_with_the_mask(tmp_path):
+    work, env = make_workdir(tmp_path, n_train=300, epochs=1)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["distill"].update(epochs=3, batch_size=64, checkpoint_every=1)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for module in ("stages.prepare", "stages.train_teacher", "stages.prune"):
+        stage(work, env, module)
+    # killed halfway through writing the epoch-2 resume checkpoint
+    r = stage(work, env, "stages.distill", "--variant", "kd", check=False, hook=("distill_kd.pt", 2))
+    assert r.returncode == -signal.SIGKILL and "killhook" in r.stdout, r.stdout + r.stderr
+    ckpt = work / "checkpoints" / "distill_kd.pt"
+    assert io.torch_load(ckpt)["epoch"] == 1 and io.torch_load(ckpt)["masks"]
+    assert not (work / "models" / "students" / "kd.pt").exists()
+
+    r = stage(work, env, "stages.distill", "--variant", "kd")
+    assert "kd: resuming from checkpoints/distill_kd.pt at epoch 1/3" in r.stdout and "kd epoch 1/3" not in r.stdout
+    student, masks, meta = io.load_checkpoint(work / "models" / "students" / "kd.pt", expect_classes=10)
+    pruned, pruned_masks, _ = io.load_checkpoint(work / "models" / "pruned.pt")
+    assert meta["variant"] == "kd" and masks.keys() == pruned_masks.keys()
+    for name, p in student.named_parameters():  # the mask survived the kill and the resume
+        if name in masks:
+            assert not p.detach()[~masks[name]].any()
+    assert json.loads((work / "metrics" / "distill" / "kd.json").read_text())["epochs"] == 3
+    assert not ckpt.exists()
