@@ -113,8 +113,21 @@ def _find_idx(root: Path, info: DatasetInfo) -> dict[str, Path] | None:
 def locate_raw(name: str, root: str | None, download: bool, download_dir: Path = Path("data/raw")) -> dict[str, Path]:
     """Search order: ``data.root``, the Debian package's directory, then torchvision's downloader."""
     info = REGISTRY[name]
+    if root:  # an explicit data.root is authoritative: never fall back silently to another copy
+        root_path = Path(root)
+        if not root_path.is_dir():
+            raise DatasetError(f"data.root = {root!r}: directory not found")
+        found = _find_idx(root_path, info)
+        if found:
+            return found
+        tv_dir = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}.get(info.name, info.name)
+        present = sorted(p.name for p in root_path.iterdir())
+        raise DatasetError(
+            f"data.root = {root!r} is not a '{name}' dataset directory: expected the IDX files "
+            f"{sorted(info.files.values())} (optionally .gz) in it or in {tv_dir}/raw/ under it, but it holds "
+            f"{present[:8]}{' ...' if len(present) > 8 else ''}")
     tried = []
-    candidates = [Path(root)] if root else []
+    candidates = []
     if info.debian_dir:
         candidates.append(Path(info.debian_dir))
     candidates.append(download_dir)
@@ -124,8 +137,6 @@ def locate_raw(name: str, root: str | None, download: bool, download_dir: Path =
             found = _find_idx(cand, info)
             if found:
                 return found
-    if root and not Path(root).is_dir():
-        raise DatasetError(f"data.root = {root!r}: directory not found")
     if download:
         try:
             _torchvision_download(name, download_dir)
@@ -188,7 +199,8 @@ def prepare_dataset(name: str, root: str | None, download: bool, train_subset: i
         y = torch.from_numpy(labels.astype(np.int64))
         idx = _stratified_subset(y, subset, g)
         out[f"{split}_x"], out[f"{split}_y"] = x[idx].contiguous(), y[idx].contiguous()
-        out["source"][split] = str(files[f"{split}_images"])
+        # the file name, not its path: the same bytes read from another directory give the same output hash
+        out["source"][split] = files[f"{split}_images"].name
     xf = out["train_x"].float() / 255.0
     out["mean"] = xf.mean(dim=(0, 2, 3)).tolist()
     out["std"] = xf.std(dim=(0, 2, 3)).tolist()

@@ -7,6 +7,7 @@ leaves either the old file or the new one, never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -22,9 +23,16 @@ class CheckpointError(RuntimeError):
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; on success move it over ``path`` atomically."""
+    """Yield a temp path next to ``path``; on success move it over ``path`` atomically.
+
+    Temp files of an earlier write of the same path that was killed (SIGKILL leaves them behind) are
+    removed first, so repeated kills do not fill the disk. One writer per output path is assumed,
+    which DVC guarantees (one stage owns each output).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed earlier write
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -59,8 +67,10 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def torch_save(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Save through a file object: given a path, torch.save names the zip archive's records after the
+    # file, and the random temp name would make every save differ (non-deterministic DVC hashes).
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

@@ -30,6 +30,20 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise ParamsError(f"params.yaml: {key} = {value!r} is invalid: {allowed}")
 
 
+def path_stays_inside(path: str) -> bool:
+    """Paths from params: absolute ones are explicit and allowed; relative ones may not climb out of the
+    repository (resolved lexically against the repository root, so it holds wherever the stage runs)."""
+    p = Path(path)
+    if p.is_absolute():
+        return True
+    depth = 0
+    for part in p.parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class DataParams:
     name: Literal["fashion_mnist"] = "fashion_mnist"
@@ -40,6 +54,11 @@ class DataParams:
     crop_padding: int = 2  # random-crop augmentation: pad by this many pixels, crop back
 
     def validate(self, p: str) -> None:
+        if self.root is not None:
+            _check(bool(self.root.strip()), f"{p}.root", self.root, "must be a directory path or null")
+            _check(path_stays_inside(self.root), f"{p}.root", self.root,
+                   "a relative path must stay inside the repository (no '..' out of it); "
+                   "write an absolute path to use a directory elsewhere")
         _check(self.train_subset >= 0, f"{p}.train_subset", self.train_subset, "must be >= 0 (0 = all)")
         _check(self.test_subset >= 0, f"{p}.test_subset", self.test_subset, "must be >= 0 (0 = all)")
         _check(0 <= self.crop_padding <= 8, f"{p}.crop_padding", self.crop_padding, "must be in [0, 8]")
@@ -79,6 +98,7 @@ class TrainParams:
     warmup_frac: float = 0.2  # onecycle: fraction of steps spent warming up
     label_smoothing: float = 0.0
     eval_every: int = 1  # epochs between test-accuracy points on the curve (0 = only at the end)
+    checkpoint_every: int = 1  # epochs between resume checkpoints under checkpoints/ (0 = off)
 
     def validate(self, p: str) -> None:
         _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "must be >= 1")
@@ -89,6 +109,8 @@ class TrainParams:
         _check(0 <= self.warmup_frac < 1, f"{p}.warmup_frac", self.warmup_frac, "must be in [0, 1)")
         _check(0 <= self.label_smoothing < 1, f"{p}.label_smoothing", self.label_smoothing, "must be in [0, 1)")
         _check(self.eval_every >= 0, f"{p}.eval_every", self.eval_every, "must be >= 0")
+        _check(self.checkpoint_every >= 0, f"{p}.checkpoint_every", self.checkpoint_every,
+               "must be >= 0 (epochs between resume checkpoints; 0 = off)")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,14 @@ def global_magnitude_masks(model: nn.Module, ratio: float, include_first_conv: b
     """Masks removing exactly ``round(ratio * N)`` of the N prunable weights, smallest |w| first,
     ranked globally across layers (``torch.nn.utils.prune.global_unstructured`` with L1).
 
+    No layer is ever emptied: if the global threshold would remove every weight of a layer (a
+    layer of small weights at a high ratio), that layer keeps its single largest-|w| weight, so the
+    network stays connected and trainable, and the next-smallest surviving weights of the other
+    layers are removed instead, so the removed count stays exactly ``round(ratio * N)``. Only when
+    that is impossible (``round(ratio * N) > N - number of layers``) are fewer removed: exactly one
+    weight is left in every layer. Chosen over refusing the ratio so a sweep does not die at its
+    last point.
+
     The model itself is left unchanged; apply the masks with :func:`apply_masks`.
     """
     layers = prunable_modules(model, include_first_conv, include_last_fc)
@@ -46,7 +54,36 @@ def global_magnitude_masks(model: nn.Module, ratio: float, include_first_conv: b
         torch_prune.remove(m, "weight")
         with torch.no_grad():
             m.weight.copy_(originals[n])
+    _keep_one_per_layer(masks, [f"{n}.weight" for n, _ in layers], {f"{n}.weight": originals[n] for n, _ in layers})
     return masks
+
+
+def _keep_one_per_layer(masks: Masks, names: list[str], weights: dict[str, torch.Tensor]) -> None:
+    """Revive the largest |w| of every emptied layer; remove as many of the smallest survivors
+    elsewhere (never a layer's last one), so the removed count stays the same."""
+    emptied = [n for n in names if masks[n].numel() and not masks[n].any()]
+    if not emptied:
+        return
+    for n in emptied:
+        masks[n].view(-1)[weights[n].abs().view(-1).argmax()] = True
+    survivors = {n: int(masks[n].sum()) for n in names}
+    cand_w, cand_layer, cand_idx = [], [], []
+    for li, n in enumerate(names):
+        idx = masks[n].view(-1).nonzero().view(-1)
+        cand_w.append(weights[n].abs().view(-1)[idx])
+        cand_layer.append(torch.full_like(idx, li))
+        cand_idx.append(idx)
+    order = torch.argsort(torch.cat(cand_w), stable=True)
+    layer_of, idx_of = torch.cat(cand_layer)[order].tolist(), torch.cat(cand_idx)[order].tolist()
+    debt = len(emptied)
+    for li, i in zip(layer_of, idx_of):
+        if debt == 0:
+            break
+        n = names[li]
+        if survivors[n] > 1:
+            masks[n].view(-1)[i] = False
+            survivors[n] -= 1
+            debt -= 1
 
 
 @torch.no_grad()

@@ -20,10 +20,21 @@ STUDENTS = Path("models/students")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 LOGS = Path("logs")  # timings: not DVC outputs, so model/metric hashes stay deterministic
+CHECKPOINTS = Path("checkpoints")  # resume state of training stages: git-ignored, DVC-ignored, deleted on success
 
 
 def student_path(variant: str) -> Path:
     return STUDENTS / f"{variant}.pt"
+
+
+def resume_path(name: str) -> Path:
+    """Where a training stage keeps its resume checkpoint (``kdprune.train.fit(checkpoint=...)``)."""
+    return CHECKPOINTS / f"{name}.pt"
+
+
+def finished(name: str) -> None:
+    """The stage's outputs are written: its resume checkpoint is no longer needed."""
+    resume_path(name).unlink(missing_ok=True)
 
 
 class StageError(RuntimeError):

@@ -3,20 +3,34 @@
 One loss (``losses.kd_loss``): fine-tuning is alpha = 0. When masks are given, the masked
 gradients are zeroed before every optimizer step and the masks re-applied after it, so the
 non-zero count of a pruned model never changes during recovery.
+
+Resume: with ``checkpoint=<path>`` and ``cfg.checkpoint_every = N > 0``, ``fit`` saves its whole
+state (model, optimizer, scheduler, masks, the Python/numpy/torch RNG states, the batch loader's
+generator, the epoch and the curve so far) every N epochs and after the last one, atomically
+(``io.torch_save``: temp file + ``os.replace``). On the next call it resumes from that file when the
+file's *fingerprint* matches this run (training params, model spec and initial weights, masks,
+teacher weights, loss settings, data and loader seed); a stale, corrupted or unsafe file is
+ignored and training starts over. A resumed run ends with exactly the weights of an
+uninterrupted one. The caller deletes the file once its outputs are written.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
 import random
 import sys
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from kdprune import io
 from kdprune.losses import kd_loss
 from kdprune.measure import accuracy
 from kdprune.pruning import Masks, apply_masks, mask_grads
@@ -29,7 +43,15 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_runtime(runtime, seed: int) -> torch.device:
-    """Threads, seeds and device. CPU only for now; threads = all cores unless set."""
+    """Threads, seeds and device. CPU only for now; threads = all cores unless set.
+
+    Determinism (tests/test_determinism.py): on CPU, the same params + seed give bit-identical outputs
+    with the same torch build, CPU type and *thread count*. The thread count changes the reduction
+    order of the (bf16 and fp32) conv kernels, so results differ between 1 and 2 threads; set
+    ``runtime.threads`` to a fixed number (not 0 = all cores) to reproduce across machines. No
+    ``torch.use_deterministic_algorithms`` is needed on CPU: the data order and augmentation come from
+    the loader's own seeded generator, and nothing else draws random numbers during training.
+    """
     threads = runtime.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     seed_everything(seed)
@@ -73,12 +95,93 @@ def lr_lambda(schedule: str, total_steps: int, warmup_frac: float) -> Callable[[
     return f
 
 
+RESUME_FORMAT = "kdprune-resume-v1"
+
+
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def run_fingerprint(model: nn.Module, train_loader, test_loader, cfg, runtime, teacher, alpha: float,
+                    temperature: float, masks: Masks | None) -> str:
+    """Identity of everything a training run depends on; a resume checkpoint is only used when it matches."""
+    h = hashlib.sha256()
+    cfg_d = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_every"}
+    h.update(json.dumps({"cfg": cfg_d, "runtime": dataclasses.asdict(runtime), "alpha": alpha,
+                         "temperature": temperature, "spec": getattr(model, "spec", None),
+                         "teacher_spec": getattr(teacher, "spec", None) if alpha > 0 else None,
+                         "loader": [getattr(train_loader, a, None) for a in ("batch_size", "pad", "hflip")]},
+                        sort_keys=True, default=str).encode())
+    for _, t in sorted(model.state_dict().items()):
+        _hash_tensor(h, t)
+    if teacher is not None and alpha > 0:
+        for _, t in sorted(teacher.state_dict().items()):
+            _hash_tensor(h, t)
+    for _, m in sorted((masks or {}).items()):
+        _hash_tensor(h, m)
+    for loader in (train_loader, test_loader):
+        for a in ("x", "y", "mean", "inv_std"):
+            if isinstance(getattr(loader, a, None), torch.Tensor):
+                _hash_tensor(h, getattr(loader, a))
+    gen = getattr(train_loader, "generator", None)
+    if gen is not None:
+        _hash_tensor(h, gen.get_state())
+    return h.hexdigest()
+
+
+def _rng_state(train_loader) -> dict[str, Any]:
+    py = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    gen = getattr(train_loader, "generator", None)
+    return {"python": [py[0], list(py[1]), py[2]],
+            "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                      "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+            "torch": torch.get_rng_state(),
+            "loader": gen.get_state() if gen is not None else None}
+
+
+def _set_rng_state(state: dict[str, Any], train_loader) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["loader"] is not None:
+        train_loader.generator.set_state(state["loader"])
+
+
+def _load_resume(path: Path, fingerprint: str, name: str, log: Callable[[str], None]) -> dict | None:
+    """The resume state at ``path`` if it belongs to this run; otherwise None (and say why)."""
+    if not path.exists():
+        return None
+    try:
+        state = io.torch_load(path)
+    except io.CheckpointError as e:
+        log(f"{name}: ignoring resume checkpoint: {e}; starting from epoch 0")
+        return None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        log(f"{name}: ignoring {path}: not a kdprune resume checkpoint; starting from epoch 0")
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log(f"{name}: ignoring stale {path}: it was written for other params or inputs; starting from epoch 0")
+        return None
+    return state
+
+
 def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: nn.Module | None = None,
         alpha: float = 0.0, temperature: float = 1.0, masks: Masks | None = None, name: str = "train",
-        log: Callable[[str], None] = print) -> list[dict]:
-    """Train ``model`` in place for ``cfg.epochs``; return the per-epoch curve (list of dicts)."""
+        log: Callable[[str], None] = print, checkpoint: str | os.PathLike | None = None) -> list[dict]:
+    """Train ``model`` in place for ``cfg.epochs``; return the per-epoch curve (list of dicts).
+
+    ``checkpoint``: resume file (see the module docstring); used when ``cfg.checkpoint_every > 0``.
+    """
     if alpha > 0 and teacher is None:
         raise ValueError(f"{name}: alpha = {alpha} needs a teacher")
+    every = getattr(cfg, "checkpoint_every", 0) if checkpoint is not None else 0
+    fingerprint = (run_fingerprint(model, train_loader, test_loader, cfg, runtime, teacher, alpha, temperature,
+                                   masks) if every else "")
     to_runtime(model, runtime)
     if teacher is not None:
         to_runtime(teacher, runtime)
@@ -89,11 +192,20 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
     opt = make_optimizer(model, cfg)
     steps = cfg.epochs * len(train_loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, steps, cfg.warmup_frac))
-    history = []
+    history: list[dict] = []
+    start = 0
+    state = _load_resume(Path(checkpoint), fingerprint, name, log) if every else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], train_loader)
+        start, history = int(state["epoch"]), list(state["history"])
+        log(f"{name}: resuming from {checkpoint} at epoch {start}/{cfg.epochs}")
     show = progress_enabled()
     if show:
         from tqdm import tqdm
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(start + 1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros(())
@@ -130,6 +242,12 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
         evaluate_now = epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)
         row["test_acc"] = accuracy(model, test_loader) if evaluate_now else float("nan")
         history.append(row)
+        if every and (epoch % every == 0 or epoch == cfg.epochs):
+            io.torch_save(checkpoint, {
+                "format": RESUME_FORMAT, "fingerprint": fingerprint, "epoch": epoch, "epochs": cfg.epochs,
+                "history": history, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": _rng_state(train_loader),
+                "masks": {k: v.cpu() for k, v in masks.items()} if masks else None})
         test = f"{row['test_acc']:.2f}%" if evaluate_now else "-"
         log(f"{name} epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} train {row['train_acc']:.2f}% "
             f"test {test} lr {row['lr']:.4f} {train_time:.1f}s ({row['images_per_second']:.0f} img/s)")

@@ -30,7 +30,8 @@ def main(params: Params, variant: str) -> None:
     t0 = time.perf_counter()
     history = fit(student, stage.train_loader(params, data, params.distill), stage.test_loader(params, data),
                   params.distill, runtime=params.runtime, teacher=teacher, alpha=alpha,
-                  temperature=params.distill.temperature, masks=masks, name=variant, log=stage.log)
+                  temperature=params.distill.temperature, masks=masks, name=variant, log=stage.log,
+                  checkpoint=stage.resume_path(f"distill_{variant}"))
     _, nz_after = count_prunable(student)
     if nz_after > nz_before:  # the loop's invariant; never ship a student whose mask leaked
         raise RuntimeError(f"{variant}: non-zero prunable weights grew from {nz_before} to {nz_after}; masks leaked")
@@ -41,6 +42,7 @@ def main(params: Params, variant: str) -> None:
         "epochs": params.distill.epochs})
     stage.write_curve(stage.PLOTS / f"distill_{variant}.csv", history)
     stage.write_timing(f"distill_{variant}", history, wall_seconds=round(time.perf_counter() - t0, 3))
+    stage.finished(f"distill_{variant}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ def main(params: Params) -> None:
     out = prepare_dataset(d.name, d.root, d.download, d.train_subset, d.test_subset, params.seed)
     io.torch_save(stage.PREPARED, out)
     stage.log(f"prepare: {d.name} train {tuple(out['train_x'].shape)} test {tuple(out['test_x'].shape)} "
-              f"from {out['source']['train']} -> {stage.PREPARED}")
+              f"from {out['source']['train']} ({d.root or 'default search path'}) -> {stage.PREPARED}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ def main(params: Params) -> None:
     model = build_model(spec)
     t0 = time.perf_counter()
     history = fit(model, stage.train_loader(params, data, params.teacher), stage.test_loader(params, data),
-                  params.teacher, runtime=params.runtime, name="teacher", log=stage.log)
+                  params.teacher, runtime=params.runtime, name="teacher", log=stage.log,
+                  checkpoint=stage.resume_path("teacher"))
     io.save_checkpoint(stage.TEACHER, model, meta=stage.data_meta(data))
     total, _ = count_params(model)
     io.write_json(stage.METRICS / "teacher.json", {
@@ -27,6 +28,7 @@ def main(params: Params) -> None:
     })
     stage.write_curve(stage.PLOTS / "teacher.csv", history)
     stage.write_timing("teacher", history, wall_seconds=round(time.perf_counter() - t0, 3))
+    stage.finished("teacher")
 
 
 if __name__ == "__main__":

@@ -109,3 +109,34 @@ def test_eval_loader_is_ordered_and_normalised():
     assert [len(b[1]) for b in batches] == [4, 4, 2]
     assert torch.equal(torch.cat([b[1] for b in batches]), y)
     assert torch.allclose(batches[0][0], torch.zeros(4, 1, 4, 4), atol=1e-5)  # (51/255 - 0.2) / 0.1 = 0
+
+
+@pytest.mark.parametrize("layout", ["cifar_pickles", "pngs", "partial_idx"])
+def test_wrong_format_dataset_dir_names_the_problem(tmp_path, layout):
+    """An explicit data.root in the wrong format is an error naming what is expected and what is there,
+    never a silent fall-back to the system copy in /usr/share/datasets."""
+    root = tmp_path / "root"
+    root.mkdir()
+    if layout == "cifar_pickles":
+        (root / "cifar-10-batches-py").mkdir()
+        (root / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"\x80\x04junk")
+    elif layout == "pngs":
+        for i in range(3):
+            (root / f"img{i}.png").write_bytes(b"\x89PNG\r\n")
+    else:  # three of the four IDX files
+        from tests.conftest import write_fake_dataset
+        write_fake_dataset(root)
+        (root / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetError) as e:
+        prepare_dataset("fashion_mnist", str(root), True, 0, 0, seed=0)
+    msg = str(e.value)
+    assert "is not a 'fashion_mnist' dataset directory" in msg and "t10k-labels-idx1-ubyte" in msg, msg
+    assert {"cifar_pickles": "cifar-10-batches-py", "pngs": "img0.png", "partial_idx": "t10k-images"}[layout] in msg
+
+
+def test_right_names_wrong_content_is_refused(tmp_path):
+    from tests.conftest import write_fake_dataset
+    root = write_fake_dataset(tmp_path / "root", gz=False)
+    (root / "train-images-idx3-ubyte").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    with pytest.raises(DatasetError, match="train-images-idx3-ubyte: not an IDX file"):
+        prepare_dataset("fashion_mnist", str(root), False, 0, 0, seed=0)

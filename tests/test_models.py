@@ -73,3 +73,11 @@ def test_checkpoint_spec_mismatch_is_clear(tmp_path):
     torch.save(ckpt, tmp_path / "m.pt")
     with pytest.raises(io.CheckpointError, match="do not match the stored architecture spec"):
         io.load_checkpoint(tmp_path / "m.pt")
+
+
+def test_torch_save_is_byte_identical_whatever_the_temp_name(tmp_path):
+    """io.torch_save goes through a random temp file; the bytes must not depend on its name (DVC hashes)."""
+    model = build_model(resnet_spec(8, 4, 1, 10))
+    io.save_checkpoint(tmp_path / "a.pt", model)
+    io.save_checkpoint(tmp_path / "b.pt", model)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()

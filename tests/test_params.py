@@ -48,12 +48,30 @@ def test_repo_params_are_valid():
     ("teacher.epochs", 0, ">= 1"),
     ("teacher.epochs", 2.5, "an integer"),
     ("teacher.lr", 0, "> 0"),
+    ("teacher.checkpoint_every", -1, ">= 0"),
+    ("teacher.batch_size", 0, ">= 1"),
+    ("teacher.weight_decay", -1e-4, ">= 0"),
+    ("teacher.warmup_frac", 1.0, "[0, 1)"),
+    ("teacher.label_smoothing", 1.0, "[0, 1)"),
+    ("teacher.eval_every", -1, ">= 0"),
+    ("distill.epochs", 0, ">= 1"),
+    ("distill.lr", float("inf"), "> 0"),
+    ("data.test_subset", -1, ">= 0"),
+    ("data.crop_padding", 9, "[0, 8]"),
+    ("data.download", "no", "true or false"),
+    ("runtime.bf16", 1, "true or false"),
+    ("prune.include_last_fc", None, "true or false"),
+    ("mlflow.enabled", "true", "true or false"),
+    ("distill.checkpoint_every", 1.5, "an integer"),
     ("teacher.momentum", 1.0, "[0, 1)"),
     ("teacher.schedule", "step", "one of 'onecycle', 'cosine', 'constant'"),
     ("teacher.nesterov", "yes", "true or false"),
     ("data.name", "imagenet", "one of 'fashion_mnist'"),
     ("data.train_subset", -5, ">= 0"),
     ("data.root", 3, "a string or null"),
+    ("data.root", "../../elsewhere", "must stay inside the repository"),
+    ("data.root", "data/../../x", "must stay inside the repository"),
+    ("distill.variants", ["../../etc/kd"], "each entry must be one of"),
     ("seed", -1, ">= 0"),
     ("runtime.threads", -2, ">= 0"),
     ("evaluate.batch_size", 0, ">= 1"),
@@ -64,6 +82,11 @@ def test_bad_values_name_key_value_and_rule(key, value, needle):
         params_from_dict(with_value(key, value))
     msg = str(e.value)
     assert key in msg and repr(value) in msg and needle in msg, msg
+
+
+@pytest.mark.parametrize("root", ["/usr/share/datasets/fashion-mnist", "data/raw", "./raw/../raw2"])
+def test_explicit_or_inside_paths_are_allowed(root):
+    assert params_from_dict(with_value("data.root", root)).data.root == root
 
 
 def test_unknown_key_suggests_the_right_one():
@@ -98,3 +121,29 @@ def test_stage_exits_nonzero_before_work(tmp_path):
     assert r.returncode == 2
     assert "prune.ratio = 1.2 is invalid" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "models").exists()
+
+
+LEAVES = sorted(flatten(BASE))
+
+
+@pytest.mark.parametrize("key", LEAVES)
+def test_every_key_rejects_a_wrong_type(key):
+    with pytest.raises(ParamsError) as e:
+        params_from_dict(with_value(key, {"oops": 1}))  # a mapping is the wrong type for every leaf
+    assert key in str(e.value) and "is invalid: must be" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("section", sorted(k for k, v in BASE.items() if isinstance(v, dict)))
+def test_every_section_rejects_an_unknown_key(section):
+    raw = copy.deepcopy(BASE)
+    raw[section]["no_such_knob"] = 1
+    with pytest.raises(ParamsError, match=f"unknown key '{section}.no_such_knob'"):
+        params_from_dict(raw)
+
+
+@pytest.mark.parametrize("section", ["data", "model", "teacher", "prune", "distill"])
+def test_every_required_section_missing_is_named(section):
+    raw = copy.deepcopy(BASE)
+    del raw[section]
+    with pytest.raises(ParamsError, match=f"missing section '{section}'"):
+        params_from_dict(raw)

@@ -103,3 +103,28 @@ def test_without_masks_pruned_weights_would_revive():
     cfg = DistillParams(epochs=1, batch_size=32, lr=0.1, eval_every=0)
     fit(model, loader, loader, cfg, runtime=RuntimeParams(threads=1), masks=None, name="t", log=lambda m: None)
     assert count_params(model)[1] > nz_before
+
+
+def test_a_layer_is_never_emptied_it_keeps_its_largest_weight():
+    model = small_model()
+    with torch.no_grad():
+        model.fc.weight.mul_(1e-4)  # the smallest weights of the net: global ranking would remove all of them
+        model.fc.weight[3, 5] = 2e-4  # the fc's largest |w|, still below every conv weight kept at 0.9
+    ratio = 0.9
+    masks = global_magnitude_masks(model, ratio)
+    total, _ = count_prunable(model)
+    fc = masks["fc.weight"]
+    assert int(fc.sum()) == 1 and bool(fc[3, 5]), "the fc layer must keep exactly its largest weight"
+    assert all(m.any() for m in masks.values())
+    assert sum(int((~m).sum()) for m in masks.values()) == round(ratio * total)  # still exactly the ratio
+    apply_masks(model, masks)
+    assert count_prunable(model)[1] == total - round(ratio * total)
+
+
+def test_impossible_ratio_leaves_one_weight_per_layer():
+    model = small_model()
+    masks = global_magnitude_masks(model, 0.99999)  # would remove all but ~1 weight of the whole net
+    assert [int(m.sum()) for m in masks.values()] == [1] * len(masks)
+    for name, p in model.named_parameters():
+        if name in masks:
+            assert p.detach().abs().view(-1)[masks[name].view(-1)].item() == p.detach().abs().max().item()

@@ -86,3 +86,30 @@ def test_missing_metrics_is_clear(tmp_path):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     with pytest.raises(tracking.TrackingError, match="evaluate.json: not found"):
         tracking.log_pipeline(tmp_path, {"DVC_ROOT": str(tmp_path)})
+
+
+def test_track_stage_with_unreachable_server_loses_nothing_then_relog_works(tmp_path):
+    """The track stage against a dead server: exit non-zero, files untouched, message says how to re-log;
+    `python -m kdprune.tracking relog` then logs the same files once the store is reachable."""
+    import os
+    import subprocess
+    import sys
+
+    make_result(tmp_path, 0.8, 90.0)
+    before = {p: p.read_bytes() for p in (tmp_path / "metrics").rglob("*") if p.is_file()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+    env.update(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI="http://127.0.0.1:9", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+               MLFLOW_HTTP_REQUEST_TIMEOUT="2", MLFLOW_DISABLE_TELEMETRY="true")
+    r = subprocess.run([sys.executable, "-m", "stages.track"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    assert "http://127.0.0.1:9" in r.stderr and "python -m kdprune.tracking relog" in r.stderr
+    assert "Nothing is lost" in r.stderr
+    assert {p: p.read_bytes() for p in (tmp_path / "metrics").rglob("*") if p.is_file()} == before
+
+    del env["MLFLOW_TRACKING_URI"]  # the store is back (here: the local SQLite default)
+    r = subprocess.run([sys.executable, "-m", "kdprune.tracking", "relog"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "logged run" in r.stdout, r.stdout + r.stderr
+    (run,) = runs(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
+    assert run.data.metrics["acc_kd"] == 90.0

@@ -1,0 +1,39 @@
+"""Same params and seed on CPU -> identical dvc.lock output hashes across two fresh `dvc repro` runs,
+in two repos at different paths reading the same data bytes from different directories."""
+import subprocess
+
+import yaml
+
+from tests.test_e2e import make_repo
+
+
+def out_hashes(repo) -> dict[str, str]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {f"{stage}:{o['path']}": o["md5"] for stage, s in lock["stages"].items() for o in s.get("outs", [])}
+
+
+def test_two_fresh_repros_give_identical_output_hashes(tmp_path, venv_bin):
+    procs = []
+    for i in range(2):
+        (tmp_path / f"run{i}").mkdir()
+        repo, env = make_repo(tmp_path / f"run{i}", venv_bin)
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["mlflow"]["enabled"] = False  # tracking has no outputs; keep the test fast
+        params["teacher"]["epochs"] = 1
+        params["runtime"]["threads"] = 1  # the two runs go in parallel on a shared machine
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        procs.append((repo, subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                                             stderr=subprocess.STDOUT, text=True)))
+    hashes = []
+    for repo, proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+        hashes.append(out_hashes(repo))
+    expected = {"prepare:data/prepared/dataset.pt", "train_teacher:models/teacher.pt",
+                "train_teacher:metrics/teacher.json", "prune:models/pruned.pt", "prune:metrics/prune.json",
+                "distill@kd:models/students/kd.pt", "distill@finetune:models/students/finetune.pt",
+                "evaluate:metrics/evaluate.json", "evaluate:plots/accuracy.png",
+                "train_teacher:plots/teacher.csv", "distill@kd:plots/distill_kd.csv"}
+    assert expected <= set(hashes[0]), sorted(hashes[0])
+    diff = {k: (v, hashes[1].get(k)) for k, v in hashes[0].items() if hashes[1].get(k) != v}
+    assert not diff, f"outputs differ between two runs with the same params and seed: {diff}"

@@ -1,0 +1,57 @@
+"""Security defaults: no code execution from data files, the MLflow UI on loopback only."""
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = sorted(p for d in ("kdprune", "stages", "benchmarks") for p in (ROOT / d).rglob("*.py"))
+
+
+def dangerous_calls(tree: ast.AST) -> list[str]:
+    """eval/exec/compile, pickle/marshal/shelve loads, yaml.load/unsafe_load, np.load(allow_pickle=True),
+    and torch.load without weights_only=True."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            mods = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"import {m}" for m in mods if m and m.split(".")[0] in ("pickle", "marshal", "shelve", "dill")]
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+        owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
+        kw = {k.arg: k.value for k in node.keywords}
+        if isinstance(f, ast.Name) and name in ("eval", "exec", "compile", "__import__"):
+            found.append(f"{name}()")
+        elif owner == "yaml" and name in ("load", "unsafe_load", "full_load", "load_all"):
+            found.append(f"yaml.{name}()")
+        elif owner in ("np", "numpy") and name == "load" and not (
+                isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is False):
+            found.append("np.load() without allow_pickle=False")
+        elif owner == "torch" and name == "load" and not (
+                isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+            found.append("torch.load() without weights_only=True")
+    return found
+
+
+def test_scanner_catches_what_it_should():
+    bad = ("import pickle\neval(s)\nexec(s)\nyaml.load(t)\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
+           "np.load(p, allow_pickle=True)\n")
+    assert len(dangerous_calls(ast.parse(bad))) == 7
+    assert dangerous_calls(ast.parse("yaml.safe_load(t)\ntorch.load(p, weights_only=True)\nmodel.eval()\n")) == []
+
+
+def test_no_code_execution_from_data_in_the_package():
+    assert SOURCES
+    hits = {str(p.relative_to(ROOT)): c for p in SOURCES if (c := dangerous_calls(ast.parse(p.read_text())))}
+    assert not hits, f"code that could run code from a data file: {hits}"
+
+
+def test_readme_mlflow_ui_binds_to_loopback_and_says_why():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"mlflow (?:ui|server)[^`\n]*", readme)
+    assert commands, "README has no MLflow UI command"
+    for cmd in commands:
+        assert "--host 127.0.0.1" in cmd, f"MLflow UI must bind to loopback: {cmd}"
+    assert "0.0.0.0" not in readme
+    assert re.search(r"127\.0\.0\.1[^.]*\.?[^.]*authentication", readme, re.S), "README must say why (no auth)"
