@@ -143,6 +143,7 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     styles = {"kd": ("#4c72b0", "o", "-"), "finetune": ("#55a868", "s", "-"), "pruned": ("#c44e52", "x", ":")}
@@ -157,6 +158,9 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
         recovered = table[table["method"] != "pruned"]["acc_mean"]
         ax.set_ylim(max(0, recovered.min() - 4), min(100, table["acc_teacher_mean"].max() + 1.5))
     ax.set_xscale("log")
+    ticks = sorted(table["compression_ratio"].unique())
+    ax.set_xticks(ticks, [f"{t:.1f}x" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("compression ratio (teacher params / non-zero student params, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)

@@ -24,3 +24,13 @@ def test_throughput_benchmark_runs_tiny(fake_root):
     assert 40e6 < res["train_flops_per_image"] < 80e6
     text = bench.report(res)
     assert "a/b (vs naive pipeline)" in text and "% of fp32 peak" in text
+
+
+def test_profile_script_runs_tiny(fake_root):
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks" / "profile_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = prepare_dataset("fashion_mnist", str(fake_root), False, 0, 0, seed=0)
+    table = mod.profile_steps(steps=1, kd=True, data=data)
+    assert "aten::" in mod.profile_steps(steps=1, kd=False, data=data)
+    assert "teacher_forward" in table and "mask_upkeep" in table and "augment_batch" in table
