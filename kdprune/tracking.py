@@ -103,12 +103,14 @@ def collect(workdir: Path) -> dict[str, Any]:
         for k in ("train_seconds", "wall_seconds"):
             if k in rec:
                 metrics[f"{log.stem}_{k}"] = float(rec[k])
-    curves = {}
-    for csv_path in sorted((workdir / "plots").glob("*.csv")):
-        prefix = csv_path.stem.removeprefix("distill_")
-        curves[prefix] = read_curve(csv_path)
-    artifacts = [p for p in [params_path, *sorted((workdir / "metrics").rglob("*.json")),
-                             *sorted((workdir / "plots").glob("*"))] if p.is_file()]
+    # only the pipeline's own files: a sweep report next to them is not part of this run
+    curve_files = {"teacher": workdir / "plots" / "teacher.csv",
+                   **{p.stem: p for p in sorted((workdir / "plots" / "distill").glob("*.csv"))}}
+    curves = {name: read_curve(p) for name, p in curve_files.items() if p.exists()}
+    metric_files = [workdir / "metrics" / f"{n}.json" for n in ("teacher", "prune", "evaluate")]
+    metric_files += sorted((workdir / "metrics" / "distill").glob("*.json"))
+    artifacts = [p for p in [params_path, *metric_files, *curve_files.values(), workdir / "plots" / "accuracy.png"]
+                 if p.is_file()]
     fingerprint = hashlib.sha256(json.dumps({"params": params, "metrics": json.loads(evaluate_path.read_text())},
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"params": params, "metrics": metrics, "curves": curves, "artifacts": artifacts,

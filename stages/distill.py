@@ -40,7 +40,7 @@ def main(params: Params, variant: str) -> None:
     io.write_json(stage.METRICS / "distill" / f"{variant}.json", {
         f"acc_{variant}": history[-1]["test_acc"], "alpha": alpha, "nonzero_params": count_params(student)[1],
         "epochs": params.distill.epochs})
-    stage.write_curve(stage.PLOTS / f"distill_{variant}.csv", history)
+    stage.write_curve(stage.PLOTS / "distill" / f"{variant}.csv", history)
     stage.write_timing(f"distill_{variant}", history, wall_seconds=round(time.perf_counter() - t0, 3))
     stage.finished(f"distill_{variant}")
 

@@ -33,7 +33,7 @@ def test_two_fresh_repros_give_identical_output_hashes(tmp_path, venv_bin):
                 "train_teacher:metrics/teacher.json", "prune:models/pruned.pt", "prune:metrics/prune.json",
                 "distill@kd:models/students/kd.pt", "distill@finetune:models/students/finetune.pt",
                 "evaluate:metrics/evaluate.json", "evaluate:plots/accuracy.png",
-                "train_teacher:plots/teacher.csv", "distill@kd:plots/distill_kd.csv"}
+                "train_teacher:plots/teacher.csv", "distill@kd:plots/distill/kd.csv"}
     assert expected <= set(hashes[0]), sorted(hashes[0])
     diff = {k: (v, hashes[1].get(k)) for k, v in hashes[0].items() if hashes[1].get(k) != v}
     assert not diff, f"outputs differ between two runs with the same params and seed: {diff}"

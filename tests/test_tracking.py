@@ -37,6 +37,9 @@ def make_result(workdir: Path, ratio: float, acc_kd: float) -> None:
         {"acc_teacher": 91.0, "acc_kd": acc_kd, "acc_finetune": 89.0, "compression_ratio": 1 / (1 - ratio),
          "prune_method": "magnitude"}))
     (workdir / "plots" / "teacher.csv").write_text("epoch,train_loss,test_acc\n1,0.9,\n2,0.5,88.5\n")
+    (workdir / "plots" / "distill").mkdir(exist_ok=True)
+    (workdir / "plots" / "distill" / "kd.csv").write_text("epoch,train_loss,test_acc\n1,0.3,89.0\n")
+    (workdir / "plots" / "accuracy_vs_compression.png").write_bytes(b"a sweep report, not part of this run")
 
 
 def runs(uri):
@@ -65,6 +68,9 @@ def test_log_once_then_dedup_then_new_result(tmp_path):
     assert [m.step for m in MlflowClient(uri).get_metric_history(run_id, "teacher_test_acc")] == [2]
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run_id, "metrics")}
     assert "metrics/evaluate.json" in artifacts
+    assert [m.value for m in MlflowClient(uri).get_metric_history(run_id, "kd_train_loss")] == [0.3]
+    plots = {a.path for a in MlflowClient(uri).list_artifacts(run_id, "plots")}
+    assert "plots/teacher.csv" in plots and "plots/accuracy_vs_compression.png" not in plots
     assert (tmp_path / "mlartifacts").is_dir()
 
     make_result(tmp_path, 0.9, 88.0)
