@@ -16,10 +16,10 @@ the teacher, mask and batch order of their (ratio, seed).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from kdprune import tracking
 
@@ -32,11 +32,22 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def queue_status() -> list[dict]:
-    r = dvc("queue", "status", "--json", check=False)
-    try:
-        return json.loads(r.stdout)
-    except json.JSONDecodeError:
-        return []
+    """DVC's queue entries ({'name', 'status', ...}); `dvc queue status` has no JSON output."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        return list(repo.experiments.celery_queue.status())
+
+
+def start_workers(jobs: int) -> None:
+    """`dvc queue start -j N`. Its output goes to a file, not a pipe: the detached workers inherit
+    the handles, and a pipe would make this call wait for them instead of wait_for_queue."""
+    log = Path(".dvc/tmp/sweep-queue-start.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        r = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], stdout=fh, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise SystemExit(f"error: dvc queue start failed:\n{log.read_text()}")
 
 
 def wait_for_queue(poll: float = 5.0) -> list[dict]:
@@ -100,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             names[(seed, ratio)] = name
         jobs = min(args.jobs, len(phase))
         print(f"phase {i}: {len(phase)} experiments queued, starting {jobs} worker(s)", flush=True)
-        dvc("queue", "start", "-j", str(jobs))
+        start_workers(jobs)
         wait_for_queue()
-    status = {s.get("name"): s.get("status") for s in queue_status()}
+    status = {s.get("name"): str(s.get("status")) for s in queue_status()}
     counts = run_names(experiment)
     failed = [n for n in names.values() if status.get(n) == "Failed"]
     missing = [n for n in names.values() if counts.get(n, 0) == 0 and n not in failed]
