@@ -65,6 +65,7 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 8) -> T:
             locked = "database is locked" in str(e) or "database table is locked" in str(e)
             if not locked or i == attempts - 1:
                 raise
+            print(f"mlflow: store locked during '{what}' (attempt {i + 1}/{attempts}); retrying", file=sys.stderr)
             time.sleep(min(8.0, 0.25 * 2 ** i) * (0.5 + random.random()))
     raise AssertionError("unreachable")
 
@@ -90,14 +91,11 @@ def collect(workdir: Path) -> dict[str, Any]:
         if not p.exists():
             raise TrackingError(f"{p}: not found; run `dvc repro` first")
     params = flatten(yaml.safe_load(params_path.read_text()))
-    metrics = {k: float(v) for k, v in json.loads(evaluate_path.read_text()).items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    evaluate = json.loads(evaluate_path.read_text())
+    metrics = {k: float(v) for k, v in evaluate.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     prune_json = workdir / "metrics" / "prune.json"
-    if prune_json.exists():
-        for k in ("sparsity", "prunable_sparsity"):
-            v = json.loads(prune_json.read_text()).get(k)
-            if v is not None:
-                metrics[k] = float(v)
+    prune = json.loads(prune_json.read_text()) if prune_json.exists() else {}
+    metrics.update({k: float(prune[k]) for k in ("sparsity", "prunable_sparsity") if prune.get(k) is not None})
     for log in sorted((workdir / "logs").glob("*.json")):  # timings, when this workspace ran the stage
         rec = json.loads(log.read_text())
         for k in ("train_seconds", "wall_seconds"):
@@ -111,7 +109,7 @@ def collect(workdir: Path) -> dict[str, Any]:
     metric_files += sorted((workdir / "metrics" / "distill").glob("*.json"))
     artifacts = [p for p in [params_path, *metric_files, *curve_files.values(), workdir / "plots" / "accuracy.png"]
                  if p.is_file()]
-    fingerprint = hashlib.sha256(json.dumps({"params": params, "metrics": json.loads(evaluate_path.read_text())},
+    fingerprint = hashlib.sha256(json.dumps({"params": params, "metrics": evaluate},
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"params": params, "metrics": metrics, "curves": curves, "artifacts": artifacts,
             "fingerprint": fingerprint}
