@@ -82,6 +82,17 @@ def resnet_spec(depth: int, width: int, in_channels: int, num_classes: int) -> d
     }
 
 
+def spec_of(model: ResNet) -> dict[str, Any]:
+    """The spec of ``model`` as its modules are *now*: after physical (structured) pruning has removed
+    channels in place, ``build_model(spec_of(m)).load_state_dict(m.state_dict())`` rebuilds it exactly."""
+    stages = [layer[-1].conv2.out_channels for layer in (model.layer1, model.layer2, model.layer3)]
+    mids = [[block.conv1.out_channels for block in layer] for layer in (model.layer1, model.layer2, model.layer3)]
+    if model.conv1.out_channels != stages[0]:
+        raise ValueError(f"stem has {model.conv1.out_channels} channels but stage 1 has {stages[0]}; "
+                         "a BasicBlock CIFAR ResNet couples them through the identity shortcut")
+    return {**model.spec, "channels": {"stages": stages, "mids": mids}}
+
+
 def build_model(spec: dict[str, Any]) -> ResNet:
     if spec.get("arch") != "resnet":
         raise ValueError(f"unknown model arch {spec.get('arch')!r}; available: ['resnet']")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kdprune import io
-from kdprune.models import build_model, resnet_spec
+from kdprune.models import build_model, resnet_spec, spec_of
 
 
 def expected_params(depth: int, width: int, in_ch: int, classes: int) -> int:
@@ -81,3 +81,21 @@ def test_torch_save_is_byte_identical_whatever_the_temp_name(tmp_path):
     io.save_checkpoint(tmp_path / "a.pt", model)
     io.save_checkpoint(tmp_path / "b.pt", model)
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
+def test_spec_of_reads_the_module_as_it_is():
+    spec = resnet_spec(14, 8, 1, 10)
+    model = build_model(spec)
+    assert spec_of(model) == spec
+    # shrink one block's mid channels by hand, as structured pruning would
+    block = model.layer2[1]
+    block.conv1 = torch.nn.Conv2d(16, 5, 3, 1, 1, bias=False)
+    block.bn1 = torch.nn.BatchNorm2d(5)
+    block.conv2 = torch.nn.Conv2d(5, 16, 3, 1, 1, bias=False)
+    spec2 = spec_of(model)
+    assert spec2["channels"]["mids"] == [[8, 8], [16, 5], [32, 32]]
+    rebuilt = build_model(spec2)
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    model.eval(), rebuilt.eval()
+    torch.testing.assert_close(rebuilt(x), model(x))
