@@ -78,12 +78,16 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class RuntimeParams:
-    threads: int = 0  # torch intra-op threads; 0 = all cores
-    bf16: bool = False  # bf16 autocast for training forward passes on CPU
+    threads: int = 0  # torch intra-op threads per process; 0 = all cores (shared among the processes of a node)
+    bf16: bool = False  # bf16 autocast for training forward passes (CPU or CUDA)
     channels_last: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch.cuda.is_available(), else cpu
+    nproc_per_node: int = 1  # > 1: teacher and distill train with DDP in this many processes (torchrun)
 
     def validate(self, p: str) -> None:
         _check(self.threads >= 0, f"{p}.threads", self.threads, "must be >= 0 (0 = all cores)")
+        _check(1 <= self.nproc_per_node <= 1024, f"{p}.nproc_per_node", self.nproc_per_node,
+               "must be in [1, 1024] (1 = one process, no DDP)")
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,12 @@ class Params:
 
     def validate(self, p: str = "") -> None:
         _check(self.seed >= 0, "seed", self.seed, "must be an integer >= 0")
+        n = self.runtime.nproc_per_node
+        for section in ("teacher", "distill"):  # DDP splits every global batch evenly over the processes
+            bs = getattr(self, section).batch_size
+            _check(bs % n == 0, f"{section}.batch_size", bs,
+                   f"must be divisible by runtime.nproc_per_node = {n} (each process takes batch_size / {n} "
+                   "images of every step)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

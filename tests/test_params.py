@@ -74,6 +74,9 @@ def test_repo_params_are_valid():
     ("distill.variants", ["../../etc/kd"], "each entry must be one of"),
     ("seed", -1, ">= 0"),
     ("runtime.threads", -2, ">= 0"),
+    ("runtime.device", "gpu", "one of 'auto', 'cpu', 'cuda'"),
+    ("runtime.nproc_per_node", 0, "[1, 1024]"),
+    ("runtime.nproc_per_node", 3, "divisible by runtime.nproc_per_node = 3"),  # teacher.batch_size 256
     ("evaluate.batch_size", 0, ">= 1"),
     ("mlflow.experiment", " ", "non-empty"),
 ])
