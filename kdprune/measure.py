@@ -10,22 +10,28 @@ from kdprune.pruning import compression_ratio, count_params, count_prunable
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, loader) -> float:
-    """Top-1 accuracy in percent over every sample the loader yields."""
+    """Top-1 accuracy in percent over every sample the loader yields, on the model's device."""
     was_training = model.training
     model.eval()
+    device = _device(model)
     correct = total = 0
     for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # no-op when already there
         correct += int((model(x).argmax(1) == y).sum())
         total += len(y)
     model.train(was_training)
     return 100.0 * correct / max(total, 1)
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def dense_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward pass of a single input, counted by FlopCounterMode."""
     was_training = model.training
     model.eval()
-    x = torch.zeros(1, *input_shape)
+    x = torch.zeros(1, *input_shape, device=_device(model))
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
         model(x)
@@ -51,7 +57,7 @@ def nonzero_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        model(torch.zeros(1, *input_shape))
+        model(torch.zeros(1, *input_shape, device=_device(model)))
     model.train(was_training)
     for h in handles:
         h.remove()

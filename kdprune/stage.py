@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from kdprune import io
+import torch
+
+from kdprune import distributed, io
 from kdprune.data import DatasetError, TensorLoader, load_prepared
 from kdprune.io import CheckpointError
 from kdprune.params import Params, ParamsError, load_params
@@ -44,18 +46,28 @@ class StageError(RuntimeError):
 USER_ERRORS = (ParamsError, DatasetError, CheckpointError, StageError)
 
 
-def run(main: Callable[[Params], None]) -> None:
-    """Validate params, then run ``main``; user errors exit 2 with one clear line, no traceback."""
+def run(main: Callable[[Params], None], ddp: bool = False) -> None:
+    """Validate params, then run ``main``; user errors exit 2 with one clear line, no traceback.
+
+    ``ddp``: a training stage; with ``runtime.nproc_per_node > 1`` it re-executes itself
+    under torchrun, and under torchrun ``main`` runs inside the DDP process group (kdprune/distributed.py).
+    """
     try:
         params = load_params()
-        main(params)
+        if ddp:
+            distributed.relaunch_if_needed(params.runtime)
+            with distributed.process_group(params.runtime, log=log):
+                main(params)
+        else:
+            main(params)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    if distributed.is_main():  # under DDP only rank 0 speaks
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def load_data(params: Params) -> dict:
@@ -65,15 +77,31 @@ def load_data(params: Params) -> dict:
     return data
 
 
-def train_loader(params: Params, data: dict, cfg) -> TensorLoader:
-    return TensorLoader(data["train_x"], data["train_y"], data["mean"], data["std"], cfg.batch_size, train=True,
-                        crop_padding=params.data.crop_padding, hflip=data["hflip"], seed=params.seed,
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A dataset tensor on ``device``: copied once, from pinned memory, to a GPU; unchanged on the CPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def train_loader(params: Params, data: dict, cfg, device: torch.device | str = "cpu") -> TensorLoader:
+    """The training batches on ``device``; under DDP this rank's shard of each global ``cfg.batch_size`` batch."""
+    x, y = to_device(data["train_x"], device), to_device(data["train_y"], device)
+    kw = dict(train=True, crop_padding=params.data.crop_padding, hflip=data["hflip"], seed=params.seed,
+              device=device, channels_last=params.runtime.channels_last)
+    if distributed.world_size() == 1:
+        return TensorLoader(x, y, data["mean"], data["std"], cfg.batch_size, **kw)
+    section = next((s for s in ("teacher", "distill") if getattr(params, s) is cfg), "<section>")
+    distributed.check_batch_size(cfg.batch_size, f"{section}.batch_size")
+    return distributed.ShardedLoader(x, y, data["mean"], data["std"], cfg.batch_size, rank=distributed.rank(),
+                                     world=distributed.world_size(), **kw)
+
+
+def test_loader(params: Params, data: dict, device: torch.device | str = "cpu") -> TensorLoader:
+    return TensorLoader(to_device(data["test_x"], device), to_device(data["test_y"], device), data["mean"],
+                        data["std"], params.evaluate.batch_size, train=False, device=device,
                         channels_last=params.runtime.channels_last)
-
-
-def test_loader(params: Params, data: dict) -> TensorLoader:
-    return TensorLoader(data["test_x"], data["test_y"], data["mean"], data["std"], params.evaluate.batch_size,
-                        train=False, channels_last=params.runtime.channels_last)
 
 
 def data_meta(data: dict) -> dict:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from kdprune import io
+from kdprune import distributed, io
 from kdprune.losses import kd_loss
 from kdprune.measure import accuracy
 from kdprune.pruning import Masks, apply_masks, mask_grads
@@ -43,7 +43,8 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_runtime(runtime, seed: int) -> torch.device:
-    """Threads, seeds and device. CPU only for now; threads = all cores unless set.
+    """Threads, seeds and device (``runtime.device``; under torchrun on CUDA this rank's GPU, see
+    kdprune/distributed.py). Threads = all cores unless set, shared among the processes of a node.
 
     Determinism (tests/test_determinism.py): on CPU, the same params + seed give bit-identical outputs
     with the same torch build, CPU type and *thread count*. The thread count changes the reduction
@@ -52,10 +53,14 @@ def setup_runtime(runtime, seed: int) -> torch.device:
     ``torch.use_deterministic_algorithms`` is needed on CPU: the data order and augmentation come from
     the loader's own seeded generator, and nothing else draws random numbers during training.
     """
-    threads = runtime.threads or os.cpu_count() or 1
+    device = distributed.resolve_device(runtime)
+    threads = runtime.threads or distributed.default_threads()
     torch.set_num_threads(threads)
     seed_everything(seed)
-    return torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    return device
 
 
 def to_runtime(model: nn.Module, runtime) -> nn.Module:
@@ -66,7 +71,7 @@ def to_runtime(model: nn.Module, runtime) -> nn.Module:
 
 
 def progress_enabled() -> bool:
-    return sys.stdout.isatty() and not os.environ.get("CI")
+    return sys.stdout.isatty() and not os.environ.get("CI") and distributed.is_main()
 
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -112,7 +117,8 @@ def run_fingerprint(model: nn.Module, train_loader, test_loader, cfg, runtime, t
     h.update(json.dumps({"cfg": cfg_d, "runtime": dataclasses.asdict(runtime), "alpha": alpha,
                          "temperature": temperature, "spec": getattr(model, "spec", None),
                          "teacher_spec": getattr(teacher, "spec", None) if alpha > 0 else None,
-                         "loader": [getattr(train_loader, a, None) for a in ("batch_size", "pad", "hflip")]},
+                         "loader": [getattr(train_loader, a, None) for a in ("batch_size", "pad", "hflip")],
+                         "device": next(model.parameters()).device.type, "world_size": distributed.world_size()},
                         sort_keys=True, default=str).encode())
     for _, t in sorted(model.state_dict().items()):
         _hash_tensor(h, t)
@@ -182,9 +188,12 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
     every = getattr(cfg, "checkpoint_every", 0) if checkpoint is not None else 0
     fingerprint = (run_fingerprint(model, train_loader, test_loader, cfg, runtime, teacher, alpha, temperature,
                                    masks) if every else "")
+    device = next(model.parameters()).device  # train where the model is (the stage put it on its device)
     to_runtime(model, runtime)
     if teacher is not None:
-        to_runtime(teacher, runtime)
+        to_runtime(teacher.to(device), runtime)
+    if masks:
+        masks = {k: m.to(device) for k, m in masks.items()}
     use_teacher = teacher is not None and alpha > 0
     if use_teacher:
         teacher.eval()
@@ -202,19 +211,20 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
         _set_rng_state(state["rng"], train_loader)
         start, history = int(state["epoch"]), list(state["history"])
         log(f"{name}: resuming from {checkpoint} at epoch {start}/{cfg.epochs}")
+    net = distributed.wrap(model)  # DDP under torchrun, else the model itself; read and save `model`
     show = progress_enabled()
     if show:
         from tqdm import tqdm
     for epoch in range(start + 1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros(())
-        correct = torch.zeros((), dtype=torch.long)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
         batches = tqdm(train_loader, desc=f"{name} {epoch}/{cfg.epochs}", leave=False) if show else train_loader
         for x, y in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=runtime.bf16):
-                logits = model(x)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.bf16):
+                logits = net(x)
                 t_logits = None
                 if use_teacher:
                     with torch.inference_mode():
@@ -230,6 +240,7 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
+        loss_sum, correct, seen = distributed.sum_over_ranks(loss_sum, correct, seen)  # DDP: all ranks' shards
         train_time = time.perf_counter() - t0
         row = {
             "epoch": epoch,
@@ -240,9 +251,10 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
             "images_per_second": seen / train_time,
         }
         evaluate_now = epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)
-        row["test_acc"] = accuracy(model, test_loader) if evaluate_now else float("nan")
+        # DDP: rank 0 measures the unwrapped model (= the saved one) on the whole test split
+        row["test_acc"] = accuracy(model, test_loader) if evaluate_now and distributed.is_main() else float("nan")
         history.append(row)
-        if every and (epoch % every == 0 or epoch == cfg.epochs):
+        if every and (epoch % every == 0 or epoch == cfg.epochs) and distributed.is_main():
             io.torch_save(checkpoint, {
                 "format": RESUME_FORMAT, "fingerprint": fingerprint, "epoch": epoch, "epochs": cfg.epochs,
                 "history": history, "model": model.state_dict(), "optimizer": opt.state_dict(),

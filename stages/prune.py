@@ -8,7 +8,7 @@ from kdprune.train import setup_runtime, to_runtime
 
 
 def main(params: Params) -> None:
-    setup_runtime(params.runtime, params.seed)
+    device = setup_runtime(params.runtime, params.seed)
     data = stage.load_data(params)
     p = params.prune
     teacher, _, meta = io.load_checkpoint(stage.TEACHER, expect_classes=len(data["classes"]))
@@ -16,7 +16,7 @@ def main(params: Params) -> None:
     pruned.load_state_dict(teacher.state_dict())
     masks = global_magnitude_masks(pruned, p.ratio, p.include_first_conv, p.include_last_fc)
     apply_masks(pruned, masks)
-    acc = accuracy(to_runtime(pruned, params.runtime), stage.test_loader(params, data))
+    acc = accuracy(to_runtime(pruned.to(device), params.runtime), stage.test_loader(params, data, device))
     report = size_report(pruned, teacher, p.include_first_conv, p.include_last_fc)
     io.save_checkpoint(stage.PRUNED, pruned, masks=masks, meta={**meta, "prune": vars(p)})
     io.write_json(stage.METRICS / "prune.json", {"acc_pruned": acc, "ratio": p.ratio, "method": p.method, **report})

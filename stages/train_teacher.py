@@ -1,7 +1,7 @@
 """Stage train_teacher: train the unpruned teacher -> models/teacher.pt, metrics/teacher.json."""
 import time
 
-from kdprune import io, stage
+from kdprune import distributed, io, stage
 from kdprune.measure import dense_macs
 from kdprune.models import build_model, spec_from_params
 from kdprune.params import Params
@@ -10,14 +10,16 @@ from kdprune.train import fit, setup_runtime
 
 
 def main(params: Params) -> None:
-    setup_runtime(params.runtime, params.seed)
+    device = setup_runtime(params.runtime, params.seed)
     data = stage.load_data(params)
     spec = spec_from_params(params.model, data["train_x"].shape[1], len(data["classes"]))
-    model = build_model(spec)
+    model = build_model(spec).to(device)
     t0 = time.perf_counter()
-    history = fit(model, stage.train_loader(params, data, params.teacher), stage.test_loader(params, data),
-                  params.teacher, runtime=params.runtime, name="teacher", log=stage.log,
-                  checkpoint=stage.resume_path("teacher"))
+    history = fit(model, stage.train_loader(params, data, params.teacher, device),
+                  stage.test_loader(params, data, device), params.teacher, runtime=params.runtime, name="teacher",
+                  log=stage.log, checkpoint=stage.resume_path("teacher"))
+    if not distributed.is_main():  # DDP: rank 0 writes the outputs
+        return
     io.save_checkpoint(stage.TEACHER, model, meta=stage.data_meta(data))
     total, _ = count_params(model)
     io.write_json(stage.METRICS / "teacher.json", {
@@ -32,4 +34,4 @@ def main(params: Params) -> None:
 
 
 if __name__ == "__main__":
-    stage.run(main)
+    stage.run(main, ddp=True)
