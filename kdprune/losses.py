@@ -22,3 +22,26 @@ def kd_loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits:
     kl = F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
                   reduction="batchmean", log_target=True)
     return alpha * (t * t) * kl + (1.0 - alpha) * ce
+
+
+def attention_map(features: torch.Tensor) -> torch.Tensor:
+    """Zagoruyko & Komodakis (2017) spatial attention: the channel mean of squared activations,
+    flattened and L2-normalised per sample, shape (N, H*W). It does not depend on the channel count,
+    so a student with fewer channels than its teacher is compared map for map."""
+    return F.normalize(features.float().pow(2).mean(1).flatten(1), dim=1)
+
+
+def at_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]) -> torch.Tensor:
+    """Attention-transfer term: sum over residual stages of the mean squared difference of the
+    normalised attention maps (the paper's ``beta / 2 * sum_j ||Q_s/|Q_s| - Q_t/|Q_t|||``, with the
+    beta factor applied by the caller). Zero for identical maps, positive otherwise."""
+    if len(student_features) != len(teacher_features):
+        raise ValueError(f"attention transfer: the student has {len(student_features)} residual stages and the "
+                         f"teacher {len(teacher_features)}; they must match stage for stage")
+    total = student_features[0].new_zeros((), dtype=torch.float32)
+    for i, (s, t) in enumerate(zip(student_features, teacher_features)):
+        if s.shape[-2:] != t.shape[-2:]:
+            raise ValueError(f"attention transfer: stage {i + 1} maps are {tuple(s.shape[-2:])} (student) and "
+                             f"{tuple(t.shape[-2:])} (teacher); spatial sizes must match")
+        total = total + (attention_map(s) - attention_map(t)).pow(2).mean()
+    return total

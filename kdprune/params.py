@@ -18,7 +18,8 @@ import yaml
 
 DATASETS = ("fashion_mnist",)
 ARCHS = ("resnet",)
-VARIANTS = ("kd", "finetune")
+VARIANTS = ("kd", "finetune", "scratch", "scratch_kd")
+PRUNE_METHODS = ("magnitude", "l1_filter")
 
 
 class ParamsError(ValueError):
@@ -119,13 +120,21 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class PruneParams:
-    method: Literal["magnitude"] = "magnitude"
-    ratio: float = 0.8  # fraction of prunable weights removed
-    include_first_conv: bool = True
+    method: Literal["magnitude", "l1_filter"] = "magnitude"
+    ratio: float = 0.8  # magnitude: fraction of prunable weights removed; l1_filter: fraction of inner filters
+    include_first_conv: bool = True  # magnitude only: l1_filter never prunes the stem, residual path or fc
     include_last_fc: bool = True
+    schedule: Literal["oneshot", "agp"] = "oneshot"  # agp: reach the ratio gradually during recovery
+    agp_steps: int = 8  # number of pruning updates of the AGP schedule
+    agp_end: float = 0.5  # fraction of the recovery steps by which AGP reaches the target sparsity
 
     def validate(self, p: str) -> None:
-        _check(0 <= self.ratio < 1, f"{p}.ratio", self.ratio, "must be in [0, 1) (fraction of prunable weights removed)")
+        _check(0 <= self.ratio < 1, f"{p}.ratio", self.ratio,
+               "must be in [0, 1) (magnitude: fraction of prunable weights removed; l1_filter: fraction of filters)")
+        _check(self.schedule == "oneshot" or self.method == "magnitude", f"{p}.schedule", self.schedule,
+               f"'agp' needs {p}.method: magnitude (gradual pruning of masks; l1_filter removes channels once)")
+        _check(self.agp_steps >= 1, f"{p}.agp_steps", self.agp_steps, "must be >= 1")
+        _check(0 < self.agp_end <= 1, f"{p}.agp_end", self.agp_end, "must be in (0, 1] (fraction of recovery steps)")
 
 
 @dataclass(frozen=True)
@@ -134,9 +143,10 @@ class DistillParams(TrainParams):
     lr: float = 0.05
     schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
     warmup_frac: float = 0.0
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: ["kd", "finetune"])
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the KD term in kd variants; finetune always uses 0
+    at_beta: float = 0.0  # attention-transfer weight (Zagoruyko & Komodakis use 1000) in variants with a teacher
 
     def validate(self, p: str) -> None:
         super().validate(p)
@@ -146,14 +156,19 @@ class DistillParams(TrainParams):
         _check(len(set(self.variants)) == len(self.variants), f"{p}.variants", self.variants, "has duplicates")
         _check(math.isfinite(self.temperature) and self.temperature > 0, f"{p}.temperature", self.temperature, "must be > 0")
         _check(0 <= self.alpha <= 1, f"{p}.alpha", self.alpha, "must be in [0, 1]")
+        _check(math.isfinite(self.at_beta) and self.at_beta >= 0, f"{p}.at_beta", self.at_beta,
+               "must be >= 0 (0 = no attention transfer)")
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 1000
+    latency_repeats: int = 20  # timed forward passes per model and batch size (median reported); 0 = skip
+    onnx: bool = True  # export students to ONNX and check them with onnxruntime (when onnx is installed)
 
     def validate(self, p: str) -> None:
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "must be >= 1")
+        _check(self.latency_repeats >= 0, f"{p}.latency_repeats", self.latency_repeats, "must be >= 0 (0 = skip)")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,9 @@ def prunable_modules(model: nn.Module, include_first_conv: bool = True,
 def global_magnitude_masks(model: nn.Module, ratio: float, include_first_conv: bool = True,
                            include_last_fc: bool = True) -> Masks:
     """Masks removing exactly ``round(ratio * N)`` of the N prunable weights, smallest |w| first,
-    ranked globally across layers (``torch.nn.utils.prune.global_unstructured`` with L1).
+    ranked globally across layers: ``torch.nn.utils.prune.L1Unstructured`` applied to the
+    concatenated |w| of all layers, which is what ``prune.global_unstructured`` does, but without
+    re-parametrising the modules (so any memory format works and the model is never touched).
 
     No layer is ever emptied: if the global threshold would remove every weight of a layer (a
     layer of small weights at a high ratio), that layer keeps its single largest-|w| weight, so the
@@ -40,22 +42,102 @@ def global_magnitude_masks(model: nn.Module, ratio: float, include_first_conv: b
     that is impossible (``round(ratio * N) > N - number of layers``) are fewer removed: exactly one
     weight is left in every layer. Chosen over refusing the ratio so a sweep does not die at its
     last point.
-
-    The model itself is left unchanged; apply the masks with :func:`apply_masks`.
     """
     layers = prunable_modules(model, include_first_conv, include_last_fc)
-    total = sum(m.weight.numel() for _, m in layers)
-    amount = int(round(ratio * total))
-    originals = {n: m.weight.detach().clone() for n, m in layers}
-    torch_prune.global_unstructured([(m, "weight") for _, m in layers],
-                                    pruning_method=torch_prune.L1Unstructured, amount=amount)
-    masks = {f"{n}.weight": m.weight_mask.detach().bool().clone() for n, m in layers}
-    for n, m in layers:  # drop the reparametrisation, restore the dense weights
-        torch_prune.remove(m, "weight")
-        with torch.no_grad():
-            m.weight.copy_(originals[n])
-    _keep_one_per_layer(masks, [f"{n}.weight" for n, _ in layers], {f"{n}.weight": originals[n] for n, _ in layers})
+    weights = {f"{n}.weight": m.weight.detach().float() for n, m in layers}
+    scores = torch.cat([w.reshape(-1).abs() for w in weights.values()])
+    amount = int(round(ratio * scores.numel()))
+    flat = torch_prune.L1Unstructured(amount=amount).compute_mask(scores, torch.ones_like(scores)).bool()
+    masks: Masks = {}
+    offset = 0
+    for name, w in weights.items():
+        masks[name] = flat[offset:offset + w.numel()].view(w.shape).clone()
+        offset += w.numel()
+    _keep_one_per_layer(masks, list(weights), weights)
     return masks
+
+
+def agp_sparsity(step: int, steps: int, target: float) -> float:
+    """Zhu & Gupta (2017) cubic schedule: sparsity after pruning step ``step`` of ``steps`` (1-based),
+    from 0 towards ``target``: ``s_t = s_f + (s_i - s_f) (1 - t/n)^3`` with s_i = 0. The last step gives
+    exactly ``target``."""
+    if not 1 <= step <= steps:
+        raise ValueError(f"AGP step {step} outside 1..{steps}")
+    return target * (1.0 - (1.0 - step / steps) ** 3)
+
+
+class AGPSchedule:
+    """Gradual magnitude pruning during recovery: the global magnitude mask is recomputed on the
+    current weights at ``steps`` evenly spaced optimizer steps spread over the first ``end`` fraction
+    of training, with the cubic AGP sparsity, so the last update hits the target exactly and the
+    rest of training recovers with that mask fixed.
+    """
+
+    def __init__(self, target: float, steps: int, end: float, total_steps: int, include_first_conv: bool = True,
+                 include_last_fc: bool = True):
+        self.target, self.steps, self.end = target, steps, end
+        self.include_first_conv, self.include_last_fc = include_first_conv, include_last_fc
+        last = max(1, int(round(end * total_steps)))
+        # optimizer step (1-based) after which pruning update k (1..steps) happens
+        self.at = {max(1, int(round(k * last / steps))): k for k in range(1, steps + 1)}
+        if len(self.at) < steps:  # fewer optimizer steps than pruning steps: no update may be lost
+            self.at = {min(total_steps, k): k for k in range(1, steps + 1)}
+
+    def config(self) -> dict:
+        return {"target": self.target, "steps": self.steps, "end": self.end, "at": sorted(self.at)}
+
+    def masks_at(self, model: nn.Module, step: int) -> Masks | None:
+        """New masks if pruning update happens after optimizer step ``step``, else None."""
+        k = self.at.get(step)
+        if k is None:
+            return None
+        return global_magnitude_masks(model, agp_sparsity(k, self.steps, self.target), self.include_first_conv,
+                                      self.include_last_fc)
+
+
+def residual_blocks(model: nn.Module) -> list[nn.Module]:
+    """The residual blocks of a ResNet (every module with a ``shortcut``)."""
+    return [m for m in model.modules() if hasattr(m, "shortcut")]
+
+
+def inner_convs(model: nn.Module) -> list[nn.Conv2d]:
+    """Convs whose output channels stay inside a residual block: all convs of a block's residual branch
+    but its last one (whose output is added to the shortcut). Li et al. (2017) prune exactly these."""
+    out = []
+    for block in residual_blocks(model):
+        branch = [m for name, m in block.named_children() if isinstance(m, nn.Conv2d)]
+        out.extend(branch[:-1])
+    return out
+
+
+def l1_filter_prune(model: nn.Module, ratio: float, example_input: torch.Tensor) -> nn.Module:
+    """Structured filter pruning after Li et al. (2017), in place, with Torch-Pruning.
+
+    In every residual block, ``ratio`` of the filters of each inner conv (see :func:`inner_convs`) are
+    removed, those with the smallest L1 norm (Torch-Pruning's ``MagnitudeImportance(p=1,
+    group_reduction="first")``, i.e. the L1 norm of the filter itself). Torch-Pruning's dependency
+    graph removes the matching BN channels and the next conv's input channels with them, so the model
+    is physically smaller. The stem, the residual path (each block's last conv, the shortcuts) and the
+    classifier keep their widths, so residual additions stay valid. Call ``models.spec_of`` afterwards
+    to get the new architecture spec.
+    """
+    import torch_pruning as tp
+
+    if not 0 <= ratio < 1:
+        raise ValueError(f"l1_filter ratio {ratio} outside [0, 1)")
+    prunable = set(inner_convs(model))
+    if not prunable:
+        raise ValueError("l1_filter: the model has no residual blocks with inner convs to prune")
+    ignored = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in prunable]
+    was_training = model.training
+    model.eval()
+    pruner = tp.pruner.MagnitudePruner(
+        model, example_input, importance=tp.importance.MagnitudeImportance(p=1, normalizer=None,
+                                                                             group_reduction="first"),
+        pruning_ratio=ratio, ignored_layers=ignored)
+    pruner.step()
+    model.train(was_training)
+    return model
 
 
 def _keep_one_per_layer(masks: Masks, names: list[str], weights: dict[str, torch.Tensor]) -> None:

@@ -31,9 +31,9 @@ import torch
 import torch.nn as nn
 
 from kdprune import distributed, io
-from kdprune.losses import kd_loss
+from kdprune.losses import at_loss, kd_loss
 from kdprune.measure import accuracy
-from kdprune.pruning import Masks, apply_masks, mask_grads
+from kdprune.pruning import AGPSchedule, Masks, apply_masks, count_prunable, mask_grads
 
 
 def seed_everything(seed: int) -> None:
@@ -110,19 +110,21 @@ def _hash_tensor(h, t: torch.Tensor) -> None:
 
 
 def run_fingerprint(model: nn.Module, train_loader, test_loader, cfg, runtime, teacher, alpha: float,
-                    temperature: float, masks: Masks | None) -> str:
+                    temperature: float, masks: Masks | None, at_beta: float = 0.0,
+                    prune_schedule: AGPSchedule | None = None) -> str:
     """Identity of everything a training run depends on; a resume checkpoint is only used when it matches."""
     h = hashlib.sha256()
     cfg_d = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_every"}
     h.update(json.dumps({"cfg": cfg_d, "runtime": dataclasses.asdict(runtime), "alpha": alpha,
                          "temperature": temperature, "spec": getattr(model, "spec", None),
-                         "teacher_spec": getattr(teacher, "spec", None) if alpha > 0 else None,
+                         "teacher_spec": getattr(teacher, "spec", None) if alpha > 0 or at_beta > 0 else None,
+                         "at_beta": at_beta, "agp": prune_schedule.config() if prune_schedule else None,
                          "loader": [getattr(train_loader, a, None) for a in ("batch_size", "pad", "hflip")],
                          "device": next(model.parameters()).device.type, "world_size": distributed.world_size()},
                         sort_keys=True, default=str).encode())
     for _, t in sorted(model.state_dict().items()):
         _hash_tensor(h, t)
-    if teacher is not None and alpha > 0:
+    if teacher is not None and (alpha > 0 or at_beta > 0):
         for _, t in sorted(teacher.state_dict().items()):
             _hash_tensor(h, t)
     for _, m in sorted((masks or {}).items()):
@@ -178,23 +180,30 @@ def _load_resume(path: Path, fingerprint: str, name: str, log: Callable[[str], N
 
 def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: nn.Module | None = None,
         alpha: float = 0.0, temperature: float = 1.0, masks: Masks | None = None, name: str = "train",
-        log: Callable[[str], None] = print, checkpoint: str | os.PathLike | None = None) -> list[dict]:
+        log: Callable[[str], None] = print, checkpoint: str | os.PathLike | None = None, at_beta: float = 0.0,
+        prune_schedule: AGPSchedule | None = None) -> list[dict]:
     """Train ``model`` in place for ``cfg.epochs``; return the per-epoch curve (list of dicts).
 
     ``checkpoint``: resume file (see the module docstring); used when ``cfg.checkpoint_every > 0``.
+    ``at_beta``: weight of the attention-transfer term (``at_beta / 2 * losses.at_loss``) on the residual
+    stages' outputs; needs a teacher.
+    ``prune_schedule``: gradual pruning (AGP). ``masks`` must then be a dict that ``fit`` updates *in place*
+    at the schedule's steps, so the caller holds the final masks afterwards.
     """
-    if alpha > 0 and teacher is None:
-        raise ValueError(f"{name}: alpha = {alpha} needs a teacher")
+    if (alpha > 0 or at_beta > 0) and teacher is None:
+        raise ValueError(f"{name}: alpha = {alpha}, at_beta = {at_beta} need a teacher")
+    if prune_schedule is not None and masks is None:
+        raise ValueError(f"{name}: gradual pruning needs a masks dict to update in place (pass {{}})")
     every = getattr(cfg, "checkpoint_every", 0) if checkpoint is not None else 0
     fingerprint = (run_fingerprint(model, train_loader, test_loader, cfg, runtime, teacher, alpha, temperature,
-                                   masks) if every else "")
+                                   masks, at_beta, prune_schedule) if every else "")
     device = next(model.parameters()).device  # train where the model is (the stage put it on its device)
     to_runtime(model, runtime)
     if teacher is not None:
         to_runtime(teacher.to(device), runtime)
-    if masks:
-        masks = {k: m.to(device) for k, m in masks.items()}
-    use_teacher = teacher is not None and alpha > 0
+    for k in list(masks or {}):  # in place: with AGP the caller reads the final masks from this dict
+        masks[k] = masks[k].to(device)
+    use_teacher = teacher is not None and (alpha > 0 or at_beta > 0)
     if use_teacher:
         teacher.eval()
     apply_masks(model, masks)
@@ -209,12 +218,16 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"], train_loader)
+        if prune_schedule is not None and state["masks"] is not None:  # the masks AGP had reached
+            masks.clear()
+            masks.update({k: m.to(device) for k, m in state["masks"].items()})
         start, history = int(state["epoch"]), list(state["history"])
         log(f"{name}: resuming from {checkpoint} at epoch {start}/{cfg.epochs}")
     net = distributed.wrap(model)  # DDP under torchrun, else the model itself; read and save `model`
     show = progress_enabled()
     if show:
         from tqdm import tqdm
+    step = start * len(train_loader)
     for epoch in range(start + 1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -224,17 +237,32 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
         batches = tqdm(train_loader, desc=f"{name} {epoch}/{cfg.epochs}", leave=False) if show else train_loader
         for x, y in batches:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.bf16):
-                logits = net(x)
+                if at_beta > 0:
+                    logits, feats = net(x, return_features=True)
+                else:
+                    logits = net(x)
                 t_logits = None
                 if use_teacher:
                     with torch.inference_mode():
-                        t_logits = teacher(x)
-                    t_logits = t_logits.clone()  # leave inference mode: usable in autograd
-            loss = kd_loss(logits, y, t_logits, alpha, temperature, cfg.label_smoothing)
+                        t_out = teacher(x, return_features=at_beta > 0)
+                    # leave inference mode: clones are usable in autograd
+                    if at_beta > 0:
+                        t_logits, t_feats = t_out[0].clone(), [f.clone() for f in t_out[1]]
+                    else:
+                        t_logits = t_out.clone()
+            loss = kd_loss(logits, y, t_logits if alpha > 0 else None, alpha, temperature, cfg.label_smoothing)
+            if at_beta > 0:
+                loss = loss + (at_beta / 2) * at_loss(feats, t_feats)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             mask_grads(model, masks)
             opt.step()
+            step += 1
+            if prune_schedule is not None:
+                new = prune_schedule.masks_at(model, step)
+                if new is not None:
+                    masks.clear()
+                    masks.update(new)
             apply_masks(model, masks)
             sched.step()
             loss_sum += loss.detach() * len(y)
@@ -250,6 +278,9 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
             "epoch_seconds": train_time,
             "images_per_second": seen / train_time,
         }
+        if prune_schedule is not None:
+            total, nonzero = count_prunable(model, prune_schedule.include_first_conv, prune_schedule.include_last_fc)
+            row["prunable_sparsity"] = 1.0 - nonzero / total
         evaluate_now = epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)
         # DDP: rank 0 measures the unwrapped model (= the saved one) on the whole test split
         row["test_acc"] = accuracy(model, test_loader) if evaluate_now and distributed.is_main() else float("nan")

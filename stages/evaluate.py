@@ -1,19 +1,31 @@
-"""Stage evaluate: test accuracy, sizes, compression ratios and MACs of every model, in one place.
+"""Stage evaluate: accuracy, sizes, compression, MACs, exports and latency of every model, in one place.
 
 Each model's test accuracy is measured once, by the stage that produced it (full test split,
 fp32, no augmentation); this stage collects those, measures sizes and MACs, checks that every
-student kept the pruned model's mask, and writes metrics/evaluate.json (flat keys, shown by
-`dvc metrics show` / `dvc exp show`) and plots/accuracy.png.
+student kept the pruned model's mask (unstructured) or architecture (structured), exports every
+student as a compact sparse file and as ONNX (checked against torch with onnxruntime) under
+models/export/, and writes metrics/evaluate.json (flat keys, deterministic), metrics/latency.json
+(CPU wall-clock timings, which vary run to run) and plots/accuracy.png.
 """
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 from kdprune import io, stage  # noqa: E402
-from kdprune.measure import dense_macs, nonzero_macs, size_report  # noqa: E402
+from kdprune.export import (compact_bound_bytes, export_compact, export_onnx, onnx_available,  # noqa: E402
+                            onnx_max_abs_diff)
+from kdprune.measure import dense_macs, latency_ms, nonzero_macs, size_report  # noqa: E402
 from kdprune.params import Params  # noqa: E402
-from kdprune.train import setup_runtime  # noqa: E402
+from kdprune.train import setup_runtime, to_runtime  # noqa: E402
+
+EXPORT = Path("models/export")
+ONNX_TOLERANCE = 1e-3  # max |onnxruntime - torch| on the logits, fp32 on CPU
+LATENCY_NOTE = ("CPU forward wall time, fp32, median of evaluate.latency_repeats runs after warm-up. Unstructured "
+                "(magnitude) sparsity does not speed up dense kernels: only structured pruning (l1_filter) can.")
 
 
 def plot_accuracy(path, names: list[str], accs: list[float], title: str) -> None:
@@ -41,16 +53,42 @@ def measured_accuracies(variants: list[str]) -> dict[str, float]:
     return acc
 
 
+def check_student(name: str, rep: dict, pruned: dict, masked: bool) -> None:
+    """Students keep the pruned model's mask (same non-zero count) or, structured, its architecture."""
+    key = "nonzero_prunable_params" if masked else "params"
+    if rep[key] != pruned[key]:
+        what = "its mask did not persist" if masked else "it is not the pruned architecture"
+        raise stage.StageError(f"{name}: {rep[key]} {key.replace('_', ' ')}, but the pruned model has {pruned[key]}; {what}")
+
+
+def export_student(name: str, model, shape: tuple, dense_path, out: dict, params: Params) -> None:
+    """Compact and ONNX exports of one student, with their sizes and the ONNX parity in ``out``."""
+    out[f"bytes_checkpoint_{name}"] = dense_path.stat().st_size
+    out[f"bytes_compact_{name}"] = export_compact(model, EXPORT / f"{name}.kdc", meta={"variant": name})
+    out[f"bytes_compact_bound_{name}"] = compact_bound_bytes(model)
+    if params.evaluate.onnx and onnx_available():
+        path = EXPORT / f"{name}.onnx"
+        export_onnx(model, path, shape)
+        x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(params.seed))
+        diff = onnx_max_abs_diff(model, path, x)
+        if diff > ONNX_TOLERANCE:
+            raise stage.StageError(f"{path}: onnxruntime logits differ from torch by {diff:.3g} > {ONNX_TOLERANCE}")
+        out[f"onnx_max_abs_diff_{name}"] = diff
+        out[f"bytes_onnx_{name}"] = path.stat().st_size
+
+
 def main(params: Params) -> None:
     setup_runtime(params.runtime, params.seed)
     p = params.prune
     teacher, _, meta = io.load_checkpoint(stage.TEACHER)
     shape = tuple(meta["input_shape"])
-    models = {"teacher": teacher, "pruned": io.load_checkpoint(stage.PRUNED)[0]}
+    pruned_model, pruned_masks, _ = io.load_checkpoint(stage.PRUNED)
+    models = {"teacher": teacher, "pruned": pruned_model}
     for v in params.distill.variants:
         models[v] = io.load_checkpoint(stage.student_path(v))[0]
     accs = measured_accuracies(params.distill.variants)
-    out: dict = {"prune_ratio": p.ratio, "prune_method": p.method}
+    out: dict = {"prune_ratio": p.ratio, "prune_method": p.method, "prune_schedule": p.schedule}
+    latency: dict = {"note": LATENCY_NOTE, "threads": torch.get_num_threads()}
     for name, model in models.items():
         out[f"acc_{name}"] = accs[name]
         out[f"macs_{name}"] = dense_macs(model, shape)
@@ -58,20 +96,34 @@ def main(params: Params) -> None:
         rep = size_report(model, teacher, p.include_first_conv, p.include_last_fc)
         out[f"params_{name}"] = rep["params"]
         out[f"nonzero_params_{name}"] = rep["nonzero_params"]
+        out[f"nonzero_prunable_params_{name}"] = rep["nonzero_prunable_params"]
         if name == "pruned":
             out["compression_ratio"] = rep["compression_ratio"]
             out["prunable_compression_ratio"] = rep["prunable_compression_ratio"]
-            pruned_nz = rep["nonzero_prunable_params"]
-        elif name != "teacher" and rep["nonzero_prunable_params"] != pruned_nz:  # students share the mask
-            raise stage.StageError(f"{name}: {rep['nonzero_prunable_params']} non-zero prunable weights, but the "
-                                   f"pruned model has {pruned_nz}; its mask did not persist")
+            out["mac_reduction"] = out["macs_teacher"] / out["macs_pruned"]
+            pruned_rep = rep
+        elif name != "teacher":
+            check_student(name, rep, pruned_rep, masked=bool(pruned_masks))
+            export_student(name, model, shape, stage.student_path(name), out, params)
+        if params.evaluate.latency_repeats and name != "pruned":  # pruned has the students' shape
+            fast = to_runtime(model, params.runtime)
+            for batch in (1, 128):
+                latency[f"latency_b{batch}_ms_{name}"] = latency_ms(
+                    fast, shape, batch, params.evaluate.latency_repeats, channels_last=params.runtime.channels_last)
+    if params.evaluate.latency_repeats:
+        for batch in (1, 128):
+            t = latency[f"latency_b{batch}_ms_teacher"]
+            for v in params.distill.variants:
+                latency[f"speedup_b{batch}_{v}"] = t / latency[f"latency_b{batch}_ms_{v}"]
     io.write_json(stage.METRICS / "evaluate.json", out)
+    io.write_json(stage.METRICS / "latency.json", latency)
     names = list(models)
     plot_accuracy(stage.PLOTS / "accuracy.png", names, [out[f"acc_{n}"] for n in names],
                   f"{meta['dataset']}, ResNet-{teacher.spec['depth']}, {p.method} ratio {p.ratio} "
                   f"({out['compression_ratio']:.1f}x)")
     stage.log("evaluate: " + ", ".join(f"{n} {out[f'acc_{n}']:.2f}%" for n in names)
-              + f"; compression {out['compression_ratio']:.2f}x (prunable {out['prunable_compression_ratio']:.2f}x)")
+              + f"; compression {out['compression_ratio']:.2f}x (prunable {out['prunable_compression_ratio']:.2f}x), "
+              f"MACs / {out['mac_reduction']:.2f}")
 
 
 if __name__ == "__main__":

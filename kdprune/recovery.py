@@ -1,0 +1,79 @@
+"""Recovery variants of the distill stage, and how each one's student starts.
+
+Every variant runs through the same ``train.fit`` loop with the same epochs, learning-rate schedule,
+data order and (for unstructured pruning) the same mask; they differ only in where the student
+starts and in the loss:
+
+  ============  ==============================  ===================================================
+  variant       student starts from             loss
+  ============  ==============================  ===================================================
+  kd            the pruned teacher weights      KD from the unpruned teacher (alpha = distill.alpha)
+  finetune      the pruned teacher weights      cross-entropy (KD with alpha = 0)
+  scratch       a random re-init of the pruned  cross-entropy
+                architecture, mask kept
+  scratch_kd    the same re-init                KD from the unpruned teacher
+  ============  ==============================  ===================================================
+
+``distill.at_beta > 0`` adds attention transfer (``losses.at_loss``) to the variants that have a
+teacher (kd, scratch_kd). With ``prune.schedule: agp`` the kd and finetune students start from the
+*dense* teacher weights and are pruned gradually during recovery (``pruning.AGPSchedule``) to the
+same sparsity; scratch variants, which have no trained weights to rank, keep the one-shot mask.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from kdprune.models import build_model
+from kdprune.pruning import AGPSchedule, Masks, apply_masks
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kd: bool  # distil from the unpruned teacher (alpha = distill.alpha); else alpha = 0
+    reinit: bool  # start from a random re-initialisation of the pruned architecture
+
+
+VARIANTS = {v.name: v for v in (Variant("kd", kd=True, reinit=False), Variant("finetune", kd=False, reinit=False),
+                                Variant("scratch", kd=False, reinit=True), Variant("scratch_kd", kd=True, reinit=True))}
+
+
+def reinitialise(pruned: nn.Module, masks: Masks | None, seed: int) -> nn.Module:
+    """A freshly initialised model of ``pruned``'s (possibly physically pruned) architecture, with the
+    same mask applied: the weights are new, the zeros are where the pruned model's are."""
+    torch.manual_seed(seed)
+    model = build_model(copy.deepcopy(pruned.spec))
+    apply_masks(model, masks)
+    return model
+
+
+@dataclass
+class Start:
+    student: nn.Module
+    masks: Masks | None  # updated in place by fit when schedule is set
+    alpha: float
+    at_beta: float
+    gradual: bool  # prune gradually (AGP) during recovery
+
+
+def starting_point(variant: str, params, pruned: nn.Module, masks: Masks | None, teacher: nn.Module) -> Start:
+    """The student, masks and loss weights a variant starts recovery with (see the module docstring)."""
+    v = VARIANTS[variant]
+    alpha = params.distill.alpha if v.kd else 0.0
+    at_beta = params.distill.at_beta if v.kd else 0.0
+    if v.reinit:
+        return Start(reinitialise(pruned, masks, params.seed), masks, alpha, at_beta, gradual=False)
+    if params.prune.schedule == "agp":
+        dense = build_model(copy.deepcopy(teacher.spec))
+        dense.load_state_dict(teacher.state_dict())
+        return Start(dense, {}, alpha, at_beta, gradual=True)
+    return Start(pruned, masks, alpha, at_beta, gradual=False)
+
+
+def agp_schedule(params, total_steps: int) -> AGPSchedule:
+    p = params.prune
+    return AGPSchedule(p.ratio, p.agp_steps, p.agp_end, total_steps, p.include_first_conv, p.include_last_fc)
