@@ -184,7 +184,8 @@ def make_repo(path: Path, raw: Path, nproc: int, prepared: Path | None) -> Path:
     p["model"].update(depth=8, width=4)
     p["runtime"].update(threads=1, nproc_per_node=nproc)  # 2 processes x 1 thread on a 2-core box
     p["teacher"].update(epochs=1, batch_size=64, checkpoint_every=1)
-    p["distill"].update(epochs=1, batch_size=64, variants=["kd"], checkpoint_every=1)
+    # at_beta > 0: the student's features go through DDP's forward too (attention transfer)
+    p["distill"].update(epochs=1, batch_size=64, variants=["kd", "finetune"], checkpoint_every=1, at_beta=100.0)
     p["prune"]["ratio"] = 0.5
     p["mlflow"]["enabled"] = False
     (path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
@@ -261,6 +262,16 @@ def test_teacher_and_distill_under_ddp_match_the_single_process_layout(tmp_path)
     weights = dict(student.named_parameters())
     assert all(not weights[n][~m].any() for n, m in masks.items())  # pruned weights are still exactly 0
     assert not torch.equal(weights["fc.weight"], dict(pruned.named_parameters())["fc.weight"])  # it trained
+
+    # gradual pruning (AGP) under DDP: every rank recomputes the same masks from the same weights
+    agp = yaml.safe_load((ddp / "params.yaml").read_text())
+    agp["prune"].update(schedule="agp", agp_steps=2)
+    (ddp / "params.yaml").write_text(yaml.safe_dump(agp, sort_keys=False))
+    out = run_stage(ddp, "stages.distill", "--variant", "finetune")
+    assert out.count("finetune epoch 1/1") == 1
+    student, final_masks, _ = io.load_checkpoint(ddp / stage.student_path("finetune"))
+    assert count_prunable(student)[1] == count_prunable(pruned)[1]  # AGP reached prune.ratio exactly
+    assert sum(int(m.sum()) for m in final_masks.values()) == count_prunable(pruned)[1]
 
     cuda = yaml.safe_load((single / "params.yaml").read_text())
     cuda["runtime"]["device"] = "cuda"
