@@ -147,3 +147,35 @@ def test_every_required_section_missing_is_named(section):
     del raw[section]
     with pytest.raises(ParamsError, match=f"missing section '{section}'"):
         params_from_dict(raw)
+
+
+def with_model(arch, depth, width=16):
+    raw = copy.deepcopy(BASE)
+    raw["model"] = {"arch": arch, "depth": depth, "width": width}
+    return raw
+
+
+@pytest.mark.parametrize("arch,depth,width", [
+    ("resnet", 110, 16), ("resnet_bottleneck", 164, 16), ("resnet_bottleneck", 29, 128),
+    ("resnet_imagenet", 152, 64), ("resnet_imagenet", 50, 8),
+])
+def test_model_zoo_params_are_valid(arch, depth, width):
+    m = params_from_dict(with_model(arch, depth, width)).model
+    assert (m.arch, m.depth, m.width) == (arch, depth, width)
+
+
+@pytest.mark.parametrize("arch,depth,width,key,needle", [
+    ("resnet_bottleneck", 8, 16, "model.depth", "model.arch 'resnet_bottleneck' needs depth 9n+2"),
+    ("resnet_bottleneck", 21, 16, "model.depth", "'resnet': depth 6n+2"),  # lists every arch
+    ("resnet_imagenet", 164, 64, "model.depth", "needs depth 50, 101 or 152"),
+    ("resnet_imagenet", 152, 128, "model.width", "[1, 64] for arch 'resnet_imagenet'"),
+    ("resnet_bottleneck", 164, 129, "model.width", "[1, 128] for arch 'resnet_bottleneck'"),
+    ("resnet", 8, 513, "model.width", "[1, 512] for arch 'resnet'"),
+    ("resnet152", 152, 64, "model.arch", "one of 'resnet', 'resnet_bottleneck', 'resnet_imagenet'"),
+])
+def test_bad_model_names_key_value_and_what_exists(arch, depth, width, key, needle):
+    with pytest.raises(ParamsError) as e:
+        params_from_dict(with_model(arch, depth, width))
+    value = {"model.arch": arch, "model.depth": depth, "model.width": width}[key]
+    msg = str(e.value)
+    assert f"{key} = {value!r} is invalid" in msg and needle in msg, msg
