@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-DATASETS = ("fashion_mnist",)
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn")  # = kdprune.data.REGISTRY
 ARCHS = ("resnet",)
 VARIANTS = ("kd", "finetune")
 
@@ -46,12 +46,13 @@ def path_stays_inside(path: str) -> bool:
 
 @dataclass(frozen=True)
 class DataParams:
-    name: Literal["fashion_mnist"] = "fashion_mnist"
-    root: str | None = None  # null: search /usr/share/datasets/<name>, then download
+    name: Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "svhn"] = "fashion_mnist"
+    root: str | None = None  # null: search the Debian package's dir (fashion_mnist), data/raw, then download
     download: bool = True  # allow torchvision's downloader when no local copy is found
     train_subset: int = 0  # 0: the whole split; N > 0: a class-stratified subset of N images
     test_subset: int = 0
     crop_padding: int = 2  # random-crop augmentation: pad by this many pixels, crop back
+    svhn_extra: bool = False  # svhn only: append extra_32x32.mat (531k images) to the train split
 
     def validate(self, p: str) -> None:
         if self.root is not None:
@@ -62,6 +63,8 @@ class DataParams:
         _check(self.train_subset >= 0, f"{p}.train_subset", self.train_subset, "must be >= 0 (0 = all)")
         _check(self.test_subset >= 0, f"{p}.test_subset", self.test_subset, "must be >= 0 (0 = all)")
         _check(0 <= self.crop_padding <= 8, f"{p}.crop_padding", self.crop_padding, "must be in [0, 8]")
+        _check(not self.svhn_extra or self.name == "svhn", f"{p}.svhn_extra", self.svhn_extra,
+               f"applies to {p}.name = svhn only (it is {self.name!r}); set it to false")
 
 
 @dataclass(frozen=True)

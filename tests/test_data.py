@@ -415,6 +415,22 @@ def test_prepared_cifar_works_with_the_loader_crop_and_flip(tmp_path):
     assert torch.allclose(xb.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-4)
 
 
+def test_registry_is_complete_and_consistent():
+    import typing
+
+    from kdprune.params import DATASETS, DataParams
+    assert set(kdata.REGISTRY) == set(DATASETS) == set(typing.get_args(typing.get_type_hints(DataParams)["name"]))
+    assert {n: i.hflip for n, i in kdata.REGISTRY.items()} == {
+        "mnist": False, "svhn": False, "fashion_mnist": True, "cifar10": True, "cifar100": True}
+    for name, info in kdata.REGISTRY.items():
+        assert info.name == name
+        assert len(info.mean) == len(info.std) == info.channels == (1 if "mnist" in name else 3)
+        assert info.image_size == ((28, 28) if "mnist" in name else (32, 32))
+        assert len(set(info.classes)) == len(info.classes) == (100 if name == "cifar100" else 10)
+    c100 = kdata.REGISTRY["cifar100"].classes
+    assert list(c100) == sorted(c100) and c100[0] == "apple" and c100[-1] == "worm"  # the meta file's order
+
+
 def test_channel_stats_are_exact():
     x = torch.randint(0, 256, (50, 3, 5, 7), dtype=torch.uint8)
     mean, std = kdata.channel_stats(x, chunk=7)  # chunks that do not divide N
