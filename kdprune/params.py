@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-DATASETS = ("fashion_mnist",)
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn")  # = kdprune.data.REGISTRY
 ARCHS = {  # the model zoo (kdprune/models.py): arch -> (what it is, its depths); see stage_blocks
     "resnet": ("CIFAR ResNet, BasicBlock, 3 stages", "6n+2: 8, 14, 20, 32, 44, 56, 110, ..."),
     "resnet_bottleneck": ("CIFAR ResNet, Bottleneck, 3 stages", "9n+2: 11, 20, 29, 47, 56, 110, 164, ..."),
@@ -52,12 +52,13 @@ def path_stays_inside(path: str) -> bool:
 
 @dataclass(frozen=True)
 class DataParams:
-    name: Literal["fashion_mnist"] = "fashion_mnist"
-    root: str | None = None  # null: search /usr/share/datasets/<name>, then download
+    name: Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "svhn"] = "fashion_mnist"
+    root: str | None = None  # null: search the Debian package's dir (fashion_mnist), data/raw, then download
     download: bool = True  # allow torchvision's downloader when no local copy is found
     train_subset: int = 0  # 0: the whole split; N > 0: a class-stratified subset of N images
     test_subset: int = 0
     crop_padding: int = 2  # random-crop augmentation: pad by this many pixels, crop back
+    svhn_extra: bool = False  # svhn only: append extra_32x32.mat (531k images) to the train split
 
     def validate(self, p: str) -> None:
         if self.root is not None:
@@ -68,6 +69,8 @@ class DataParams:
         _check(self.train_subset >= 0, f"{p}.train_subset", self.train_subset, "must be >= 0 (0 = all)")
         _check(self.test_subset >= 0, f"{p}.test_subset", self.test_subset, "must be >= 0 (0 = all)")
         _check(0 <= self.crop_padding <= 8, f"{p}.crop_padding", self.crop_padding, "must be in [0, 8]")
+        _check(not self.svhn_extra or self.name == "svhn", f"{p}.svhn_extra", self.svhn_extra,
+               f"applies to {p}.name = svhn only (it is {self.name!r}); set it to false")
 
 
 # Blocks per stage of the 4-stage ImageNet ResNets (He et al. 2016, Table 1).

@@ -66,7 +66,10 @@ def test_repo_params_are_valid():
     ("teacher.momentum", 1.0, "[0, 1)"),
     ("teacher.schedule", "step", "one of 'onecycle', 'cosine', 'constant'"),
     ("teacher.nesterov", "yes", "true or false"),
-    ("data.name", "imagenet", "one of 'fashion_mnist'"),
+    ("data.name", "imagenet", "one of 'fashion_mnist', 'mnist', 'cifar10', 'cifar100', 'svhn'"),
+    ("data.name", "cifar-10", "one of 'fashion_mnist'"),
+    ("data.svhn_extra", "yes", "true or false"),
+    ("data.svhn_extra", True, "applies to data.name = svhn only (it is 'fashion_mnist')"),
     ("data.train_subset", -5, ">= 0"),
     ("data.root", 3, "a string or null"),
     ("data.root", "../../elsewhere", "must stay inside the repository"),
@@ -82,6 +85,15 @@ def test_bad_values_name_key_value_and_rule(key, value, needle):
         params_from_dict(with_value(key, value))
     msg = str(e.value)
     assert key in msg and repr(value) in msg and needle in msg, msg
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "mnist", "cifar10", "cifar100", "svhn"])
+def test_every_registered_dataset_is_a_valid_name(name):
+    raw = with_value("data.name", name)
+    raw["data"]["svhn_extra"] = name == "svhn"
+    data = params_from_dict(raw).data
+    assert data.name == name and data.svhn_extra is (name == "svhn")
+    assert BASE["data"]["svhn_extra"] is False  # params.yaml lists it, off
 
 
 @pytest.mark.parametrize("root", ["/usr/share/datasets/fashion-mnist", "data/raw", "./raw/../raw2"])
