@@ -1,14 +1,36 @@
 """Datasets: raw on-disk formats -> uint8 tensors, and a tensor-resident batch loader.
 
-``prepare`` converts a dataset once into ``data/prepared/<name>.pt``: uint8 images (N, C, H, W),
+``prepare`` converts a dataset once into ``data/prepared/dataset.pt``: uint8 images (N, C, H, W),
 int64 labels and metadata. Training never touches a per-sample Dataset/DataLoader: the whole
 split stays in memory as one tensor, and augmentation (random crop via padding + gather,
 random horizontal flip where it is label-preserving) is done per batch with tensor ops.
+
+Five datasets, each in the format torchvision downloads (``REGISTRY``):
+
+- ``mnist``, ``fashion_mnist``: the four IDX files, gzipped or not, flat in a directory (the
+  Debian package's ``/usr/share/datasets/fashion-mnist/``) or in torchvision's
+  ``<root>/MNIST/raw/`` / ``<root>/FashionMNIST/raw/``. Where torchvision's own ``MNIST`` /
+  ``FashionMNIST`` class can read them (its layout, uncompressed files: with ``download=False`` it
+  only checks that they exist) they are read through it; the gzipped and flat layouts, which it
+  cannot open, are read by ``read_idx``.
+- ``cifar10``, ``cifar100``: the python pickles of ``cifar-10-batches-py/`` and
+  ``cifar-100-python/``; ``svhn``: ``train_32x32.mat``, ``test_32x32.mat`` and, with
+  ``data.svhn_extra``, ``extra_32x32.mat``. torchvision's CIFAR and SVHN classes refuse any file
+  whose md5 differs from the published one (so every format-true test fixture is "corrupted" to
+  them), hence these formats are read here directly: the pickles with ``_RestrictedUnpickler``,
+  which only resolves the numpy globals an array needs (a pickle naming anything else, e.g.
+  ``os.system``, is refused before it can run), and the ``.mat`` files with ``scipy.io.loadmat``,
+  mapping SVHN's label 10 to digit 0 as torchvision does.
+
+Search order (``locate_raw``): an explicit ``data.root`` only; otherwise the Debian package's
+directory (Fashion-MNIST has one), then ``data/raw/``, then torchvision's downloader into
+``data/raw/`` when ``data.download`` is true.
 """
 from __future__ import annotations
 
 import gzip
 import os
+import pickle  # only through _RestrictedUnpickler, whose find_class refuses all but numpy arrays
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,36 +41,101 @@ import torch
 
 from kdprune import io
 
+try:  # numpy >= 2 (the originals, pickled under numpy 1, name numpy.core.multiarray; both map here)
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+
+
 class DatasetError(RuntimeError):
     """The dataset is missing, unreadable or not in the expected format."""
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    name: str
-    classes: tuple[str, ...]
-    channels: int
-    hflip: bool  # is a horizontal flip label-preserving? (not for digits)
-    debian_package: str | None
-    debian_dir: str | None
-    files: dict[str, str]  # split/kind -> raw file name
+    """What the pipeline knows about one dataset.
 
+    ``mean``/``std`` are the published per-channel statistics of the full train split, kept for
+    reference and as a check on the files (the prepare stage logs them next to the computed ones).
+    Normalisation does NOT use them: ``prepare_dataset`` stores the exact mean/std of the prepared
+    train split (after ``train_subset``), computed from train only, never from test.
+    """
+    name: str
+    classes: tuple[str, ...]  # canonical names; CIFAR takes its names from the meta file
+    channels: int
+    image_size: tuple[int, int]  # (H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool  # is a horizontal flip label-preserving? (not for digits)
+    format: str  # "idx" | "cifar" | "svhn": which reader
+    files: dict[str, str]  # role -> raw file name
+    subdirs: tuple[str, ...]  # where the files may sit under a searched directory ("" = in it)
+    torchvision_class: str  # torchvision.datasets class, for the downloader
+    debian_package: str | None = None
+    debian_dir: str | None = None
+    optional: tuple[str, ...] = ()  # roles read only on request (svhn: extra)
+    pickle_keys: tuple[str, str] | None = None  # cifar: (labels key in a batch, names key in meta)
+
+
+_IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_DIGITS = tuple(str(i) for i in range(10))
+_CIFAR100_CLASSES = tuple("""
+apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel
+can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
+dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion
+lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree
+pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea
+seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table
+tank telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman
+worm""".split())
 
 REGISTRY: dict[str, DatasetInfo] = {
     "fashion_mnist": DatasetInfo(
         name="fashion_mnist",
         classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        channels=1,
+        channels=1, image_size=(28, 28), mean=(0.2860,), std=(0.3530,),
         hflip=True,
+        format="idx", files=_IDX_FILES, subdirs=("", "FashionMNIST/raw"), torchvision_class="FashionMNIST",
         debian_package="dataset-fashion-mnist",
         debian_dir="/usr/share/datasets/fashion-mnist",
-        files={
-            "train_images": "train-images-idx3-ubyte",
-            "train_labels": "train-labels-idx1-ubyte",
-            "test_images": "t10k-images-idx3-ubyte",
-            "test_labels": "t10k-labels-idx1-ubyte",
-        },
+    ),
+    "mnist": DatasetInfo(
+        name="mnist", classes=_DIGITS,
+        channels=1, image_size=(28, 28), mean=(0.1307,), std=(0.3081,),
+        hflip=False,
+        format="idx", files=_IDX_FILES, subdirs=("", "MNIST/raw"), torchvision_class="MNIST",
+    ),
+    "cifar10": DatasetInfo(
+        name="cifar10",
+        classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        channels=3, image_size=(32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+        hflip=True,
+        format="cifar",
+        files={**{f"train_{i}": f"data_batch_{i}" for i in range(1, 6)}, "test": "test_batch",
+               "meta": "batches.meta"},
+        subdirs=("cifar-10-batches-py", ""), torchvision_class="CIFAR10",
+        pickle_keys=("labels", "label_names"),
+    ),
+    "cifar100": DatasetInfo(
+        name="cifar100", classes=_CIFAR100_CLASSES,
+        channels=3, image_size=(32, 32), mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+        hflip=True,
+        format="cifar", files={"train": "train", "test": "test", "meta": "meta"},
+        subdirs=("cifar-100-python", ""), torchvision_class="CIFAR100",
+        pickle_keys=("fine_labels", "fine_label_names"),
+    ),
+    "svhn": DatasetInfo(
+        name="svhn", classes=_DIGITS,
+        channels=3, image_size=(32, 32), mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970),
+        hflip=False,
+        format="svhn", files={"train": "train_32x32.mat", "test": "test_32x32.mat", "extra": "extra_32x32.mat"},
+        subdirs=("",), torchvision_class="SVHN", optional=("extra",),
     ),
 }
 
@@ -95,71 +182,312 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
         fh.write(payload)
 
 
-def _find_idx(root: Path, info: DatasetInfo) -> dict[str, Path] | None:
-    """Locate the four IDX files under ``root`` in the flat (Debian) or torchvision layout."""
-    tv_dir = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}.get(info.name, info.name)
-    for d in (root, root / tv_dir / "raw"):
+_FORMAT_WORDS = {"idx": "IDX", "cifar": "CIFAR python pickle", "svhn": "SVHN .mat"}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR batches and nothing else: dicts, lists, strings, numbers and numpy arrays.
+
+    ``find_class`` resolves only the globals a pickled numpy array needs (``_reconstruct`` under
+    its numpy 1 and numpy 2 module names, ``ndarray``, ``dtype``) and ``_codecs.encode``, which is
+    how Python 3 writes ``bytes`` at protocol 2, narrowed to latin-1 text. Any other global (the way
+    a malicious pickle reaches ``os.system``) raises ``DatasetError`` naming the file.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def __init__(self, fh, path: Path):
+        super().__init__(fh, encoding="latin1")  # the originals were pickled by Python 2
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[module, name]
+        if (module, name) == ("_codecs", "encode"):
+            return self._latin1_encode
+        raise DatasetError(
+            f"{self.path}: refusing to unpickle the global '{module}.{name}': a CIFAR batch holds only "
+            f"dicts, lists, strings and numpy arrays (this file is not one, or was tampered with)")
+
+    def _latin1_encode(self, text, encoding="utf-8"):
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise DatasetError(f"{self.path}: refusing _codecs.encode({type(text).__name__}, {encoding!r}) "
+                               f"in a pickle; only latin-1 text is expected")
+        return text.encode("latin1")
+
+
+def read_cifar_pickle(path: str | os.PathLike) -> dict[str, object]:
+    """One CIFAR python pickle -> dict with ``str`` keys (the Python 2 originals give ``str``, a Python 3
+    re-pickle gives ``bytes``; both are accepted). Only numpy arrays and plain data are unpickled."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            obj = _RestrictedUnpickler(fh, path).load()
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged pickle fails in any of a dozen ways, all meaning the same
+        raise DatasetError(f"{path}: not a readable CIFAR python pickle ({type(e).__name__}: {e}); "
+                           f"the file is corrupted or truncated") from None
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path}: a CIFAR pickle holds a dict, this one holds a {type(obj).__name__}")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def _text(v) -> str:
+    return v.decode("latin1") if isinstance(v, bytes) else str(v)
+
+
+def _read_cifar(info: DatasetInfo, files: dict[str, Path], extra: bool) -> dict:
+    labels_key, names_key = info.pickle_keys
+    meta = read_cifar_pickle(files["meta"])
+    names = meta.get(names_key)
+    if not isinstance(names, list) or len(names) != len(info.classes):
+        raise DatasetError(
+            f"{files['meta']}: expected '{names_key}', a list of {len(info.classes)} class names, got "
+            f"{type(names).__name__ if not isinstance(names, list) else f'{len(names)} names'} "
+            f"(keys: {sorted(map(str, meta))})")
+    out = {"classes": [_text(n) for n in names]}
+    h, w = info.image_size
+    for split in ("train", "test"):
+        roles = [r for r in info.files if r == split or r.startswith(f"{split}_")]
+        xs, ys = [], []
+        for role in roles:
+            path = files[role]
+            batch = read_cifar_pickle(path)
+            data, labels = batch.get("data"), batch.get(labels_key)
+            if data is None or labels is None:
+                raise DatasetError(f"{path}: a CIFAR batch needs 'data' and '{labels_key}', it has "
+                                   f"{sorted(map(str, batch))}")
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+                    or data.shape[1] != info.channels * h * w:
+                raise DatasetError(f"{path}: 'data' must be a uint8 array (N, {info.channels * h * w}), got "
+                                   f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+            labels = np.asarray(labels)
+            if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+                raise DatasetError(f"{path}: '{labels_key}' must be {len(data)} integers, one per image, got "
+                                   f"{labels.dtype} {labels.shape}")
+            xs.append(data.reshape(-1, info.channels, h, w))  # rows are R(1024) G(1024) B(1024), row-major
+            ys.append(labels.astype(np.int64))
+            _check_labels(ys[-1], len(info.classes), path)
+        out[split] = (np.concatenate(xs), np.concatenate(ys), _joined_names(files, roles))
+    return out
+
+
+def read_svhn_mat(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """One SVHN ``*_32x32.mat`` -> images uint8 (N, 3, 32, 32) and labels int64 in [0, 10).
+
+    The file stores X as (32, 32, 3, N) and labels 1..10 with 10 for the digit 0; like torchvision,
+    10 becomes 0."""
+    import scipy.io
+
+    path = Path(path)
+    try:
+        mat = scipy.io.loadmat(path, variable_names=("X", "y"))
+    except Exception as e:  # noqa: BLE001 - scipy's parser raises IndexError, ValueError, MatReadError, ...
+        raise DatasetError(f"{path}: not a readable MATLAB .mat file ({type(e).__name__}: {e}); "
+                           f"the file is corrupted or truncated") from None
+    x, y = mat.get("X"), mat.get("y")
+    if x is None or y is None:
+        raise DatasetError(f"{path}: an SVHN .mat file holds the variables 'X' and 'y'; this one lacks "
+                           f"{[k for k, v in (('X', x), ('y', y)) if v is None]}")
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        raise DatasetError(f"{path}: 'X' must be uint8 (32, 32, 3, N), got {x.dtype} {x.shape}")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != x.shape[3] or not np.issubdtype(y.dtype, np.integer):
+        raise DatasetError(f"{path}: 'y' must be {x.shape[3]} integer labels (N, 1), got {y.dtype} {y.shape}")
+    y = y.astype(np.int64)
+    if len(y) and (y.min() < 0 or y.max() > 10):
+        raise DatasetError(f"{path}: labels outside [0, 10] (SVHN writes 1..10, 10 for the digit 0): "
+                           f"found {int(y.min())}..{int(y.max())}")
+    y[y == 10] = 0
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), y
+
+
+def _read_svhn(info: DatasetInfo, files: dict[str, Path], extra: bool) -> dict:
+    out = {}
+    for split, roles in (("train", ["train", "extra"] if extra else ["train"]), ("test", ["test"])):
+        parts = [read_svhn_mat(files[r]) for r in roles]
+        x = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+        y = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
+        out[split] = (x, y, _joined_names(files, roles))
+    return out
+
+
+def _torchvision_idx_root(info: DatasetInfo, files: dict[str, Path]) -> Path | None:
+    """The root torchvision's MNIST/FashionMNIST class reads ``files`` from, if it can read them at all:
+    its ``<root>/<Class>/raw/`` layout, uncompressed (it checks only that those names exist)."""
+    tv_raw = Path(info.torchvision_class) / "raw"
+    parents = {p.parent for p in files.values()}
+    if len(parents) != 1 or any(p.suffix == ".gz" for p in files.values()):
+        return None
+    (parent,) = parents
+    return parent.parent.parent if parent.parts[-2:] == tv_raw.parts else None
+
+
+def _read_idx_split(info: DatasetInfo, files: dict[str, Path], split: str) -> tuple[np.ndarray, np.ndarray]:
+    images_path, labels_path = files[f"{split}_images"], files[f"{split}_labels"]
+    tv_root = _torchvision_idx_root(info, files)
+    if tv_root is not None:
+        import torchvision
+
+        cls = getattr(torchvision.datasets, info.torchvision_class)
+        try:
+            ds = cls(str(tv_root), train=split == "train", download=False)
+            return ds.data.numpy(), ds.targets.numpy()
+        except Exception as e:  # noqa: BLE001 - torchvision asserts; read_idx below says what is wrong
+            read_idx(images_path), read_idx(labels_path)
+            raise DatasetError(f"{images_path.parent}: torchvision.datasets.{info.torchvision_class} cannot read "
+                               f"the {split} files ({type(e).__name__}: {e})") from None
+    return read_idx(images_path), read_idx(labels_path)
+
+
+def _read_idx(info: DatasetInfo, files: dict[str, Path], extra: bool) -> dict:
+    out = {}
+    for split in ("train", "test"):
+        images, labels = _read_idx_split(info, files, split)
+        images_path, labels_path = files[f"{split}_images"], files[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DatasetError(
+                f"{images_path}: expected images (N, H, W) and labels (N,), got {images.shape} and {labels.shape}")
+        if images.dtype != np.uint8:
+            raise DatasetError(f"{images_path}: expected uint8 pixels, got {images.dtype}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DatasetError(f"{labels_path}: expected integer labels, got {labels.dtype}")
+        labels = labels.astype(np.int64)
+        _check_labels(labels, len(info.classes), labels_path)
+        # the file name, not its path: the same bytes read from another directory give the same output hash
+        out[split] = (images[:, None], labels, images_path.name)
+    return out
+
+
+_READERS = {"idx": _read_idx, "cifar": _read_cifar, "svhn": _read_svhn}
+
+
+def _check_labels(labels: np.ndarray, n_classes: int, path: Path) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise DatasetError(f"{path}: labels outside [0, {n_classes}): found {int(labels.min())}..{int(labels.max())}")
+
+
+def _joined_names(files: dict[str, Path], roles: list[str]) -> str:
+    """File names only (not paths): the same bytes read from another directory give the same output hash."""
+    return "+".join(files[r].name for r in roles)
+
+
+def _roles(info: DatasetInfo, extra: bool) -> list[str]:
+    return [r for r in info.files if r not in info.optional or (extra and r == "extra")]
+
+
+def _find(d: Path, info: DatasetInfo, roles: list[str]) -> tuple[dict[str, Path], Path]:
+    """The files for ``roles`` in the first of ``info.subdirs`` under ``d`` that holds all of them; if none
+    does, the most complete partial match (for the error message)."""
+    best: tuple[dict[str, Path], Path] = ({}, d / info.subdirs[0])
+    for sub in info.subdirs:
+        base = d / sub if sub else d
         found = {}
-        for key, base in info.files.items():
-            for cand in (d / base, d / f"{base}.gz"):
-                if cand.exists():
-                    found[key] = cand
+        for role in roles:
+            name = info.files[role]
+            for cand in (base / name, base / f"{name}.gz") if info.format == "idx" else (base / name,):
+                if cand.is_file():
+                    found[role] = cand
                     break
-        if len(found) == len(info.files):
-            return found
-    return None
+        if len(found) == len(roles):
+            return found, base
+        if len(found) > len(best[0]):
+            best = (found, base)
+    return best
 
 
-def locate_raw(name: str, root: str | None, download: bool, download_dir: Path = Path("data/raw")) -> dict[str, Path]:
-    """Search order: ``data.root``, the Debian package's directory, then torchvision's downloader."""
+def _expected(info: DatasetInfo, roles: list[str]) -> str:
+    gz = " (optionally .gz)" if info.format == "idx" else ""
+    return f"the {_FORMAT_WORDS[info.format]} files {sorted(info.files[r] for r in roles)}{gz}"
+
+
+def _where(info: DatasetInfo) -> str:
+    return " or ".join("in it" if not s else f"in {s}/ under it" for s in info.subdirs)
+
+
+def _partial(info: DatasetInfo, roles: list[str], found: dict[str, Path], base: Path) -> str:
+    if not found:
+        return ""
+    return f" ({base} holds some of them but lacks {sorted(info.files[r] for r in roles if r not in found)})"
+
+
+def locate_raw(name: str, root: str | None, download: bool, download_dir: Path = Path("data/raw"),
+               svhn_extra: bool = False) -> dict[str, Path]:
+    """Search order: ``data.root``, the Debian package's directory, ``download_dir``, then torchvision's
+    downloader into ``download_dir``. Returns role -> file path."""
     info = REGISTRY[name]
+    roles = _roles(info, svhn_extra)
     if root:  # an explicit data.root is authoritative: never fall back silently to another copy
         root_path = Path(root)
         if not root_path.is_dir():
             raise DatasetError(f"data.root = {root!r}: directory not found")
-        found = _find_idx(root_path, info)
-        if found:
+        found, base = _find(root_path, info, roles)
+        if len(found) == len(roles):
             return found
-        tv_dir = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}.get(info.name, info.name)
         present = sorted(p.name for p in root_path.iterdir())
         raise DatasetError(
-            f"data.root = {root!r} is not a '{name}' dataset directory: expected the IDX files "
-            f"{sorted(info.files.values())} (optionally .gz) in it or in {tv_dir}/raw/ under it, but it holds "
-            f"{present[:8]}{' ...' if len(present) > 8 else ''}")
+            f"data.root = {root!r} is not a '{name}' dataset directory: expected {_expected(info, roles)} "
+            f"{_where(info)}, but it holds {present[:8]}{' ...' if len(present) > 8 else ''}"
+            f"{_partial(info, roles, found, base)}")
     tried = []
     candidates = []
     if info.debian_dir:
         candidates.append(Path(info.debian_dir))
     candidates.append(download_dir)
+    partial = ""
     for cand in candidates:
         tried.append(str(cand))
         if cand.is_dir():
-            found = _find_idx(cand, info)
-            if found:
+            found, base = _find(cand, info, roles)
+            if len(found) == len(roles):
                 return found
+            partial = partial or _partial(info, roles, found, base)
     if download:
         try:
-            _torchvision_download(name, download_dir)
+            _torchvision_download(name, download_dir, svhn_extra)
         except Exception as e:  # noqa: BLE001 - offline, DNS, HTTP errors all end the same way
             tried.append(f"download to {download_dir} (failed: {type(e).__name__}: {str(e)[:200]})")
         else:
-            found = _find_idx(download_dir, info)
-            if found:
+            found, base = _find(download_dir, info, roles)
+            if len(found) == len(roles):
                 return found
-    hint = ""
+            tried.append(f"download to {download_dir} (finished, but the files are not there)")
+    else:
+        tried.append("no download (data.download is false)")
+    hint = f" Offline, copy them into {download_dir}/"
     if info.debian_package:
-        hint = f" Offline, install it with: sudo apt-get update && sudo apt-get install -y {info.debian_package}"
+        hint = f" Offline, install it with: sudo apt-get update && sudo apt-get install -y {info.debian_package},"
+    subdirs = [f"{s}/" for s in info.subdirs if s]
+    where = f"in a directory or in its {' or '.join(subdirs)}" if subdirs else "in one directory"
     raise DatasetError(
-        f"dataset '{name}' not found. Looked in: {tried}. Expected the files {sorted(info.files.values())} "
-        f"(optionally .gz).{hint} Or set data.root to a directory holding them.")
+        f"dataset '{name}' not found. Looked in: {tried}. Expected {_expected(info, roles)} {where}{partial}."
+        f"{hint} or set data.root to a directory holding them.")
 
 
-def _torchvision_download(name: str, download_dir: Path) -> None:
+def _torchvision_download(name: str, download_dir: Path, svhn_extra: bool = False) -> None:
+    """torchvision's downloader (needs internet; verifies the published md5s) into torchvision's layout."""
     import torchvision
 
-    cls = {"fashion_mnist": torchvision.datasets.FashionMNIST}[name]
-    for train in (True, False):
-        cls(str(download_dir), train=train, download=True)
+    info = REGISTRY[name]
+    cls = getattr(torchvision.datasets, info.torchvision_class)
+    if info.format == "idx":
+        for train in (True, False):
+            cls(str(download_dir), train=train, download=True)
+    elif info.format == "cifar":  # one archive holds both splits; loading the test split is the cheap check
+        cls(str(download_dir), train=False, download=True)
+    else:  # svhn: fetch the .mat files without loading them (extra alone is 1.3 GB)
+        from torchvision.datasets.utils import download_url
+
+        for split in _roles(info, svhn_extra):
+            url, filename, md5 = cls.split_list[split]
+            download_url(url, str(download_dir), filename, md5)
 
 
 def _stratified_subset(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -180,30 +508,59 @@ def _stratified_subset(labels: torch.Tensor, n: int, generator: torch.Generator)
     return torch.tensor(sorted(picked))
 
 
+def channel_stats(x: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (unbiased) std of uint8 images (N, C, H, W), in [0, 1] units.
+
+    Exact: from a per-channel histogram of the 256 pixel values (integer counts over chunks of
+    images), with one rounding at the end, to float32, the precision the values had when they came
+    from a float32 reduction. Needs no float copy of the split, which for SVHN with extra would be 7 GB."""
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    hist = torch.zeros(x.shape[1], 256, dtype=torch.int64)
+    for i in range(0, len(x), chunk):
+        for c in range(x.shape[1]):
+            hist[c] += torch.bincount(x[i:i + chunk, c].reshape(-1), minlength=256)
+    mean, std = [], []
+    for counts in hist.tolist():
+        s = sum(k * v for v, k in enumerate(counts))  # Python ints: no overflow, no rounding
+        ss = sum(k * v * v for v, k in enumerate(counts))
+        mean.append(s / (n * 255))  # int / int is correctly rounded
+        std.append(((n * ss - s * s) / (n * (n - 1) * 255 ** 2)) ** 0.5 if n > 1 else 0.0)
+    return _as_float32(mean), _as_float32(std)
+
+
+def _as_float32(values: list[float]) -> list[float]:
+    return torch.tensor(values, dtype=torch.float64).float().tolist()
+
+
 def prepare_dataset(name: str, root: str | None, download: bool, train_subset: int, test_subset: int,
-                    seed: int) -> dict:
+                    seed: int, svhn_extra: bool = False) -> dict:
+    """Raw files of dataset ``name`` -> the prepared dict: uint8 ``train_x``/``test_x`` (N, C, H, W), int64
+    labels, class names, the hflip flag and the normalisation ``mean``/``std``.
+
+    Normalisation uses the statistics of the prepared train split (after ``train_subset``), computed
+    exactly from train only, not the registry's published values: the model sees inputs standardised
+    on the data it is trained on, subsets included, and the test split never feeds anything but the
+    final accuracy."""
+    if name not in REGISTRY:
+        raise DatasetError(f"data.name = {name!r}: unknown dataset; known: {sorted(REGISTRY)}")
     info = REGISTRY[name]
-    files = locate_raw(name, root, download)
-    out: dict = {"name": name, "classes": list(info.classes), "hflip": info.hflip, "source": {}}
+    if svhn_extra and info.format != "svhn":
+        raise DatasetError(f"data.svhn_extra = true applies to data.name = svhn only, not {name!r}")
+    files = locate_raw(name, root, download, svhn_extra=svhn_extra)
+    raw = _READERS[info.format](info, files, svhn_extra)
+    out: dict = {"name": name, "classes": raw.get("classes", list(info.classes)), "hflip": info.hflip, "source": {}}
     g = torch.Generator().manual_seed(seed)
     for split, subset in (("train", train_subset), ("test", test_subset)):
-        images = read_idx(files[f"{split}_images"])
-        labels = read_idx(files[f"{split}_labels"])
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DatasetError(
-                f"{files[f'{split}_images']}: expected images (N, H, W) and labels (N,), got "
-                f"{images.shape} and {labels.shape}")
-        if images.dtype != np.uint8 or labels.max(initial=0) >= len(info.classes):
-            raise DatasetError(f"{files[f'{split}_labels']}: labels outside [0, {len(info.classes)})")
-        x = torch.from_numpy(images.copy()).unsqueeze(1)  # (N, 1, H, W) uint8
-        y = torch.from_numpy(labels.astype(np.int64))
+        images, labels, source = raw[split]
+        if images.shape[1:] != (info.channels, *info.image_size):
+            raise DatasetError(f"{source}: '{name}' images are {(info.channels, *info.image_size)} (C, H, W), "
+                               f"these are {tuple(images.shape[1:])}")
+        x = torch.from_numpy(images if images.flags.writeable else images.copy())
+        y = torch.from_numpy(labels)
         idx = _stratified_subset(y, subset, g)
         out[f"{split}_x"], out[f"{split}_y"] = x[idx].contiguous(), y[idx].contiguous()
-        # the file name, not its path: the same bytes read from another directory give the same output hash
-        out["source"][split] = files[f"{split}_images"].name
-    xf = out["train_x"].float() / 255.0
-    out["mean"] = xf.mean(dim=(0, 2, 3)).tolist()
-    out["std"] = xf.std(dim=(0, 2, 3)).tolist()
+        out["source"][split] = source
+    out["mean"], out["std"] = channel_stats(out["train_x"])
     return out
 
 

@@ -16,8 +16,13 @@ from typing import Any, Literal
 
 import yaml
 
-DATASETS = ("fashion_mnist",)
-ARCHS = ("resnet",)
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn")  # = kdprune.data.REGISTRY
+ARCHS = {  # the model zoo (kdprune/models.py): arch -> (what it is, its depths); see stage_blocks
+    "resnet": ("CIFAR ResNet, BasicBlock, 3 stages", "6n+2: 8, 14, 20, 32, 44, 56, 110, ..."),
+    "resnet_bottleneck": ("CIFAR ResNet, Bottleneck, 3 stages", "9n+2: 11, 20, 29, 47, 56, 110, 164, ..."),
+    "resnet_imagenet": ("ResNet-50/101/152 layout, Bottleneck, 4 stages, CIFAR 3x3 stem without max-pool",
+                        "50, 101 or 152"),
+}
 VARIANTS = ("kd", "finetune", "scratch", "scratch_kd")
 PRUNE_METHODS = ("magnitude", "l1_filter")
 
@@ -47,12 +52,13 @@ def path_stays_inside(path: str) -> bool:
 
 @dataclass(frozen=True)
 class DataParams:
-    name: Literal["fashion_mnist"] = "fashion_mnist"
-    root: str | None = None  # null: search /usr/share/datasets/<name>, then download
+    name: Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "svhn"] = "fashion_mnist"
+    root: str | None = None  # null: search the Debian package's dir (fashion_mnist), data/raw, then download
     download: bool = True  # allow torchvision's downloader when no local copy is found
     train_subset: int = 0  # 0: the whole split; N > 0: a class-stratified subset of N images
     test_subset: int = 0
     crop_padding: int = 2  # random-crop augmentation: pad by this many pixels, crop back
+    svhn_extra: bool = False  # svhn only: append extra_32x32.mat (531k images) to the train split
 
     def validate(self, p: str) -> None:
         if self.root is not None:
@@ -63,18 +69,56 @@ class DataParams:
         _check(self.train_subset >= 0, f"{p}.train_subset", self.train_subset, "must be >= 0 (0 = all)")
         _check(self.test_subset >= 0, f"{p}.test_subset", self.test_subset, "must be >= 0 (0 = all)")
         _check(0 <= self.crop_padding <= 8, f"{p}.crop_padding", self.crop_padding, "must be in [0, 8]")
+        _check(not self.svhn_extra or self.name == "svhn", f"{p}.svhn_extra", self.svhn_extra,
+               f"applies to {p}.name = svhn only (it is {self.name!r}); set it to false")
+
+
+# Blocks per stage of the 4-stage ImageNet ResNets (He et al. 2016, Table 1).
+IMAGENET_LAYOUTS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+MAX_CHANNELS = 2048  # widest layer allowed: that of the standard ResNet-50/101/152 (and ResNet-164 at width 128)
+
+
+def stage_blocks(arch: str, depth: int) -> list[int] | None:
+    """Residual blocks per stage of ``arch`` at ``depth``; None where ``arch`` has no such depth.
+
+    Depth counts the weighted layers: stem conv + 2 (BasicBlock) or 3 (Bottleneck) per block + fc;
+    projection shortcuts are not counted (He et al.)."""
+    if arch == "resnet":
+        return [(depth - 2) // 6] * 3 if depth >= 8 and (depth - 2) % 6 == 0 else None
+    if arch == "resnet_bottleneck":
+        return [(depth - 2) // 9] * 3 if depth >= 11 and (depth - 2) % 9 == 0 else None
+    if arch == "resnet_imagenet":
+        return list(IMAGENET_LAYOUTS[depth]) if depth in IMAGENET_LAYOUTS else None
+    return None
+
+
+def depth_rule(arch: str) -> str:
+    what, depths = ARCHS[arch]
+    return f"depth {depths} ({what})"
+
+
+def widest_factor(arch: str) -> int:
+    """Channels of the widest layer of ``arch`` divided by its ``width`` (the stage-1 width)."""
+    return {"resnet": 4, "resnet_bottleneck": 16, "resnet_imagenet": 32}[arch]
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    arch: Literal["resnet"] = "resnet"
+    arch: Literal["resnet", "resnet_bottleneck", "resnet_imagenet"] = "resnet"
     depth: int = 8
-    width: int = 16  # channels of the first stage; stages use width, 2*width, 4*width
+    # Stage-1 width: the stem and stage 1 have `width` channels (Bottleneck archs: stage-1 mid width; the
+    # stage outputs are 4x their mids); each later stage doubles. 16 is the standard for the CIFAR ResNets,
+    # 64 for resnet_imagenet (ResNet-50/101/152).
+    width: int = 16
 
     def validate(self, p: str) -> None:
-        _check(self.depth >= 8 and (self.depth - 2) % 6 == 0, f"{p}.depth", self.depth,
-               "a CIFAR BasicBlock ResNet needs depth = 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110)")
-        _check(1 <= self.width <= 512, f"{p}.width", self.width, "must be in [1, 512]")
+        _check(stage_blocks(self.arch, self.depth) is not None, f"{p}.depth", self.depth,
+               f"{p}.arch {self.arch!r} needs {depth_rule(self.arch)}. The archs: "
+               + "; ".join(f"{a!r}: {depth_rule(a)}" for a in ARCHS))
+        top = MAX_CHANNELS // widest_factor(self.arch)
+        _check(1 <= self.width <= top, f"{p}.width", self.width,
+               f"must be in [1, {top}] for arch {self.arch!r} (its widest layer has {widest_factor(self.arch)} x width "
+               f"channels, at most {MAX_CHANNELS})")
 
 
 @dataclass(frozen=True)

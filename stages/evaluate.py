@@ -19,6 +19,7 @@ from kdprune import io, stage  # noqa: E402
 from kdprune.export import (compact_bound_bytes, export_compact, export_onnx, onnx_available,  # noqa: E402
                             onnx_max_abs_diff)
 from kdprune.measure import dense_macs, latency_ms, nonzero_macs, size_report  # noqa: E402
+from kdprune.models import model_name  # noqa: E402
 from kdprune.params import Params  # noqa: E402
 from kdprune.train import setup_runtime, to_runtime  # noqa: E402
 
@@ -119,7 +120,7 @@ def main(params: Params) -> None:
     io.write_json(stage.METRICS / "latency.json", latency)
     names = list(models)
     plot_accuracy(stage.PLOTS / "accuracy.png", names, [out[f"acc_{n}"] for n in names],
-                  f"{meta['dataset']}, ResNet-{teacher.spec['depth']}, {p.method} ratio {p.ratio} "
+                  f"{meta['dataset']}, {model_name(teacher.spec['arch'], teacher.spec['depth'])}, {p.method} ratio {p.ratio} "
                   f"({out['compression_ratio']:.1f}x)")
     stage.log("evaluate: " + ", ".join(f"{n} {out[f'acc_{n}']:.2f}%" for n in names)
               + f"; compression {out['compression_ratio']:.2f}x (prunable {out['prunable_compression_ratio']:.2f}x), "

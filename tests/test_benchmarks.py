@@ -34,3 +34,15 @@ def test_profile_script_runs_tiny(fake_root):
     table = mod.profile_steps(steps=1, kd=True, data=data, row_limit=500)
     assert "aten::" in mod.profile_steps(steps=1, kd=False, data=data)
     assert "teacher_forward" in table and "mask_upkeep" in table and "augment_batch" in table
+
+
+def test_compression_benchmark_runs_tiny():
+    spec = importlib.util.spec_from_file_location("compression", ROOT / "benchmarks" / "compression.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.run(repeats=1, cases=[("tiny", 8, 4, (1, 16, 16))])
+    case = res["cases"]["tiny"]
+    assert 1.5 < case["structured"]["mac_reduction"] < 2.5
+    assert case["structured"]["b128"]["teacher_ms"] > 0
+    assert case["compact_90"]["bytes_compact"] < case["compact_90"]["bytes_dense_checkpoint"]
+    assert "x MAC reduction" in mod.report(res)

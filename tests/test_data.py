@@ -140,3 +140,310 @@ def test_right_names_wrong_content_is_refused(tmp_path):
     (root / "train-images-idx3-ubyte").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
     with pytest.raises(DatasetError, match="train-images-idx3-ubyte: not an IDX file"):
         prepare_dataset("fashion_mnist", str(root), False, 0, 0, seed=0)
+
+
+# ---- the five datasets, each from tiny files in its real on-disk format ----
+
+from tests.conftest import write_fake_cifar, write_fake_idx, write_fake_svhn  # noqa: E402
+
+
+def _no_debian_dirs(monkeypatch, tmp_path):
+    """Hide the system's /usr/share/datasets copies and work in tmp_path (so data/raw is empty)."""
+    for name, info in kdata.REGISTRY.items():
+        if info.debian_dir:
+            monkeypatch.setitem(kdata.REGISTRY, name, dataclasses.replace(info, debian_dir=str(tmp_path / "nope")))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+@pytest.mark.parametrize("layout", ["flat_gz", "torchvision_raw"])
+def test_prepare_idx_datasets(tmp_path, name, layout):
+    tv_dir = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name]
+    raw = tmp_path / "root" / (tv_dir + "/raw" if layout == "torchvision_raw" else "")
+    written = write_fake_idx(raw, n_train=60, n_test=20, gz=layout == "flat_gz")
+    d = prepare_dataset(name, str(tmp_path / "root"), False, 0, 0, seed=0)
+    for split in ("train", "test"):
+        x, y = written[split]
+        assert d[f"{split}_x"].dtype == torch.uint8 and d[f"{split}_x"].shape == (len(x), 1, 28, 28)
+        assert d[f"{split}_y"].dtype == torch.int64
+        assert torch.equal(d[f"{split}_x"][:, 0], torch.from_numpy(x))
+        assert torch.equal(d[f"{split}_y"], torch.from_numpy(y.astype(np.int64)))
+    assert d["hflip"] is (name == "fashion_mnist")  # digits are not flip-invariant
+    assert d["classes"] == list(kdata.REGISTRY[name].classes) and len(d["classes"]) == 10
+    assert d["classes"][0] == ("0" if name == "mnist" else "T-shirt/top")
+    assert len(d["mean"]) == len(d["std"]) == 1
+
+
+def test_torchvision_layout_is_read_by_torchvision_and_agrees_with_read_idx(tmp_path, monkeypatch):
+    write_fake_idx(tmp_path / "flat", n_train=40, n_test=10, gz=True)
+    write_fake_idx(tmp_path / "tv" / "MNIST" / "raw", n_train=40, n_test=10, gz=False)
+    ours = prepare_dataset("mnist", str(tmp_path / "flat"), False, 0, 0, seed=0)
+
+    def no_read_idx(path):
+        raise AssertionError(f"read_idx({path}) called for a layout torchvision reads")
+    monkeypatch.setattr(kdata, "read_idx", no_read_idx)
+    theirs = prepare_dataset("mnist", str(tmp_path / "tv"), False, 0, 0, seed=0)
+    for k in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype, k
+    assert ours["mean"] == theirs["mean"] and ours["std"] == theirs["std"]
+
+
+def test_torchvision_layout_with_a_broken_file_names_it(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    write_fake_idx(raw, n_train=40, n_test=10, gz=False)
+    (raw / "t10k-images-idx3-ubyte").write_bytes((raw / "t10k-images-idx3-ubyte").read_bytes()[:-5])
+    with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte: IDX payload .* truncated"):
+        prepare_dataset("mnist", str(tmp_path), False, 0, 0, seed=0)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("py2", [True, False], ids=["py2-original-style", "py3-protocol2"])
+def test_prepare_cifar(tmp_path, name, py2):
+    k = len(kdata.REGISTRY[name].classes)
+    names = [f"Class{i}" for i in range(k)]  # not the canonical names: they must come from the meta file
+    written = write_fake_cifar(tmp_path, name, n_train=100, n_test=30, py2=py2, class_names=names)
+    d = prepare_dataset(name, str(tmp_path), False, 0, 0, seed=0)
+    for split in ("train", "test"):
+        x, y = written[split]
+        assert d[f"{split}_x"].dtype == torch.uint8 and d[f"{split}_x"].shape == (len(x), 3, 32, 32)
+        assert torch.equal(d[f"{split}_x"], torch.from_numpy(x))  # the 5 CIFAR-10 batches, in order
+        assert torch.equal(d[f"{split}_y"], torch.from_numpy(y)) and d[f"{split}_y"].dtype == torch.int64
+    assert d["classes"] == names and d["hflip"] is True
+    assert len(d["mean"]) == len(d["std"]) == 3
+    expected = np.asarray(written["train"][0], np.float64) / 255
+    np.testing.assert_allclose(d["mean"], expected.mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(d["std"], expected.std(axis=(0, 2, 3), ddof=1), rtol=1e-6)
+    # the same directory found as data.root itself (pointed at cifar-*-python/) and with a train subset
+    sub = prepare_dataset(name, str(written["dir"]), False, 50, 0, seed=0)
+    assert sub["train_x"].shape == (50, 3, 32, 32) and sub["test_x"].shape == (30, 3, 32, 32)
+
+
+def test_cifar_meta_with_the_wrong_number_of_classes_is_refused(tmp_path):
+    write_fake_cifar(tmp_path, "cifar10", n_train=20, n_test=10, class_names=["a", "b", "c"])
+    with pytest.raises(DatasetError, match=r"batches.meta: expected 'label_names', a list of 10 class names, got 3"):
+        prepare_dataset("cifar10", str(tmp_path), False, 0, 0, seed=0)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.eval"])
+def test_malicious_cifar_pickle_is_refused_before_it_runs(tmp_path, payload):
+    import pickle
+
+    written = write_fake_cifar(tmp_path, "cifar10", n_train=20, n_test=10)
+    marker = tmp_path / "pwned"
+    evil = _Evil(marker) if payload == "os.system" else _EvalEvil(marker)
+    (written["dir"] / "data_batch_3").write_bytes(pickle.dumps({b"data": evil}, protocol=2))
+    with pytest.raises(DatasetError, match=r"data_batch_3: refusing to unpickle the global '(posix|os|__builtin__)\.") as e:
+        prepare_dataset("cifar10", str(tmp_path), False, 0, 0, seed=0)
+    assert payload.split(".")[1] in str(e.value)
+    assert not marker.exists(), "the pickle's payload ran"
+
+
+class _EvalEvil(_Evil):
+    def __reduce__(self):
+        return eval, (f"open({str(self.marker)!r}, 'w')",)
+
+
+def test_pickle_codecs_call_is_limited_to_latin1(tmp_path):
+    # _codecs.encode is allowed only as protocol 2 uses it for bytes: (str, 'latin1')
+    written = write_fake_cifar(tmp_path, "cifar10", n_train=20, n_test=10)
+    evil = b"\x80\x02}q\x00X\x04\x00\x00\x00dataq\x01c_codecs\nencode\nq\x02X\x03\x00\x00\x00abcq\x03X\x05" \
+           b"\x00\x00\x00rot13q\x04\x86q\x05Rq\x06s."
+    (written["dir"] / "test_batch").write_bytes(evil)
+    with pytest.raises(DatasetError, match=r"test_batch: refusing _codecs.encode\(str, 'rot13'\)"):
+        prepare_dataset("cifar10", str(tmp_path), False, 0, 0, seed=0)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_a_dict", "no_labels"])
+def test_damaged_cifar_batch_names_the_file(tmp_path, damage):
+    import pickle
+
+    written = write_fake_cifar(tmp_path, "cifar100", n_train=20, n_test=10)
+    path = written["dir"] / "train"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "not_a_dict":
+        path.write_bytes(pickle.dumps([1, 2, 3], protocol=2))
+    else:
+        path.write_bytes(pickle.dumps({"data": written["train"][0].reshape(20, -1), "coarse_labels": [0] * 20}, 2))
+    needle = {"truncated": "not a readable CIFAR python pickle", "not_a_dict": "holds a dict, this one holds a list",
+              "no_labels": "needs 'data' and 'fine_labels'"}[damage]
+    with pytest.raises(DatasetError, match=rf"cifar-100-python/train: .*{needle}"):
+        prepare_dataset("cifar100", str(tmp_path), False, 0, 0, seed=0)
+
+
+def test_prepare_svhn_maps_label_10_to_0(tmp_path):
+    written = write_fake_svhn(tmp_path, n_train=60, n_test=30, n_extra=20)
+    d = prepare_dataset("svhn", str(tmp_path), False, 0, 0, seed=0)
+    for split in ("train", "test"):
+        x, y = written[split]
+        assert d[f"{split}_x"].dtype == torch.uint8 and d[f"{split}_x"].shape == (len(x), 3, 32, 32)
+        assert torch.equal(d[f"{split}_x"], torch.from_numpy(x))  # (32, 32, 3, N) -> (N, 3, H, W), no mix-up
+        assert torch.equal(d[f"{split}_y"], torch.from_numpy(y)) and d[f"{split}_y"].dtype == torch.int64
+    assert (d["train_y"] == 0).sum() == 6  # written as 10 in the file
+    assert int(d["train_y"].max()) == 9
+    assert d["hflip"] is False and d["classes"] == [str(i) for i in range(10)]
+    assert d["source"] == {"train": "train_32x32.mat", "test": "test_32x32.mat"}  # extra is off by default
+
+
+def test_svhn_extra_is_appended_to_train(tmp_path):
+    written = write_fake_svhn(tmp_path, n_train=40, n_test=20, n_extra=30)
+    d = prepare_dataset("svhn", str(tmp_path), False, 0, 0, seed=0, svhn_extra=True)
+    assert d["train_x"].shape == (70, 3, 32, 32) and d["test_x"].shape == (20, 3, 32, 32)
+    assert torch.equal(d["train_x"], torch.from_numpy(np.concatenate([written["train"][0], written["extra"][0]])))
+    assert torch.equal(d["train_y"], torch.from_numpy(np.concatenate([written["train"][1], written["extra"][1]])))
+    assert d["source"]["train"] == "train_32x32.mat+extra_32x32.mat"
+    (tmp_path / "extra_32x32.mat").unlink()
+    with pytest.raises(DatasetError, match=r"lacks \['extra_32x32.mat'\]"):
+        prepare_dataset("svhn", str(tmp_path), False, 0, 0, seed=0, svhn_extra=True)
+    with pytest.raises(DatasetError, match="data.svhn_extra = true applies to data.name = svhn only"):
+        prepare_dataset("cifar10", str(tmp_path), False, 0, 0, seed=0, svhn_extra=True)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "wrong_shape", "bad_label"])
+def test_damaged_svhn_mat_names_the_file(tmp_path, damage):
+    import scipy.io
+
+    write_fake_svhn(tmp_path, n_train=10, n_test=10)
+    path = tmp_path / "test_32x32.mat"
+    if damage == "garbage":
+        path.write_bytes(b"MATLAB 5.0 MAT-file" + bytes(50))
+    elif damage == "wrong_shape":
+        scipy.io.savemat(path, {"X": np.zeros((10, 3, 32, 32), np.uint8), "y": np.ones((10, 1), np.uint8)})
+    else:
+        scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[3], [11]], np.uint8)})
+    needle = {"garbage": "not a readable MATLAB .mat file", "wrong_shape": r"'X' must be uint8 \(32, 32, 3, N\)",
+              "bad_label": r"labels outside \[0, 10\]"}[damage]
+    with pytest.raises(DatasetError, match=rf"test_32x32.mat: {needle}"):
+        prepare_dataset("svhn", str(tmp_path), False, 0, 0, seed=0)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn"])
+def test_missing_files_and_no_network_is_a_clear_error(tmp_path, monkeypatch, name):
+    _no_debian_dirs(monkeypatch, tmp_path)
+    calls = []
+
+    def offline(*args):
+        calls.append(args)
+        raise ConnectionError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(kdata, "_torchvision_download", offline)
+    with pytest.raises(DatasetError) as e:
+        prepare_dataset(name, None, True, 0, 0, seed=0)
+    msg = str(e.value)
+    assert calls == [(name, kdata.Path("data/raw"), False)]
+    assert f"dataset '{name}' not found" in msg and "'data/raw'" in msg
+    assert "download to data/raw (failed: ConnectionError: [Errno -3] Temporary failure" in msg
+    first = {"mnist": "t10k-images-idx3-ubyte", "fashion_mnist": "t10k-images-idx3-ubyte", "cifar10": "data_batch_5",
+             "cifar100": "'meta'", "svhn": "test_32x32.mat"}[name]
+    assert first in msg and "data.root" in msg
+    with pytest.raises(DatasetError, match=r"no download \(data.download is false\)"):
+        prepare_dataset(name, None, False, 0, 0, seed=0)
+    assert len(calls) == 1  # download: false never calls the downloader
+
+
+def _fake_torchvision_download(name, download_dir, svhn_extra=False):
+    """Writes what torchvision's downloader leaves behind, in its layout under download_dir."""
+    if name in ("mnist", "fashion_mnist"):
+        raw = download_dir / {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name] / "raw"
+        write_fake_idx(raw, n_train=30, n_test=10, gz=False)
+        write_fake_idx(raw, n_train=30, n_test=10, gz=True)  # torchvision keeps the archives too
+    elif name in ("cifar10", "cifar100"):
+        write_fake_cifar(download_dir, name, n_train=30, n_test=10)
+    else:
+        write_fake_svhn(download_dir, n_train=30, n_test=10, n_extra=10 if svhn_extra else 0)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn"])
+def test_download_lands_in_data_raw_and_is_read_from_there(tmp_path, monkeypatch, name):
+    _no_debian_dirs(monkeypatch, tmp_path)
+    calls = []
+    monkeypatch.setattr(kdata, "_torchvision_download", lambda *a: (calls.append(a), _fake_torchvision_download(*a)))
+    extra = name == "svhn"
+    d = prepare_dataset(name, None, True, 0, 0, seed=0, svhn_extra=extra)
+    assert calls == [(name, kdata.Path("data/raw"), extra)]
+    assert d["train_x"].shape[0] == (40 if extra else 30) and d["test_x"].shape[0] == 10
+    prepare_dataset(name, None, True, 0, 0, seed=0, svhn_extra=extra)
+    assert len(calls) == 1  # the second run finds data/raw and does not download again
+
+
+def test_explicit_root_of_another_dataset_names_what_is_expected(tmp_path):
+    write_fake_idx(tmp_path, n_train=10, n_test=10)
+    with pytest.raises(DatasetError) as e:
+        prepare_dataset("cifar10", str(tmp_path), True, 0, 0, seed=0)
+    msg = str(e.value)
+    assert "is not a 'cifar10' dataset directory" in msg and "data_batch_1" in msg and "batches.meta" in msg
+    assert "in cifar-10-batches-py/ under it or in it" in msg and "train-images-idx3-ubyte.gz" in msg
+    written = write_fake_cifar(tmp_path, "cifar10", n_train=20, n_test=10)
+    (written["dir"] / "data_batch_4").unlink()
+    with pytest.raises(DatasetError, match=r"cifar-10-batches-py holds some of them but lacks \['data_batch_4'\]"):
+        prepare_dataset("cifar10", str(tmp_path), True, 0, 0, seed=0)
+
+
+def test_prepared_cifar_works_with_the_loader_crop_and_flip(tmp_path):
+    write_fake_cifar(tmp_path, "cifar10", n_train=40, n_test=10)
+    d = prepare_dataset("cifar10", str(tmp_path), False, 0, 0, seed=0)
+    x = d["train_x"]
+    idx_labels = torch.arange(len(x))  # labels = source index, to find each output's source image
+    loader = TensorLoader(x, idx_labels, [0.0] * 3, [1 / 255.0] * 3, batch_size=16, train=True, crop_padding=4,
+                          hflip=d["hflip"], seed=0)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    seen, flipped, shifted = 0, 0, 0
+    for xb, yb in loader:
+        assert xb.shape[1:] == (3, 32, 32) and xb.dtype == torch.float32
+        for img, src in zip(xb.round().to(torch.uint8), yb):
+            # one offset and one flip for all three channels: the channels stay aligned
+            hits = []
+            for dy in range(9):
+                for dx in range(9):
+                    window = padded[src, :, dy:dy + 32, dx:dx + 32]
+                    hits += [(dy, dx, f) for f, w in ((False, window), (True, window.flip(-1))) if torch.equal(w, img)]
+            assert hits, "augmented image is not a (flipped) crop of its padded source"
+            flipped += all(f for _, _, f in hits)
+            shifted += all((dy, dx) != (4, 4) for dy, dx, _ in hits)
+            seen += 1
+    assert seen == 40 and 5 < flipped < 35 and shifted > 30
+    (xb, yb), *_ = TensorLoader(x, d["train_y"], d["mean"], d["std"], batch_size=40, train=False)
+    assert torch.allclose(xb.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)  # the train stats normalise train
+    assert torch.allclose(xb.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-4)
+
+
+def test_registry_is_complete_and_consistent():
+    import typing
+
+    from kdprune.params import DATASETS, DataParams
+    assert set(kdata.REGISTRY) == set(DATASETS) == set(typing.get_args(typing.get_type_hints(DataParams)["name"]))
+    assert {n: i.hflip for n, i in kdata.REGISTRY.items()} == {
+        "mnist": False, "svhn": False, "fashion_mnist": True, "cifar10": True, "cifar100": True}
+    for name, info in kdata.REGISTRY.items():
+        assert info.name == name
+        assert len(info.mean) == len(info.std) == info.channels == (1 if "mnist" in name else 3)
+        assert info.image_size == ((28, 28) if "mnist" in name else (32, 32))
+        assert len(set(info.classes)) == len(info.classes) == (100 if name == "cifar100" else 10)
+    c100 = kdata.REGISTRY["cifar100"].classes
+    assert list(c100) == sorted(c100) and c100[0] == "apple" and c100[-1] == "worm"  # the meta file's order
+
+
+def test_channel_stats_are_exact():
+    x = torch.randint(0, 256, (50, 3, 5, 7), dtype=torch.uint8)
+    mean, std = kdata.channel_stats(x, chunk=7)  # chunks that do not divide N
+    xd = x.double() / 255
+    assert mean == xd.mean(dim=(0, 2, 3)).float().tolist() and std == xd.std(dim=(0, 2, 3)).float().tolist()
+    f32 = torch.tensor([0.2]).tolist()
+    assert kdata.channel_stats(torch.full((4, 1, 2, 2), 51, dtype=torch.uint8)) == (f32, [0.0])
+
+
+@pytest.mark.skipif(not kdata.Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+                    reason="needs the dataset-fashion-mnist package")
+def test_published_fashion_mnist_stats_match_the_real_files():
+    x = torch.from_numpy(read_idx("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")).unsqueeze(1)
+    mean, std = kdata.channel_stats(x)
+    info = kdata.REGISTRY["fashion_mnist"]
+    assert mean == pytest.approx(info.mean, abs=5e-5) and std == pytest.approx(info.std, abs=5e-5)

@@ -12,7 +12,7 @@ from kdprune.data import TensorLoader
 from kdprune.export import (ExportError, compact_bound_bytes, export_compact, export_onnx, load_compact,
                             onnx_max_abs_diff)
 from kdprune.losses import at_loss, attention_map
-from kdprune.models import build_model, resnet_spec, spec_of
+from kdprune.models import build_model, model_spec, resnet_spec, spec_of
 from kdprune.params import DistillParams, RuntimeParams
 from kdprune.pruning import (AGPSchedule, agp_sparsity, apply_masks, count_params, count_prunable,
                              global_magnitude_masks, inner_convs, l1_filter_prune)
@@ -47,6 +47,26 @@ def test_l1_filter_gives_a_smaller_working_model(depth, tmp_path):
     io.save_checkpoint(tmp_path / "p.pt", rebuilt)  # save -> load without the original
     loaded, _, _ = io.load_checkpoint(tmp_path / "p.pt")
     loaded.eval()
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("arch,depth,width", [("resnet_bottleneck", 11, 4), ("resnet_bottleneck", 29, 4),
+                                              ("resnet_imagenet", 50, 4), ("resnet_imagenet", 152, 2)])
+def test_l1_filter_on_bottleneck_archs(arch, depth, width, tmp_path):
+    spec = model_spec(arch, depth, width, 3, 10)
+    dense_params = count_params(build_model(spec))[0]
+    model, rebuilt = l1_pruned(spec, 0.5, 32)
+    new = spec_of(model)
+    assert new["channels"]["stages"] == spec["channels"]["stages"] and new["channels"]["stem"] == spec["channels"]["stem"]
+    for stage_old, stage_new in zip(spec["channels"]["mids"], new["channels"]["mids"]):
+        for (a, b), (a2, b2) in zip(stage_old, stage_new):  # both inner convs of every bottleneck halve
+            assert (a2, b2) == (a // 2, b // 2)
+    assert count_params(model)[0] == count_params(build_model(new))[0] < dense_params
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), rebuilt.eval()
+    torch.testing.assert_close(rebuilt(x), model(x))
+    io.save_checkpoint(tmp_path / "p.pt", rebuilt)
+    loaded = io.load_checkpoint(tmp_path / "p.pt")[0].eval()
     torch.testing.assert_close(loaded(x), model(x))
 
 

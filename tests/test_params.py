@@ -66,7 +66,10 @@ def test_repo_params_are_valid():
     ("teacher.momentum", 1.0, "[0, 1)"),
     ("teacher.schedule", "step", "one of 'onecycle', 'cosine', 'constant'"),
     ("teacher.nesterov", "yes", "true or false"),
-    ("data.name", "imagenet", "one of 'fashion_mnist'"),
+    ("data.name", "imagenet", "one of 'fashion_mnist', 'mnist', 'cifar10', 'cifar100', 'svhn'"),
+    ("data.name", "cifar-10", "one of 'fashion_mnist'"),
+    ("data.svhn_extra", "yes", "true or false"),
+    ("data.svhn_extra", True, "applies to data.name = svhn only (it is 'fashion_mnist')"),
     ("data.train_subset", -5, ">= 0"),
     ("data.root", 3, "a string or null"),
     ("data.root", "../../elsewhere", "must stay inside the repository"),
@@ -85,6 +88,15 @@ def test_bad_values_name_key_value_and_rule(key, value, needle):
         params_from_dict(with_value(key, value))
     msg = str(e.value)
     assert key in msg and repr(value) in msg and needle in msg, msg
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "mnist", "cifar10", "cifar100", "svhn"])
+def test_every_registered_dataset_is_a_valid_name(name):
+    raw = with_value("data.name", name)
+    raw["data"]["svhn_extra"] = name == "svhn"
+    data = params_from_dict(raw).data
+    assert data.name == name and data.svhn_extra is (name == "svhn")
+    assert BASE["data"]["svhn_extra"] is False  # params.yaml lists it, off
 
 
 @pytest.mark.parametrize("root", ["/usr/share/datasets/fashion-mnist", "data/raw", "./raw/../raw2"])
@@ -150,3 +162,35 @@ def test_every_required_section_missing_is_named(section):
     del raw[section]
     with pytest.raises(ParamsError, match=f"missing section '{section}'"):
         params_from_dict(raw)
+
+
+def with_model(arch, depth, width=16):
+    raw = copy.deepcopy(BASE)
+    raw["model"] = {"arch": arch, "depth": depth, "width": width}
+    return raw
+
+
+@pytest.mark.parametrize("arch,depth,width", [
+    ("resnet", 110, 16), ("resnet_bottleneck", 164, 16), ("resnet_bottleneck", 29, 128),
+    ("resnet_imagenet", 152, 64), ("resnet_imagenet", 50, 8),
+])
+def test_model_zoo_params_are_valid(arch, depth, width):
+    m = params_from_dict(with_model(arch, depth, width)).model
+    assert (m.arch, m.depth, m.width) == (arch, depth, width)
+
+
+@pytest.mark.parametrize("arch,depth,width,key,needle", [
+    ("resnet_bottleneck", 8, 16, "model.depth", "model.arch 'resnet_bottleneck' needs depth 9n+2"),
+    ("resnet_bottleneck", 21, 16, "model.depth", "'resnet': depth 6n+2"),  # lists every arch
+    ("resnet_imagenet", 164, 64, "model.depth", "needs depth 50, 101 or 152"),
+    ("resnet_imagenet", 152, 128, "model.width", "[1, 64] for arch 'resnet_imagenet'"),
+    ("resnet_bottleneck", 164, 129, "model.width", "[1, 128] for arch 'resnet_bottleneck'"),
+    ("resnet", 8, 513, "model.width", "[1, 512] for arch 'resnet'"),
+    ("resnet152", 152, 64, "model.arch", "one of 'resnet', 'resnet_bottleneck', 'resnet_imagenet'"),
+])
+def test_bad_model_names_key_value_and_what_exists(arch, depth, width, key, needle):
+    with pytest.raises(ParamsError) as e:
+        params_from_dict(with_model(arch, depth, width))
+    value = {"model.arch": arch, "model.depth": depth, "model.width": width}[key]
+    msg = str(e.value)
+    assert f"{key} = {value!r} is invalid" in msg and needle in msg, msg

@@ -7,14 +7,36 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for d in ("kdprune", "stages", "benchmarks") for p in (ROOT / d).rglob("*.py"))
 
 
+def _refuses(func: ast.FunctionDef) -> bool:
+    return any(isinstance(n, ast.Raise) for n in ast.walk(func))
+
+
 def dangerous_calls(tree: ast.AST) -> list[str]:
-    """eval/exec/compile, pickle/marshal/shelve loads, yaml.load/unsafe_load, np.load(allow_pickle=True),
-    and torch.load without weights_only=True."""
+    """eval/exec/compile, unrestricted pickle loads, marshal/shelve/dill, yaml.load/unsafe_load,
+    np.load(allow_pickle=True), and torch.load without weights_only=True.
+
+    pickle may be imported only to subclass ``pickle.Unpickler`` with a ``find_class`` that refuses
+    (raises on) globals it does not allow, the documented way to restrict it ("Restricting Globals"
+    in the pickle docs); calling ``pickle.load``/``loads``/``Unpickler(...)`` directly, or importing
+    names from it, is flagged."""
     found = []
+    pickle_names = {"pickle"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            pickle_names |= {a.asname or a.name for a in node.names if a.name == "pickle"}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import | ast.ImportFrom):
             mods = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-            found += [f"import {m}" for m in mods if m and m.split(".")[0] in ("pickle", "marshal", "shelve", "dill")]
+            found += [f"import {m}" for m in mods if m and m.split(".")[0] in ("marshal", "shelve", "dill")]
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pickle":
+                found.append(f"from pickle import {', '.join(a.name for a in node.names)}")
+        if isinstance(node, ast.ClassDef):
+            unpickler_base = any(isinstance(b, ast.Attribute) and isinstance(b.value, ast.Name)
+                                 and b.value.id in pickle_names and b.attr in ("Unpickler", "_Unpickler")
+                                 for b in node.bases)
+            find_class = [f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "find_class"]
+            if unpickler_base and not (find_class and _refuses(find_class[0])):
+                found.append(f"class {node.name}(pickle.Unpickler) without a find_class that refuses globals")
         if not isinstance(node, ast.Call):
             continue
         f = node.func
@@ -23,6 +45,8 @@ def dangerous_calls(tree: ast.AST) -> list[str]:
         kw = {k.arg: k.value for k in node.keywords}
         if isinstance(f, ast.Name) and name in ("eval", "exec", "compile", "__import__"):
             found.append(f"{name}()")
+        elif owner in pickle_names and name in ("load", "loads", "Unpickler", "_load", "_loads", "_Unpickler"):
+            found.append(f"pickle.{name}()")
         elif owner == "yaml" and name in ("load", "unsafe_load", "full_load", "load_all"):
             found.append(f"yaml.{name}()")
         elif owner in ("np", "numpy") and name == "load" and not (
@@ -34,11 +58,29 @@ def dangerous_calls(tree: ast.AST) -> list[str]:
     return found
 
 
+RESTRICTED = """
+import pickle
+class Safe(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) == ("numpy", "ndarray"):
+            return object
+        raise ValueError(name)
+Safe(fh).load()
+"""
+
+
 def test_scanner_catches_what_it_should():
-    bad = ("import pickle\neval(s)\nexec(s)\nyaml.load(t)\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
-           "np.load(p, allow_pickle=True)\n")
+    bad = ("import pickle\npickle.load(f)\neval(s)\nexec(s)\nyaml.load(t)\ntorch.load(p)\n"
+           "torch.load(p, weights_only=False)\nnp.load(p, allow_pickle=True)\n")
     assert len(dangerous_calls(ast.parse(bad))) == 7
     assert dangerous_calls(ast.parse("yaml.safe_load(t)\ntorch.load(p, weights_only=True)\nmodel.eval()\n")) == []
+    for unsafe in ("import pickle as p\np.loads(b)\n", "import pickle\npickle.Unpickler(f).load()\n",
+                   "from pickle import loads\n", "from pickle import Unpickler\n", "import marshal\n",
+                   "import pickle\nclass U(pickle.Unpickler):\n    pass\n",
+                   "import pickle\nclass U(pickle.Unpickler):\n    def find_class(self, m, n):\n"
+                   "        return super().find_class(m, n)\n"):
+        assert dangerous_calls(ast.parse(unsafe)), unsafe
+    assert dangerous_calls(ast.parse(RESTRICTED)) == []
 
 
 def test_no_code_execution_from_data_in_the_package():

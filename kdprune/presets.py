@@ -1,0 +1,127 @@
+"""Presets: named bundles of params overrides for the paper's settings, one command each.
+
+A preset is ``presets/<name>.yaml`` with a ``description`` and a nested ``params`` mapping that
+overrides ``params.yaml``. ``run`` validates the merged params (the same checks as every stage) and
+then starts a DVC experiment named after the preset with one ``-S key=value`` per override, so the
+preset lands in ``dvc exp show`` and MLflow like any other experiment and the committed
+``params.yaml`` (the offline Fashion-MNIST run) is never edited.
+
+  python -m kdprune.presets list
+  python -m kdprune.presets show cifar100-resnet152          # the merged params and the dvc command
+  python -m kdprune.presets run cifar100-resnet152 [--queue] [--dry-run] [-- extra dvc exp run args]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdprune.params import ParamsError, Params, flatten, params_from_dict
+
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
+
+
+class PresetError(ValueError):
+    """An unknown or invalid preset; the message names the file and the key."""
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        raise PresetError(f"unknown preset {name!r}; available: {available()}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PresetError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict):
+        raise PresetError(f"{path}: needs a 'params' mapping of overrides (and a 'description')")
+    extra = set(raw) - {"description", "params"}
+    if extra:
+        raise PresetError(f"{path}: unknown top-level keys {sorted(extra)}; allowed: description, params")
+    return raw
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def resolve(name: str, params_path: Path = PRESETS.parent / "params.yaml") -> tuple[Params, dict[str, Any]]:
+    """The validated params of ``params.yaml`` + the preset, and the flat overrides."""
+    preset = load_preset(name)
+    base = yaml.safe_load(params_path.read_text())
+    try:
+        params = params_from_dict(merge(base, preset["params"]))
+    except ParamsError as e:
+        raise PresetError(f"{PRESETS / (name + '.yaml')}: {e}") from None
+    return params, flatten(preset["params"])
+
+
+def _value(v: Any) -> str:
+    """A value as DVC's ``-S`` (Hydra override grammar) reads it back."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, list):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    return str(v)
+
+
+def command(name: str, overrides: dict[str, Any], queue: bool = False, extra: list[str] | None = None) -> list[str]:
+    cmd = ["dvc", "exp", "run", "-n", name]
+    if queue:
+        cmd.append("--queue")
+    for k, v in overrides.items():
+        cmd += ["-S", f"{k}={_value(v)}"]
+    return cmd + list(extra or [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kdprune.presets", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list")
+    for c in ("show", "run"):
+        sp = sub.add_parser(c)
+        sp.add_argument("name")
+        if c == "run":
+            sp.add_argument("--queue", action="store_true", help="queue it (dvc queue start runs it)")
+            sp.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+            sp.add_argument("extra", nargs="*", help="after --: more dvc exp run arguments")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "list":
+            for n in available():
+                print(f"{n:24s} {load_preset(n).get('description', '')}")
+            return 0
+        params, overrides = resolve(args.name)
+    except PresetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cmd = command(args.name, overrides, getattr(args, "queue", False), getattr(args, "extra", None))
+    if args.cmd == "show":
+        print(json.dumps(params.to_dict(), indent=2))
+        print(shlex.join(cmd))
+        return 0
+    print(shlex.join(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.call(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Presets: each one validates against the pipeline's params, reaches the paper's compression, and
+turns into one `dvc exp run` command."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kdprune import presets
+from kdprune.models import build_model, spec_from_params
+from kdprune.params import PRUNE_METHODS
+from kdprune.pruning import count_params, count_prunable
+
+PAPER = {"cifar100-resnet152": (100, 3, 22.0), "svhn-resnet110": (10, 3, 49.0)}
+
+
+def test_the_three_presets_exist_and_validate():
+    assert {"cifar100-resnet152", "svhn-resnet110", "cifar10-resnet20"} <= set(presets.available())
+    for name in presets.available():
+        params, overrides = presets.resolve(name)
+        assert overrides and params.data.name != "fashion_mnist"
+        assert params.prune.method in PRUNE_METHODS
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_presets_reach_the_papers_compression(name):
+    classes, channels, target = PAPER[name]
+    params, _ = presets.resolve(name)
+    with torch.device("meta"):  # counts only: no memory for 58M weights
+        model = build_model(spec_from_params(params.model, channels, classes))
+    total, _ = count_params_meta(model)
+    prunable = count_prunable_meta(model, params.prune.include_first_conv, params.prune.include_last_fc)
+    nonzero = total - round(params.prune.ratio * prunable)  # what global magnitude pruning keeps
+    assert total / nonzero >= target, f"{name}: {total / nonzero:.1f}x < {target}x"
+    if name == "cifar100-resnet152":
+        assert params.model.depth == 152 and 58e6 < total < 59e6
+    else:
+        assert params.model.depth == 110 and params.data.name == "svhn"
+
+
+def count_params_meta(model):
+    return sum(p.numel() for p in model.parameters()), None
+
+
+def count_prunable_meta(model, first, last):
+    from kdprune.pruning import prunable_modules
+
+    return sum(m.weight.numel() for _, m in prunable_modules(model, first, last))
+
+
+def test_counts_on_meta_match_real_counts():
+    params, _ = presets.resolve("cifar10-resnet20")
+    model = build_model(spec_from_params(params.model, 3, 10))
+    assert count_params_meta(model)[0] == count_params(model)[0]
+    assert count_prunable_meta(model, True, True) == count_prunable(model)[0]
+
+
+def test_command_has_one_override_per_key():
+    _, overrides = presets.resolve("svhn-resnet110")
+    cmd = presets.command("svhn-resnet110", overrides, queue=True)
+    assert cmd[:5] == ["dvc", "exp", "run", "-n", "svhn-resnet110"] and "--queue" in cmd
+    assert "data.name=svhn" in cmd and "model.depth=110" in cmd and "distill.variants=[kd,finetune]" in cmd
+    assert cmd.count("-S") == len(overrides)
+
+
+def test_cli_dry_run_and_errors(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kdprune.presets", "run", "cifar10-resnet20", "--dry-run"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "dvc exp run -n cifar10-resnet20" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "kdprune.presets", "run", "cifar1000"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown preset 'cifar1000'" in r.stderr and "svhn-resnet110" in r.stderr
+
+
+def test_an_invalid_preset_names_its_file_and_key(tmp_path, monkeypatch):
+    (tmp_path / "bad.yaml").write_text("description: x\nparams:\n  prune:\n    ratio: 1.5\n")
+    monkeypatch.setattr(presets, "PRESETS", tmp_path)
+    with pytest.raises(presets.PresetError, match=r"bad.yaml: params.yaml: prune.ratio = 1.5"):
+        presets.resolve("bad")
