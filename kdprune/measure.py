@@ -108,3 +108,24 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, repea
         times.append(time.perf_counter() - t0)
     model.train(was_training)
     return 1000.0 * statistics.median(times)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` with every BatchNorm folded into the conv before it
+    (``torch.nn.utils.fusion.fuse_conv_bn_eval``), the BN replaced by an identity: the same function
+    in eval mode, as every deployment runtime (ONNX Runtime, TensorRT, oneDNN graph) runs it. A conv is
+    folded with the BN that directly follows it among its parent's children (conv1/bn1, ... and the
+    shortcut's Sequential(conv, bn))."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    for parent in list(folded.modules()):
+        children = list(parent.named_children())
+        for (cname, conv), (bname, bn) in zip(children, children[1:]):
+            if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                    and bn.num_features == conv.out_channels):
+                setattr(parent, cname, fuse_conv_bn_eval(conv, bn))
+                setattr(parent, bname, nn.Identity())
+    return folded

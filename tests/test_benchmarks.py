@@ -43,6 +43,6 @@ def test_compression_benchmark_runs_tiny():
     res = mod.run(repeats=1, cases=[("tiny", 8, 4, (1, 16, 16))])
     case = res["cases"]["tiny"]
     assert 1.5 < case["structured"]["mac_reduction"] < 2.5
-    assert case["structured"]["b128"]["teacher_ms"] > 0
+    assert case["structured"]["eager_b128"]["teacher_ms"] > 0
     assert case["compact_90"]["bytes_compact"] < case["compact_90"]["bytes_dense_checkpoint"]
     assert "x MAC reduction" in mod.report(res)

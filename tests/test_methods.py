@@ -263,3 +263,19 @@ def test_export_is_deterministic(tmp_path):
     assert (tmp_path / "a.kdc").read_bytes() == (tmp_path / "b.kdc").read_bytes()
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert np.isfinite(compact_bound_bytes(model))
+
+
+def test_fold_batchnorm_gives_the_same_function_without_batchnorm():
+    from kdprune.measure import fold_batchnorm
+
+    _, model = l1_pruned(model_spec("resnet_bottleneck", 11, 4, 3, 10), 0.5, 32)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
