@@ -3,6 +3,7 @@
 #   ./run.sh pipeline   set up (venv + dataset) and run the whole DVC pipeline (dvc repro)
 #   ./run.sh test       set up and run the test suite
 #   ./run.sh setup      only set up: .venv from requirements.txt, the Fashion-MNIST Debian package
+#   ./run.sh preset NAME  run a preset as a DVC experiment (python -m kdprune.presets run NAME; list: presets/)
 # Extra arguments go to dvc repro / pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -38,5 +39,6 @@ case "$cmd" in
   setup) setup_dataset; setup_venv ;;
   pipeline) setup_dataset; setup_venv; export PATH="$PWD/.venv/bin:$PATH"; exec dvc repro "$@" ;;
   test) setup_dataset; setup_venv; export PATH="$PWD/.venv/bin:$PATH"; exec python -m pytest "$@" ;;
-  *) sed -n '2,6p' "$0"; exit 2 ;;
+  preset) setup_venv; export PATH="$PWD/.venv/bin:$PATH"; exec python -m kdprune.presets run "$@" ;;
+  *) sed -n '2,7p' "$0"; exit 2 ;;
 esac

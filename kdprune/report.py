@@ -2,6 +2,8 @@
 
   python -m kdprune.report            # runs comparable with the current params.yaml
   python -m kdprune.report --all      # every pipeline run in the experiment, grouped anyway
+  python -m kdprune.report --methods  # the methods table: every (prune method, ratio, schedule, AT)
+                                      # setting x every recovery variant -> metrics/methods.{md,csv}
 
 Writes metrics/report.csv (one row per ratio x method), metrics/report_runs.csv (every run used,
 with its MLflow run id and DVC experiment name, so each number is traceable), metrics/report.md
@@ -25,6 +27,10 @@ from kdprune.params import flatten, load_params
 
 VARYING = ("prune.ratio", "seed")
 METHODS = ("kd", "finetune")  # recovery variants reported; 'pruned' (no recovery) is shown too
+# the methods table compares settings that differ in these keys (and the seed)
+SETTING = ("prune.method", "prune.ratio", "prune.schedule", "distill.at_beta")
+SETTING_FREE = SETTING + ("seed", "distill.variants", "prune.agp_steps", "prune.agp_end")
+VARIANT_COLUMNS = ("pruned", "finetune", "kd", "scratch", "scratch_kd")
 
 
 def fetch_runs(uri: str, experiment: str) -> pd.DataFrame:
@@ -62,6 +68,83 @@ def select_comparable(df: pd.DataFrame, current: dict[str, object]) -> tuple[pd.
     comparable["seed"] = comparable["params.seed"].astype(int)
     comparable = comparable.sort_values("start_time").drop_duplicates(["ratio", "seed"], keep="last")
     return comparable.sort_values(["ratio", "seed"]), int((~keep).sum())
+
+
+def select_settings(df: pd.DataFrame, current: dict[str, object]) -> tuple[pd.DataFrame, int]:
+    """Runs equal to ``current`` except in the method settings and seed; newest per (setting, seed)."""
+    if df.empty:
+        return df, 0
+    keep = pd.Series(True, index=df.index)
+    for key, value in current.items():
+        if key in SETTING_FREE or key.startswith(("mlflow.", "evaluate.")):
+            continue
+        col = f"params.{key}"
+        keep &= df[col].astype(str) == str(value) if col in df else False
+    for key in SETTING:
+        keep &= df[f"params.{key}"].notna() if f"params.{key}" in df else False
+    runs = df[keep].copy()
+    runs["seed"] = runs["params.seed"].astype(int)
+    runs = runs.sort_values("start_time").drop_duplicates([f"params.{k}" for k in SETTING] + ["seed"], keep="last")
+    return runs, int((~keep).sum())
+
+
+def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting: accuracy mean/std/n of every variant, compression, MACs and latency."""
+    rows = []
+    keys = [f"params.{k}" for k in SETTING]
+    for setting, g in runs.groupby(keys, sort=False):
+        row = dict(zip(SETTING, setting))
+        row.update(n_runs=len(g), acc_teacher=g["acc_teacher"].mean(), compression_ratio=g["compression_ratio"].mean(),
+                   mac_reduction=g["mac_reduction"].mean() if "mac_reduction" in g else float("nan"),
+                   run_ids=" ".join(g["run_id"]))
+        for v in VARIANT_COLUMNS:
+            vals = g[f"acc_{v}"].dropna() if f"acc_{v}" in g else pd.Series(dtype=float)
+            row[f"{v}_mean"] = vals.mean() if len(vals) else float("nan")
+            row[f"{v}_std"] = vals.std(ddof=1) if len(vals) > 1 else float("nan")
+            row[f"{v}_n"] = len(vals)
+        sp = [c for c in ("speedup_b128_kd", "speedup_b128_finetune", "speedup_b128_scratch") if c in g]
+        row["speedup_b128"] = g[sp].mean(axis=1).mean() if sp else float("nan")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["_ratio"] = table["prune.ratio"].astype(float)
+        table = table.sort_values(["prune.method", "_ratio", "prune.schedule", "distill.at_beta"]).drop(columns="_ratio")
+    return table
+
+
+def methods_markdown(table: pd.DataFrame) -> str:
+    lines = ["Test accuracy (%), mean ± std over seeds (n in brackets); '-' = variant not run.", "",
+             "| method | ratio | schedule | AT beta | compression | MACs / | speed-up b128 | no recovery | finetune | kd "
+             "| scratch | scratch_kd |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r, v):
+        n = int(r[f"{v}_n"])
+        return "-" if n == 0 else f"{fmt(r[f'{v}_mean'], r[f'{v}_std'])} ({n})"
+
+    for _, r in table.iterrows():
+        lines.append(f"| {r['prune.method']} | {r['prune.ratio']} | {r['prune.schedule']} | {r['distill.at_beta']} | "
+                     f"{r['compression_ratio']:.2f}x | {r['mac_reduction']:.2f} | {r['speedup_b128']:.2f}x | "
+                     + " | ".join(cell(r, v) for v in VARIANT_COLUMNS) + " |")
+    if not table.empty:
+        lines += ["", f"Teacher: {table['acc_teacher'].mean():.2f} %. Compression: teacher params / non-zero student "
+                      "params. MACs /: dense MAC reduction. Speed-up: teacher / student CPU latency at batch 128 "
+                      "(mean over the recovered variants and runs)."]
+    return "\n".join(lines) + "\n"
+
+
+def methods_main(out: Path, current: dict, uri: str, experiment: str, use_all: bool) -> int:
+    df = fetch_runs(uri, experiment)
+    runs, excluded = select_settings(df, {} if use_all else current)
+    if runs.empty:
+        print(f"error: no pipeline runs comparable with params.yaml in {uri} ({excluded} differ in more than the "
+              f"method settings {list(SETTING)} and seed; try --all)", file=sys.stderr)
+        return 2
+    table = methods_table(runs)
+    io.write_text(out / "metrics" / "methods.csv", table.to_csv(index=False))
+    md = methods_markdown(table)
+    io.write_text(out / "metrics" / "methods.md", md)
+    print(md)
+    return 0
 
 
 def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -191,10 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all", action="store_true", help="use every pipeline run, not only the comparable ones")
     ap.add_argument("--out", type=Path, default=Path("."), help="directory that gets metrics/ and plots/")
     ap.add_argument("--no-mlflow-summary", action="store_true", help="don't log the report as an MLflow run")
+    ap.add_argument("--methods", action="store_true", help="write the methods table (metrics/methods.md) instead")
     args = ap.parse_args(argv)
     params = load_params()
     current = flatten(yaml.safe_load(Path("params.yaml").read_text()))
     uri = tracking.tracking_uri()
+    if args.methods:
+        return methods_main(args.out, current, uri, params.mlflow.experiment, args.all)
     df = fetch_runs(uri, params.mlflow.experiment)
     runs, excluded = select_comparable(df, {} if args.all else current)
     if runs.empty:

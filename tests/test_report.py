@@ -65,3 +65,35 @@ def test_plot_writes_png(tmp_path):
     table, _ = report.summarise(df)
     report.plot(table, tmp_path / "p.png", "t")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_methods_table_groups_settings_and_variants():
+    rows = []
+    settings = [("magnitude", "0.9", "oneshot", "0.0"), ("l1_filter", "0.5", "oneshot", "0.0"),
+                ("magnitude", "0.9", "agp", "0.0")]
+    for i, (method, ratio, schedule, beta) in enumerate(settings):
+        for seed in (0, 1):
+            row = {"run_id": f"{i}{seed}", "start_time": 10 * i + seed, "params.prune.method": method,
+                   "params.prune.ratio": ratio, "params.prune.schedule": schedule, "params.distill.at_beta": beta,
+                   "params.seed": str(seed), "params.teacher.epochs": "6", "acc_teacher": 92.0,
+                   "compression_ratio": 9.3 if method == "magnitude" else 1.9, "mac_reduction": 1.0,
+                   "acc_pruned": 10.0 + seed, "acc_kd": 90.0 + seed + i, "acc_finetune": 89.0 + seed,
+                   "speedup_b128_kd": 1.0, "speedup_b128_finetune": 1.2}
+            if i == 1:
+                row.update(acc_scratch=80.0 + 2 * seed, acc_scratch_kd=81.0)
+            rows.append(row)
+    rows.append({**rows[0], "run_id": "old", "start_time": -1})  # an older duplicate of (setting 0, seed 0)
+    rows.append({**rows[0], "run_id": "other", "params.teacher.epochs": "9"})  # another teacher: excluded
+    df = pd.DataFrame(rows)
+    runs, excluded = report.select_settings(df, {"prune.method": "magnitude", "prune.ratio": 0.8, "seed": 0,
+                                                 "teacher.epochs": 6, "distill.variants": ["kd"]})
+    assert excluded == 1 and "old" not in set(runs.run_id) and len(runs) == 6
+    table = report.methods_table(runs)
+    assert list(zip(table["prune.method"], table["prune.schedule"])) == [("l1_filter", "oneshot"),
+                                                                         ("magnitude", "agp"), ("magnitude", "oneshot")]
+    l1 = table.iloc[0]
+    assert l1["kd_mean"] == pytest.approx(91.5) and l1["kd_std"] == pytest.approx(math.sqrt(0.5))
+    assert l1["scratch_mean"] == pytest.approx(81.0) and l1["scratch_n"] == 2 and l1["speedup_b128"] == pytest.approx(1.1)
+    assert table.iloc[2]["scratch_n"] == 0
+    md = report.methods_markdown(table)
+    assert "| l1_filter | 0.5 | oneshot | 0.0 | 1.90x |" in md and "81.00 ± 1.41 (2)" in md and "| - |" in md
