@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from kdprune import io  # noqa: E402
 from kdprune.export import compact_bound_bytes, export_compact  # noqa: E402
-from kdprune.measure import dense_macs, fold_batchnorm  # noqa: E402
+from kdprune.measure import dense_macs, fold_batchnorm, latency_ms  # noqa: E402
 from kdprune.models import build_model, resnet_spec, spec_of  # noqa: E402
 from kdprune.pruning import apply_masks, global_magnitude_masks, l1_filter_prune  # noqa: E402
 
@@ -47,26 +47,12 @@ CASES = [  # (name, depth, width, input shape)
 MODES = ("eager", "eager_nchw", "compiled")  # compiled: torch.compile of the BN-folded eval graph
 
 
-@torch.inference_mode()
 def interleaved_latency_ms(models: dict, shape: tuple, batch: int, repeats: int, warmup: int = 3,
                            channels_last: bool = True) -> dict[str, float]:
-    """Median forward time per model; the models take turns so drift on a shared box hits all alike."""
-    x = torch.randn(batch, *shape)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    """kdprune.measure.latency_ms (the models take turns) with the models in the matching memory format."""
     for m in models.values():
-        m.eval()
-        if channels_last:
-            m.to(memory_format=torch.channels_last)
-        for _ in range(warmup):
-            m(x)
-    times = {k: [] for k in models}
-    for _ in range(repeats):
-        for k, m in models.items():
-            t0 = time.perf_counter()
-            m(x)
-            times[k].append(time.perf_counter() - t0)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+        m.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return latency_ms(models, shape, batch, repeats, warmup, channels_last)
 
 
 def structured_case(depth: int, width: int, shape: tuple, repeats: int, ratio: float = 0.5,
@@ -96,10 +82,6 @@ def structured_case(depth: int, width: int, shape: tuple, repeats: int, ratio: f
             models = {k: torch.compile(fold_batchnorm(m)) for k, m in models.items()}
         for batch, reps in ((1, repeats * 5), (128, repeats)):
             lat = interleaved_latency_ms(models, shape, batch, reps, channels_last=mode != "eager_nchw")
-            if mode == "eager_nchw":
-                for m in models.values():
-                    m.to(memory_format=torch.contiguous_format)
-                lat = interleaved_latency_ms(models, shape, batch, reps, channels_last=False)
             r = {**{f"{k}_ms": v for k, v in lat.items()}, "speedup_l1_filter": lat["teacher"] / lat["l1_filter"],
                  "speedup_magnitude90": lat["teacher"] / lat["magnitude90"]}
             r["speedup_over_mac_reduction"] = r["speedup_l1_filter"] / mac_red

@@ -83,31 +83,35 @@ def size_report(model: nn.Module, reference: nn.Module, include_first_conv: bool
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, repeats: int, warmup: int = 3,
-               channels_last: bool = False) -> float:
-    """Median wall time in milliseconds of one forward pass of a ``batch`` of inputs (fp32, eval mode,
-    on the current torch thread count), over ``repeats`` timed runs after ``warmup`` untimed ones.
+def latency_ms(models: dict[str, nn.Module], input_shape: tuple[int, ...], batch: int, repeats: int,
+               warmup: int = 3, channels_last: bool = False) -> dict[str, float]:
+    """Median wall time in milliseconds of one forward pass of a ``batch`` of inputs, per model (fp32, eval
+    mode, the current torch thread count), over ``repeats`` timed runs after ``warmup`` untimed ones. The
+    models take turns run by run, so drift on a shared machine hits them all alike.
 
-    Unstructured sparsity does not make this faster: dense kernels multiply the zeros too. Only
-    physically removed channels (structured pruning) reduce it.
+    Unstructured sparsity does not make a model faster: dense kernels multiply the zeros too. Only
+    physically removed channels (structured pruning) reduce this.
     """
     import statistics
     import time
 
-    was_training = model.training
-    model.eval()
     x = torch.randn(batch, *input_shape)
     if channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    for _ in range(warmup):
-        model(x)
-    times = []
+    modes = {k: m.training for k, m in models.items()}
+    for m in models.values():
+        m.eval()
+        for _ in range(warmup):
+            m(x)
+    times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
-    model.train(was_training)
-    return 1000.0 * statistics.median(times)
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            times[k].append(time.perf_counter() - t0)
+    for k, m in models.items():
+        m.train(modes[k])
+    return {k: 1000.0 * statistics.median(v) for k, v in times.items()}
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -106,16 +106,13 @@ def main(params: Params) -> None:
         elif name != "teacher":
             check_student(name, rep, pruned_rep, masked=bool(pruned_masks))
             export_student(name, model, shape, stage.student_path(name), out, params)
-        if params.evaluate.latency_repeats and name != "pruned":  # pruned has the students' shape
-            fast = to_runtime(model, params.runtime)
-            for batch in (1, 128):
-                latency[f"latency_b{batch}_ms_{name}"] = latency_ms(
-                    fast, shape, batch, params.evaluate.latency_repeats, channels_last=params.runtime.channels_last)
-    if params.evaluate.latency_repeats:
+    if params.evaluate.latency_repeats:  # the pruned model has its students' shape: not timed again
+        timed = {n: to_runtime(m, params.runtime) for n, m in models.items() if n != "pruned"}
         for batch in (1, 128):
-            t = latency[f"latency_b{batch}_ms_teacher"]
-            for v in params.distill.variants:
-                latency[f"speedup_b{batch}_{v}"] = t / latency[f"latency_b{batch}_ms_{v}"]
+            ms = latency_ms(timed, shape, batch, params.evaluate.latency_repeats,
+                            channels_last=params.runtime.channels_last)
+            latency.update({f"latency_b{batch}_ms_{n}": v for n, v in ms.items()})
+            latency.update({f"speedup_b{batch}_{v}": ms["teacher"] / ms[v] for v in params.distill.variants})
     io.write_json(stage.METRICS / "evaluate.json", out)
     io.write_json(stage.METRICS / "latency.json", latency)
     names = list(models)
