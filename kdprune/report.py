@@ -122,7 +122,7 @@ def methods_markdown(table: pd.DataFrame) -> str:
         return "-" if n == 0 else f"{fmt(r[f'{v}_mean'], r[f'{v}_std'])} ({n})"
 
     for _, r in table.iterrows():
-        lines.append(f"| {r['prune.method']} | {r['prune.ratio']} | {r['prune.schedule']} | {r['distill.at_beta']} | "
+        lines.append(f"| {r['prune.method']} | {r['prune.ratio']} | {r['prune.schedule']} | {float(r['distill.at_beta']):g} | "
                      f"{r['compression_ratio']:.2f}x | {r['mac_reduction']:.2f} | {r['speedup_b128']:.2f}x | "
                      + " | ".join(cell(r, v) for v in VARIANT_COLUMNS) + " |")
     if not table.empty:

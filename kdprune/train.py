@@ -269,6 +269,8 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
         loss_sum, correct, seen = distributed.sum_over_ranks(loss_sum, correct, seen)  # DDP: all ranks' shards
+        if loss_sum.is_cuda:
+            torch.cuda.synchronize(loss_sum.device)  # CUDA runs asynchronously: time the work, not its queueing
         train_time = time.perf_counter() - t0
         row = {
             "epoch": epoch,

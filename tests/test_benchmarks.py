@@ -2,6 +2,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from kdprune.data import prepare_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,3 +48,14 @@ def test_compression_benchmark_runs_tiny():
     assert case["structured"]["eager_b128"]["teacher_ms"] > 0
     assert case["compact_90"]["bytes_compact"] < case["compact_90"]["bytes_dense_checkpoint"]
     assert "x MAC reduction" in mod.report(res)
+
+
+def test_preset_timing_runs_tiny_on_cpu():
+    spec = importlib.util.spec_from_file_location("preset_timing", ROOT / "benchmarks" / "preset_timing.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.run("cifar10-resnet20", steps=1, warmup=1)
+    assert res["device"] == "cpu" and 0.2 < res["params_millions"] < 0.3
+    assert res["teacher_img_s"] > 0 and res["kd_img_s"] > 0
+    # projection = epochs x 50,000 CIFAR-10 images / measured speed
+    assert res["projected_hours"]["teacher"] == pytest.approx(30 * 50000 / res["teacher_img_s"] / 3600)

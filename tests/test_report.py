@@ -96,4 +96,4 @@ def test_methods_table_groups_settings_and_variants():
     assert l1["scratch_mean"] == pytest.approx(81.0) and l1["scratch_n"] == 2 and l1["speedup_b128"] == pytest.approx(1.1)
     assert table.iloc[2]["scratch_n"] == 0
     md = report.methods_markdown(table)
-    assert "| l1_filter | 0.5 | oneshot | 0.0 | 1.90x |" in md and "81.00 ± 1.41 (2)" in md and "| - |" in md
+    assert "| l1_filter | 0.5 | oneshot | 0 | 1.90x |" in md and "81.00 ± 1.41 (2)" in md and "| - |" in md
