@@ -132,12 +132,10 @@ def compact_bound_bytes(model: nn.Module) -> int:
 
 
 def onnx_available() -> bool:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Both ``onnx`` (the exporter needs it) and ``onnxruntime`` (the parity check) are installed."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...]) -> None:

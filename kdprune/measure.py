@@ -1,6 +1,9 @@
 """Measurements: accuracy, parameter counts, compression ratios, MACs, bytes on disk."""
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -92,9 +95,6 @@ def latency_ms(models: dict[str, nn.Module], input_shape: tuple[int, ...], batch
     Unstructured sparsity does not make a model faster: dense kernels multiply the zeros too. Only
     physically removed channels (structured pruning) reduce this.
     """
-    import statistics
-    import time
-
     x = torch.randn(batch, *input_shape)
     if channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
