@@ -12,9 +12,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: stages/validate.py imports this module without it
+    import torch
 
 
 class CheckpointError(RuntimeError):
@@ -69,12 +70,16 @@ def read_json(path: str | os.PathLike) -> Any:
 def torch_save(path: str | os.PathLike, obj: Any) -> None:
     # Save through a file object: given a path, torch.save names the zip archive's records after the
     # file, and the random temp name would make every save differ (non-deterministic DVC hashes).
+    import torch
+
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
 
 
 def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """Load a torch file with ``weights_only=True``: tensors and plain containers only, never code."""
+    import torch
+
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: file not found")

@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,9 +34,31 @@ class ParamsError(ValueError):
     """Invalid params.yaml content. The message names the key, the value and what is allowed."""
 
 
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel, _REPR.maxlong = 60, 60, 4, 4, 3, 40
+MAX_PARAMS_BYTES = 1 << 20  # params.yaml is a few KB; a larger file is not a params file (or is a YAML bomb)
+
+
+def show(value: Any) -> str:
+    """``repr`` of a param value, bounded: a huge or deeply nested value never floods (or hangs) a message."""
+    return _REPR.repr(value)
+
+
 def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
     if not cond:
-        raise ParamsError(f"params.yaml: {key} = {value!r} is invalid: {allowed}")
+        raise ParamsError(f"params.yaml: {show(key)[1:-1] if isinstance(key, str) else show(key)} = {show(value)} "
+                          f"is invalid: {allowed}")
+
+
+def _in(lo: float, value: float, hi: float) -> bool:
+    """lo <= value <= hi, False for NaN."""
+    return lo <= value <= hi
+
+
+def max_threads() -> int:
+    """Torch threads allowed per process: 4x this machine's cores. More only adds contention (and 10,000
+    threads stall the machine; 100,000 crash torch)."""
+    return 4 * (os.cpu_count() or 1)
 
 
 def path_stays_inside(path: str) -> bool:
@@ -50,6 +75,9 @@ def path_stays_inside(path: str) -> bool:
     return True
 
 
+MAX_SUBSET = 100_000_000  # images: ImageNet-1k has 1.3M, SVHN with extra 604k
+
+
 @dataclass(frozen=True)
 class DataParams:
     name: Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "svhn"] = "fashion_mnist"
@@ -63,11 +91,14 @@ class DataParams:
     def validate(self, p: str) -> None:
         if self.root is not None:
             _check(bool(self.root.strip()), f"{p}.root", self.root, "must be a directory path or null")
+            _check(len(self.root) <= 4096 and "\x00" not in self.root, f"{p}.root", self.root,
+                   "must be a path of at most 4096 characters, without NUL bytes")
             _check(path_stays_inside(self.root), f"{p}.root", self.root,
                    "a relative path must stay inside the repository (no '..' out of it); "
                    "write an absolute path to use a directory elsewhere")
-        _check(self.train_subset >= 0, f"{p}.train_subset", self.train_subset, "must be >= 0 (0 = all)")
-        _check(self.test_subset >= 0, f"{p}.test_subset", self.test_subset, "must be >= 0 (0 = all)")
+        for key in ("train_subset", "test_subset"):
+            _check(_in(0, getattr(self, key), MAX_SUBSET), f"{p}.{key}", getattr(self, key),
+                   f"must be in [0, {MAX_SUBSET:,}] (0 = the whole split; no supported dataset is larger)")
         _check(0 <= self.crop_padding <= 8, f"{p}.crop_padding", self.crop_padding, "must be in [0, 8]")
         _check(not self.svhn_extra or self.name == "svhn", f"{p}.svhn_extra", self.svhn_extra,
                f"applies to {p}.name = svhn only (it is {self.name!r}); set it to false")
@@ -78,11 +109,18 @@ IMAGENET_LAYOUTS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 MAX_CHANNELS = 2048  # widest layer allowed: that of the standard ResNet-50/101/152 (and ResNet-164 at width 128)
 
 
+# Deepest networks allowed: the deepest CIFAR ResNets published (He et al. 2016: ResNet-1202; He et al.
+# 2016b: the pre-activation ResNet-1001, Bottleneck). Deeper ones only exhaust memory.
+MAX_DEPTH = {"resnet": 1202, "resnet_bottleneck": 1001}
+
+
 def stage_blocks(arch: str, depth: int) -> list[int] | None:
     """Residual blocks per stage of ``arch`` at ``depth``; None where ``arch`` has no such depth.
 
     Depth counts the weighted layers: stem conv + 2 (BasicBlock) or 3 (Bottleneck) per block + fc;
     projection shortcuts are not counted (He et al.)."""
+    if arch in MAX_DEPTH and not 1 <= depth <= MAX_DEPTH[arch]:
+        return None
     if arch == "resnet":
         return [(depth - 2) // 6] * 3 if depth >= 8 and (depth - 2) % 6 == 0 else None
     if arch == "resnet_bottleneck":
@@ -94,7 +132,8 @@ def stage_blocks(arch: str, depth: int) -> list[int] | None:
 
 def depth_rule(arch: str) -> str:
     what, depths = ARCHS[arch]
-    return f"depth {depths} ({what})"
+    top = f", at most {MAX_DEPTH[arch]}" if arch in MAX_DEPTH else ""
+    return f"depth {depths}{top} ({what})"
 
 
 def widest_factor(arch: str) -> int:
@@ -130,9 +169,18 @@ class RuntimeParams:
     nproc_per_node: int = 1  # > 1: teacher and distill train with DDP in this many processes (torchrun)
 
     def validate(self, p: str) -> None:
-        _check(self.threads >= 0, f"{p}.threads", self.threads, "must be >= 0 (0 = all cores)")
+        top = max_threads()
+        _check(_in(0, self.threads, top), f"{p}.threads", self.threads,
+               f"must be in [0, {top}] (0 = all cores; at most 4x this machine's {os.cpu_count() or 1} cores: "
+               "more threads only contend, and thousands stall the machine)")
         _check(1 <= self.nproc_per_node <= 1024, f"{p}.nproc_per_node", self.nproc_per_node,
                "must be in [1, 1024] (1 = one process, no DDP)")
+
+
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536
+MAX_LR = 10.0
+MAX_WEIGHT_DECAY = 0.1
 
 
 @dataclass(frozen=True)
@@ -150,16 +198,21 @@ class TrainParams:
     checkpoint_every: int = 1  # epochs between resume checkpoints under checkpoints/ (0 = off)
 
     def validate(self, p: str) -> None:
-        _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "must be >= 1")
-        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "must be >= 1")
-        _check(math.isfinite(self.lr) and self.lr > 0, f"{p}.lr", self.lr, "must be > 0")
+        _check(_in(1, self.epochs, MAX_EPOCHS), f"{p}.epochs", self.epochs, f"must be in [1, {MAX_EPOCHS}]")
+        _check(_in(1, self.batch_size, MAX_BATCH), f"{p}.batch_size", self.batch_size,
+               f"must be in [1, {MAX_BATCH}]")
+        _check(0 < self.lr <= MAX_LR, f"{p}.lr", self.lr,
+               f"must be in (0, {MAX_LR}] (peak SGD learning rate; larger ones diverge to NaN)")
         _check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "must be in [0, 1)")
-        _check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "must be >= 0")
+        _check(_in(0, self.weight_decay, MAX_WEIGHT_DECAY), f"{p}.weight_decay", self.weight_decay,
+               f"must be in [0, {MAX_WEIGHT_DECAY}] (typical: 1e-4 to 5e-4; larger ones shrink every weight to 0 "
+               "or diverge)")
         _check(0 <= self.warmup_frac < 1, f"{p}.warmup_frac", self.warmup_frac, "must be in [0, 1)")
         _check(0 <= self.label_smoothing < 1, f"{p}.label_smoothing", self.label_smoothing, "must be in [0, 1)")
-        _check(self.eval_every >= 0, f"{p}.eval_every", self.eval_every, "must be >= 0")
-        _check(self.checkpoint_every >= 0, f"{p}.checkpoint_every", self.checkpoint_every,
-               "must be >= 0 (epochs between resume checkpoints; 0 = off)")
+        _check(_in(0, self.eval_every, MAX_EPOCHS), f"{p}.eval_every", self.eval_every,
+               f"must be in [0, {MAX_EPOCHS}] (0 = only at the end)")
+        _check(_in(0, self.checkpoint_every, MAX_EPOCHS), f"{p}.checkpoint_every", self.checkpoint_every,
+               f"must be in [0, {MAX_EPOCHS}] (epochs between resume checkpoints; 0 = off)")
 
 
 @dataclass(frozen=True)
@@ -177,8 +230,12 @@ class PruneParams:
                "must be in [0, 1) (magnitude: fraction of prunable weights removed; l1_filter: fraction of filters)")
         _check(self.schedule == "oneshot" or self.method == "magnitude", f"{p}.schedule", self.schedule,
                f"'agp' needs {p}.method: magnitude (gradual pruning of masks; l1_filter removes channels once)")
-        _check(self.agp_steps >= 1, f"{p}.agp_steps", self.agp_steps, "must be >= 1")
+        _check(_in(1, self.agp_steps, 10_000), f"{p}.agp_steps", self.agp_steps, "must be in [1, 10000]")
         _check(0 < self.agp_end <= 1, f"{p}.agp_end", self.agp_end, "must be in (0, 1] (fraction of recovery steps)")
+
+
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 100.0
+MAX_AT_BETA = 1e5
 
 
 @dataclass(frozen=True)
@@ -198,10 +255,12 @@ class DistillParams(TrainParams):
         for v in self.variants:
             _check(v in VARIANTS, f"{p}.variants", self.variants, f"each entry must be one of {list(VARIANTS)}")
         _check(len(set(self.variants)) == len(self.variants), f"{p}.variants", self.variants, "has duplicates")
-        _check(math.isfinite(self.temperature) and self.temperature > 0, f"{p}.temperature", self.temperature, "must be > 0")
-        _check(0 <= self.alpha <= 1, f"{p}.alpha", self.alpha, "must be in [0, 1]")
-        _check(math.isfinite(self.at_beta) and self.at_beta >= 0, f"{p}.at_beta", self.at_beta,
-               "must be >= 0 (0 = no attention transfer)")
+        _check(_in(MIN_TEMPERATURE, self.temperature, MAX_TEMPERATURE), f"{p}.temperature", self.temperature,
+               f"must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (Hinton et al. use 1-20; near 0 the softened "
+               "logits overflow to NaN, and the KD term is scaled by T^2)")
+        _check(_in(0, self.alpha, 1), f"{p}.alpha", self.alpha, "must be in [0, 1]")
+        _check(_in(0, self.at_beta, MAX_AT_BETA), f"{p}.at_beta", self.at_beta,
+               f"must be in [0, {MAX_AT_BETA:.0f}] (0 = no attention transfer; Zagoruyko & Komodakis use 1000)")
 
 
 @dataclass(frozen=True)
@@ -211,8 +270,9 @@ class EvaluateParams:
     onnx: bool = True  # export students to ONNX and check them with onnxruntime (when onnx is installed)
 
     def validate(self, p: str) -> None:
-        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "must be >= 1")
-        _check(self.latency_repeats >= 0, f"{p}.latency_repeats", self.latency_repeats, "must be >= 0 (0 = skip)")
+        _check(_in(1, self.batch_size, MAX_BATCH), f"{p}.batch_size", self.batch_size, f"must be in [1, {MAX_BATCH}]")
+        _check(_in(0, self.latency_repeats, 10_000), f"{p}.latency_repeats", self.latency_repeats,
+               "must be in [0, 10000] (0 = skip)")
 
 
 @dataclass(frozen=True)
@@ -221,7 +281,11 @@ class MlflowParams:
     experiment: str = "kdprune"
 
     def validate(self, p: str) -> None:
-        _check(bool(self.experiment.strip()), f"{p}.experiment", self.experiment, "must be a non-empty name")
+        _check(bool(self.experiment.strip()) and len(self.experiment) <= 200 and self.experiment.isprintable(),
+               f"{p}.experiment", self.experiment, "must be a non-empty name of at most 200 printable characters")
+
+
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -237,7 +301,8 @@ class Params:
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
     def validate(self, p: str = "") -> None:
-        _check(self.seed >= 0, "seed", self.seed, "must be an integer >= 0")
+        _check(_in(0, self.seed, MAX_SEED), "seed", self.seed,
+               f"must be an integer in [0, {MAX_SEED}] (numpy's seed range: 2^32 - 1)")
         n = self.runtime.nproc_per_node
         for section in ("teacher", "distill"):  # DDP splits every global batch evenly over the processes
             bs = getattr(self, section).batch_size
@@ -274,7 +339,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ParamsError:
                 continue
-        raise ParamsError(f"params.yaml: {key} = {value!r} is invalid: must be {_type_name(tp)}")
+        raise ParamsError(f"params.yaml: {key} = {show(value)} is invalid: must be {_type_name(tp)}")
     if origin is list:
         _check(isinstance(value, list), key, value, f"must be {_type_name(tp)}")
         (inner,) = typing.get_args(tp)
@@ -290,7 +355,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "must be a number")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer too large for a float
+            value = math.inf
+        _check(math.isfinite(value), key, value, "must be a finite number (not .nan or .inf)")
+        return value
     if tp is str:
         _check(isinstance(value, str), key, value, "must be a string")
         return value
@@ -305,8 +375,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in raw:
         if k not in fields:
-            where = f"{prefix}.{k}" if prefix else str(k)
-            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            where = show(f"{prefix}.{k}" if prefix else str(k))[1:-1]
+            close = difflib.get_close_matches(str(k)[:100], list(fields), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ParamsError(f"params.yaml: unknown key '{where}'{hint} Allowed keys here: {sorted(fields)}")
     kwargs = {}
@@ -330,14 +400,44 @@ def params_from_dict(raw: Any) -> Params:
     return _build(Params, raw, "")
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with two changes for hand-written params files:
+
+    - no aliases (``*name``): a few KB of nested aliases expand to gigabytes (a "billion laughs" YAML bomb),
+      and params.yaml has no use for them;
+    - YAML 1.2 floats: ``1e-3`` is a float, as in YAML 1.2 and in DVC's own parser (PyYAML follows YAML 1.1,
+      which needs a dot, ``1.0e-3``, and reads ``1e-3`` as a string).
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases (*{show(event.anchor)[1:-1]}) are not allowed in params files "
+                                 f"{event.start_mark}".rstrip())
+        return super().compose_node(parent, index)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def safe_load_yaml(text: str) -> Any:
+    """Parse params YAML with :class:`_Loader` (no aliases, YAML 1.2 floats)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_PARAMS_BYTES:
+            raise ParamsError(f"{path}: {size:,} bytes; a params file is at most {MAX_PARAMS_BYTES:,} bytes")
+        raw = safe_load_yaml(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found (run from the repository root)") from None
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raise ParamsError(f"{path}: not valid YAML: {str(e)[:500]}") from None
     return params_from_dict(raw)
 
 

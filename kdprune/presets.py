@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from kdprune.params import ParamsError, Params, flatten, params_from_dict
+from kdprune.params import Params, ParamsError, flatten, params_from_dict, safe_load_yaml
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 
@@ -41,7 +41,7 @@ def load_preset(name: str) -> dict[str, Any]:
     if not path.is_file():
         raise PresetError(f"unknown preset {name!r}; available: {available()}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise PresetError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict):
@@ -62,7 +62,7 @@ def merge(base: dict, override: dict) -> dict:
 def resolve(name: str, params_path: Path = PRESETS.parent / "params.yaml") -> tuple[Params, dict[str, Any]]:
     """The validated params of ``params.yaml`` + the preset, and the flat overrides."""
     preset = load_preset(name)
-    base = yaml.safe_load(params_path.read_text())
+    base = safe_load_yaml(params_path.read_text())
     try:
         params = params_from_dict(merge(base, preset["params"]))
     except ParamsError as e:

@@ -11,7 +11,24 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import prune as torch_prune
 
+from kdprune.errors import UserError
+
 Masks = dict[str, torch.Tensor]
+
+
+class PruningError(UserError, ValueError):
+    """The model cannot be pruned as asked (non-finite weights: a diverged teacher)."""
+
+
+def check_finite(model: nn.Module, what: str = "the model") -> None:
+    """Refuse a model with NaN or infinite parameters or buffers: magnitudes of NaN weights rank arbitrarily,
+    so pruning them gives garbage (a diverged teacher once "pruned" to 1.00x at ratio 0.8)."""
+    bad = [(n, int((~torch.isfinite(t)).sum())) for n, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        listed = ", ".join(f"{n} ({k} values)" for n, k in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise PruningError(f"{what} has NaN or infinite weights in {listed}: its training diverged; retrain it "
+                           "with a smaller learning rate or weight decay")
 
 
 def prunable_modules(model: nn.Module, include_first_conv: bool = True,
@@ -43,6 +60,7 @@ def global_magnitude_masks(model: nn.Module, ratio: float, include_first_conv: b
     weight is left in every layer. Chosen over refusing the ratio so a sweep does not die at its
     last point.
     """
+    check_finite(model)
     layers = prunable_modules(model, include_first_conv, include_last_fc)
     weights = {f"{n}.weight": m.weight.detach().float() for n, m in layers}
     scores = torch.cat([w.reshape(-1).abs() for w in weights.values()])
@@ -125,6 +143,7 @@ def l1_filter_prune(model: nn.Module, ratio: float, example_input: torch.Tensor)
 
     if not 0 <= ratio < 1:
         raise ValueError(f"l1_filter ratio {ratio} outside [0, 1)")
+    check_finite(model)
     prunable = set(inner_convs(model))
     if not prunable:
         raise ValueError("l1_filter: the model has no residual blocks with inner convs to prune")

@@ -31,9 +31,27 @@ import torch
 import torch.nn as nn
 
 from kdprune import distributed, io
+from kdprune.errors import UserError
 from kdprune.losses import at_loss, kd_loss
 from kdprune.measure import accuracy
 from kdprune.pruning import AGPSchedule, Masks, apply_masks, count_prunable, mask_grads
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss became NaN or infinite: the run cannot produce a model worth saving."""
+
+
+# Checked every this many steps (one host sync each) as well as at every epoch's end, so a diverged run stops
+# within seconds instead of finishing a long epoch of NaNs.
+DIVERGENCE_CHECK_STEPS = 50
+
+
+def diverged(name: str, section: str, epoch: int, step: int, cfg, loss: float) -> TrainingDiverged:
+    hint = (f"{section}.lr = {cfg.lr:g}, {section}.weight_decay = {cfg.weight_decay:g}"
+            + (", distill.temperature / alpha / at_beta" if section == "distill" else "")
+            + ", or a constant (zero-std) dataset")
+    return TrainingDiverged(f"{name}: training diverged at epoch {epoch} (step {step}): loss is {loss}; "
+                            f"likely too large: {hint}. No outputs were written")
 
 
 def seed_everything(seed: int) -> None:
@@ -181,7 +199,7 @@ def _load_resume(path: Path, fingerprint: str, name: str, log: Callable[[str], N
 def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: nn.Module | None = None,
         alpha: float = 0.0, temperature: float = 1.0, masks: Masks | None = None, name: str = "train",
         log: Callable[[str], None] = print, checkpoint: str | os.PathLike | None = None, at_beta: float = 0.0,
-        prune_schedule: AGPSchedule | None = None) -> list[dict]:
+        prune_schedule: AGPSchedule | None = None, section: str | None = None) -> list[dict]:
     """Train ``model`` in place for ``cfg.epochs``; return the per-epoch curve (list of dicts).
 
     ``checkpoint``: resume file (see the module docstring); used when ``cfg.checkpoint_every > 0``.
@@ -189,7 +207,12 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
     stages' outputs; needs a teacher.
     ``prune_schedule``: gradual pruning (AGP). ``masks`` must then be a dict that ``fit`` updates *in place*
     at the schedule's steps, so the caller holds the final masks afterwards.
+    ``section``: the params section of ``cfg`` (teacher, distill), named in errors; default ``name``.
+
+    A NaN or infinite loss raises :class:`TrainingDiverged` (checked every ``DIVERGENCE_CHECK_STEPS`` steps and
+    at each epoch's end) before any resume checkpoint of the diverged state is written.
     """
+    section = section or name
     if (alpha > 0 or at_beta > 0) and teacher is None:
         raise ValueError(f"{name}: alpha = {alpha}, at_beta = {at_beta} need a teacher")
     if prune_schedule is not None and masks is None:
@@ -268,7 +291,11 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
+            if step % DIVERGENCE_CHECK_STEPS == 0 and distributed.world_size() == 1 and not torch.isfinite(loss_sum):
+                raise diverged(name, section, epoch, step, cfg, float(loss.detach()))
         loss_sum, correct, seen = distributed.sum_over_ranks(loss_sum, correct, seen)  # DDP: all ranks' shards
+        if not torch.isfinite(loss_sum):  # the same sum on every rank: all of them stop here
+            raise diverged(name, section, epoch, step, cfg, float(loss_sum) / max(seen, 1))
         if loss_sum.is_cuda:
             torch.cuda.synchronize(loss_sum.device)  # CUDA runs asynchronously: time the work, not its queueing
         train_time = time.perf_counter() - t0

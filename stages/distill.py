@@ -1,23 +1,29 @@
-"""Stage distill: recover the pruned model -> models/students/<variant>.pt.
+"""Stage distill: recover the pruned model with every variant of ``distill.variants``
+-> models/students/<variant>.pt, metrics/distill/<variant>.json, plots/distill/<variant>.csv.
 
-The variants (``distill.variants``: kd, finetune, scratch, scratch_kd) share epochs, schedule, data
-order and masks; kdprune/recovery.py says where each one starts and which loss it uses.
+The variants (kd, finetune, scratch, scratch_kd) share epochs, schedule, data order and masks;
+kdprune/recovery.py says where each one starts and which loss it uses. They run one after another in
+this one stage, each from the same seed, so each gives exactly what it gave in a process of its own.
+The stage's command names no variant: a param value never reaches the shell (dvc.yaml).
+
+Resume: each variant keeps its resume checkpoint (checkpoints/distill_<variant>.pt) until the whole
+stage has finished, so a rerun after a kill skips the variants that had finished and resumes the one
+that was running.
 """
 import argparse
 import time
 
 from kdprune import distributed, io, stage
-from kdprune.params import VARIANTS, Params
+from kdprune.params import Params
 from kdprune.pruning import count_params, count_prunable
 from kdprune.recovery import agp_schedule, starting_point
-from kdprune.train import fit, setup_runtime
+from kdprune.train import fit, seed_everything, setup_runtime
 
 
-def main(params: Params, variant: str) -> None:
-    if variant not in params.distill.variants:
-        raise stage.StageError(f"variant '{variant}' is not listed in distill.variants {params.distill.variants}")
-    device = setup_runtime(params.runtime, params.seed)
-    data = stage.load_data(params)
+def recover(params: Params, variant: str, data: dict, device) -> None:
+    """Train one variant and write its outputs (rank 0). Every variant seeds and loads its models in the same
+    order, so it draws the same random numbers as in a process of its own."""
+    seed_everything(params.seed)
     n_classes = len(data["classes"])
     pruned, pruned_masks, meta = io.load_checkpoint(stage.PRUNED, expect_classes=n_classes)
     teacher = io.load_checkpoint(stage.TEACHER, expect_classes=n_classes)[0]
@@ -30,7 +36,8 @@ def main(params: Params, variant: str) -> None:
     history = fit(student, loader, stage.test_loader(params, data, device),
                   params.distill, runtime=params.runtime, teacher=teacher if uses_teacher else None,
                   alpha=start.alpha, temperature=params.distill.temperature, masks=masks, name=variant,
-                  log=stage.log, checkpoint=stage.resume_path(f"distill_{variant}"), at_beta=start.at_beta,
+                  section="distill", log=stage.log, checkpoint=stage.resume_path(f"distill_{variant}"),
+                  at_beta=start.at_beta,
                   prune_schedule=agp_schedule(params, params.distill.epochs * len(loader)) if start.gradual else None)
     _, nz_after = count_prunable(student)
     if masks and nz_after > nz_before:  # the loop's invariant; never ship a student whose mask leaked
@@ -49,11 +56,18 @@ def main(params: Params, variant: str) -> None:
     columns = ("epoch", "lr", "train_loss", "train_acc", "test_acc") + (("prunable_sparsity",) if start.gradual else ())
     stage.write_curve(stage.PLOTS / "distill" / f"{variant}.csv", history, columns)
     stage.write_timing(f"distill_{variant}", history, wall_seconds=round(time.perf_counter() - t0, 3))
-    stage.finished(f"distill_{variant}")
+
+
+def main(params: Params) -> None:
+    device = setup_runtime(params.runtime, params.seed)
+    data = stage.load_data(params)
+    for variant in params.distill.variants:  # validated names (kdprune.params.VARIANTS) only
+        recover(params, variant, data, device)
+    if distributed.is_main():  # every output is written: the resume states can go
+        for variant in params.distill.variants:
+            stage.finished(f"distill_{variant}")
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", required=True, choices=VARIANTS)
-    args = ap.parse_args()
-    stage.run(lambda params: main(params, args.variant), ddp=True)
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    stage.run(main, ddp=True)

@@ -12,7 +12,7 @@ from kdprune import io, stage
 from kdprune.measure import accuracy, dense_macs, size_report
 from kdprune.models import build_model, spec_of
 from kdprune.params import Params
-from kdprune.pruning import apply_masks, global_magnitude_masks, l1_filter_prune
+from kdprune.pruning import apply_masks, check_finite, global_magnitude_masks, l1_filter_prune
 from kdprune.train import setup_runtime, to_runtime
 
 
@@ -22,6 +22,7 @@ def main(params: Params) -> None:
     p = params.prune
     teacher, _, meta = io.load_checkpoint(stage.TEACHER, expect_classes=len(data["classes"]))
     shape = tuple(meta["input_shape"])
+    check_finite(teacher, str(stage.TEACHER))
     pruned = build_model(teacher.spec)
     pruned.load_state_dict(teacher.state_dict())
     masks = None

@@ -2,11 +2,13 @@ import io
 import os
 import pickle
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -15,6 +17,25 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from kdprune import data as kdata  # noqa: E402
 from kdprune.data import REGISTRY, write_idx  # noqa: E402
+
+
+def committed_params_text(root: Path = ROOT) -> str:
+    """``params.yaml`` as committed at HEAD (the working file only outside a git checkout).
+
+    Tests start from these defaults, never from the working file: a user in the middle of an edit (a typo,
+    an experiment's value left by ``dvc exp run -S``) must not see unrelated tests fail."""
+    try:
+        r = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        r = None
+    if r is not None and r.returncode == 0:
+        return r.stdout
+    return (root / "params.yaml").read_text()
+
+
+def default_params(root: Path = ROOT) -> dict:
+    """The committed ``params.yaml`` as a dict (see :func:`committed_params_text`)."""
+    return yaml.safe_load(committed_params_text(root))
 
 
 def make_fake_images(n: int, classes: int = 10, size: int = 28, seed: int = 0):

@@ -20,7 +20,7 @@ from kdprune.models import build_model, resnet_spec
 from kdprune.params import Params, ParamsError, RuntimeParams, params_from_dict
 from kdprune.pruning import count_prunable
 from kdprune.train import setup_runtime
-from tests.conftest import make_fake_images, write_fake_dataset
+from tests.conftest import default_params, make_fake_images, write_fake_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
@@ -96,7 +96,7 @@ def test_setup_runtime_returns_cpu_and_splits_cores(monkeypatch, no_torchrun, on
 
 
 def test_params_batch_size_must_split_over_processes():
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = default_params()
     raw["runtime"]["nproc_per_node"] = 3
     raw["teacher"]["batch_size"] = 96
     raw["distill"]["batch_size"] = 128
@@ -117,9 +117,9 @@ def test_torchrun_with_another_process_count_is_refused(monkeypatch, no_torchrun
 
 
 def test_relaunch_command_reruns_the_same_stage_module():
-    cmd = distributed.launch_command(4, argv=["/repo/stages/distill.py", "--variant", "kd"], module="stages.distill")
+    cmd = distributed.launch_command(4, argv=["/repo/stages/distill.py", "--extra", "arg"], module="stages.distill")
     assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                   "-m", "stages.distill", "--variant", "kd"]
+                   "-m", "stages.distill", "--extra", "arg"]
     cmd = distributed.launch_command(2, argv=["stages/prune.py"], module=None)  # run as a script path
     assert cmd[-1] == "stages/prune.py" and "-m" not in cmd[3:]
 
@@ -179,13 +179,13 @@ def make_repo(path: Path, raw: Path, nproc: int, prepared: Path | None) -> Path:
     path.mkdir(parents=True)
     for item in ("kdprune", "stages"):
         shutil.copytree(ROOT / item, path / item, ignore=shutil.ignore_patterns("__pycache__"))
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p = default_params()
     p["data"].update(root=str(raw), download=False, train_subset=0, test_subset=0)
     p["model"].update(depth=8, width=4)
     p["runtime"].update(threads=1, nproc_per_node=nproc)  # 2 processes x 1 thread on a 2-core box
     p["teacher"].update(epochs=1, batch_size=64, checkpoint_every=1)
     # at_beta > 0: the student's features go through DDP's forward too (attention transfer)
-    p["distill"].update(epochs=1, batch_size=64, variants=["kd", "finetune"], checkpoint_every=1, at_beta=100.0)
+    p["distill"].update(epochs=1, batch_size=64, variants=["kd"], checkpoint_every=1, at_beta=100.0)
     p["prune"]["ratio"] = 0.5
     p["mlflow"]["enabled"] = False
     (path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
@@ -249,7 +249,7 @@ def test_teacher_and_distill_under_ddp_match_the_single_process_layout(tmp_path)
 
     for repo in (single, ddp):
         run_stage(repo, "stages.prune")
-        out = run_stage(repo, "stages.distill", "--variant", "kd")
+        out = run_stage(repo, "stages.distill")
     assert out.count("DDP: 2 processes") == 1 and out.count("kd epoch 1/1") == 1
     assert files(single) == files(ddp)
     assert {"models/students/kd.pt", "metrics/distill/kd.json", "plots/distill/kd.csv"} <= files(ddp)
@@ -266,8 +266,9 @@ def test_teacher_and_distill_under_ddp_match_the_single_process_layout(tmp_path)
     # gradual pruning (AGP) under DDP: every rank recomputes the same masks from the same weights
     agp = yaml.safe_load((ddp / "params.yaml").read_text())
     agp["prune"].update(schedule="agp", agp_steps=2)
+    agp["distill"]["variants"] = ["finetune"]
     (ddp / "params.yaml").write_text(yaml.safe_dump(agp, sort_keys=False))
-    out = run_stage(ddp, "stages.distill", "--variant", "finetune")
+    out = run_stage(ddp, "stages.distill")
     assert out.count("finetune epoch 1/1") == 1
     student, final_masks, _ = io.load_checkpoint(ddp / stage.student_path("finetune"))
     assert count_prunable(student)[1] == count_prunable(pruned)[1]  # AGP reached prune.ratio exactly

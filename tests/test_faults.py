@@ -15,7 +15,7 @@ import yaml
 
 from kdprune import io
 from kdprune.models import build_model, resnet_spec
-from tests.conftest import write_fake_dataset
+from tests.conftest import default_params, write_fake_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def make_workdir(tmp_path: Path, n_train=2000, epochs=5, **teacher) -> tuple[Pat
     work = tmp_path / "work"
     work.mkdir()
     raw = write_fake_dataset(tmp_path / "raw", n_train=n_train, n_test=100)
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p = default_params()
     p["data"].update(root=str(raw), download=False)
     p["model"].update(depth=8, width=8)
     p["runtime"].update(threads=1)
@@ -137,26 +137,35 @@ def test_damaged_prepared_dataset_is_a_clear_stage_error(tmp_path, damage):
 
 
 def test_sigkill_during_distill_resumes_with_the_mask(tmp_path):
+    """The one distill stage runs kd, then finetune. Killed during finetune, the rerun does not train kd again
+    (its finished resume state is kept until the stage ends) and resumes finetune with the mask."""
     work, env = make_workdir(tmp_path, n_train=300, epochs=1)
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["distill"].update(epochs=3, batch_size=64, checkpoint_every=1)
+    params["distill"].update(epochs=3, batch_size=64, checkpoint_every=1, variants=["kd", "finetune"])
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for module in ("stages.prepare", "stages.train_teacher", "stages.prune"):
         stage(work, env, module)
-    # killed halfway through writing the epoch-2 resume checkpoint
-    r = stage(work, env, "stages.distill", "--variant", "kd", check=False, hook=("distill_kd.pt", 2))
+    # killed halfway through writing finetune's epoch-2 resume checkpoint
+    r = stage(work, env, "stages.distill", check=False, hook=("distill_finetune.pt", 2))
     assert r.returncode == -signal.SIGKILL and "killhook" in r.stdout, r.stdout + r.stderr
-    ckpt = work / "checkpoints" / "distill_kd.pt"
+    assert "kd epoch 3/3" in r.stdout
+    ckpt = work / "checkpoints" / "distill_finetune.pt"
     assert io.torch_load(ckpt)["epoch"] == 1 and io.torch_load(ckpt)["masks"]
-    assert not (work / "models" / "students" / "kd.pt").exists()
+    assert io.torch_load(work / "checkpoints" / "distill_kd.pt")["epoch"] == 3  # kept until the stage ends
+    assert not (work / "models" / "students" / "finetune.pt").exists()
+    kd_before = (work / "models" / "students" / "kd.pt").read_bytes()
 
-    r = stage(work, env, "stages.distill", "--variant", "kd")
-    assert "kd: resuming from checkpoints/distill_kd.pt at epoch 1/3" in r.stdout and "kd epoch 1/3" not in r.stdout
-    student, masks, meta = io.load_checkpoint(work / "models" / "students" / "kd.pt", expect_classes=10)
+    r = stage(work, env, "stages.distill")
+    assert "kd: resuming from checkpoints/distill_kd.pt at epoch 3/3" in r.stdout and "kd epoch" not in r.stdout
+    assert "finetune: resuming from checkpoints/distill_finetune.pt at epoch 1/3" in r.stdout
+    assert "finetune epoch 1/3" not in r.stdout and "finetune epoch 3/3" in r.stdout
+    assert (work / "models" / "students" / "kd.pt").read_bytes() == kd_before  # same weights, same bytes
     pruned, pruned_masks, _ = io.load_checkpoint(work / "models" / "pruned.pt")
-    assert meta["variant"] == "kd" and masks.keys() == pruned_masks.keys()
-    for name, p in student.named_parameters():  # the mask survived the kill and the resume
-        if name in masks:
-            assert not p.detach()[~masks[name]].any()
-    assert json.loads((work / "metrics" / "distill" / "kd.json").read_text())["epochs"] == 3
-    assert not ckpt.exists()
+    for variant in ("kd", "finetune"):
+        student, masks, meta = io.load_checkpoint(work / "models" / "students" / f"{variant}.pt", expect_classes=10)
+        assert meta["variant"] == variant and masks.keys() == pruned_masks.keys()
+        for name, p in student.named_parameters():  # the mask survived the kill and the resume
+            if name in masks:
+                assert not p.detach()[~masks[name]].any()
+        assert json.loads((work / "metrics" / "distill" / f"{variant}.json").read_text())["epochs"] == 3
+    assert not list((work / "checkpoints").glob("distill_*.pt"))  # removed once every output is written

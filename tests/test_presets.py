@@ -10,22 +10,31 @@ from kdprune import presets
 from kdprune.models import build_model, spec_from_params
 from kdprune.params import PRUNE_METHODS
 from kdprune.pruning import count_params, count_prunable, prunable_modules
+from tests.conftest import committed_params_text
 
 PAPER = {"cifar100-resnet152": (100, 3, 22.0), "svhn-resnet110": (10, 3, 49.0)}
 
 
-def test_the_three_presets_exist_and_validate():
+@pytest.fixture(scope="module")
+def committed(tmp_path_factory):
+    """The committed params.yaml in a temp file: presets apply to the defaults, not to a working edit."""
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    path.write_text(committed_params_text())
+    return path
+
+
+def test_the_three_presets_exist_and_validate(committed):
     assert {"cifar100-resnet152", "svhn-resnet110", "cifar10-resnet20"} <= set(presets.available())
     for name in presets.available():
-        params, overrides = presets.resolve(name)
+        params, overrides = presets.resolve(name, committed)
         assert overrides and params.data.name != "fashion_mnist"
         assert params.prune.method in PRUNE_METHODS
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_paper_presets_reach_the_papers_compression(name):
+def test_paper_presets_reach_the_papers_compression(name, committed):
     classes, channels, target = PAPER[name]
-    params, _ = presets.resolve(name)
+    params, _ = presets.resolve(name, committed)
     with torch.device("meta"):  # counts only: no memory for 58M weights
         model = build_model(spec_from_params(params.model, channels, classes))
     total = numel(model.parameters())
@@ -43,15 +52,15 @@ def numel(tensors) -> int:
     return sum(t.numel() for t in tensors)
 
 
-def test_counts_on_meta_match_real_counts():
-    params, _ = presets.resolve("cifar10-resnet20")
+def test_counts_on_meta_match_real_counts(committed):
+    params, _ = presets.resolve("cifar10-resnet20", committed)
     model = build_model(spec_from_params(params.model, 3, 10))
     assert numel(model.parameters()) == count_params(model)[0]
     assert numel(m.weight for _, m in prunable_modules(model)) == count_prunable(model)[0]
 
 
-def test_command_has_one_override_per_key():
-    _, overrides = presets.resolve("svhn-resnet110")
+def test_command_has_one_override_per_key(committed):
+    _, overrides = presets.resolve("svhn-resnet110", committed)
     cmd = presets.command("svhn-resnet110", overrides, queue=True)
     assert cmd[:5] == ["dvc", "exp", "run", "-n", "svhn-resnet110"] and "--queue" in cmd
     assert "data.name=svhn" in cmd and "model.depth=110" in cmd and "distill.variants=[kd,finetune]" in cmd
@@ -66,8 +75,8 @@ def test_cli_dry_run_and_errors(tmp_path):
     assert r.returncode == 2 and "unknown preset 'cifar1000'" in r.stderr and "svhn-resnet110" in r.stderr
 
 
-def test_an_invalid_preset_names_its_file_and_key(tmp_path, monkeypatch):
+def test_an_invalid_preset_names_its_file_and_key(tmp_path, monkeypatch, committed):
     (tmp_path / "bad.yaml").write_text("description: x\nparams:\n  prune:\n    ratio: 1.5\n")
     monkeypatch.setattr(presets, "PRESETS", tmp_path)
     with pytest.raises(presets.PresetError, match=r"bad.yaml: params.yaml: prune.ratio = 1.5"):
-        presets.resolve("bad")
+        presets.resolve("bad", committed)
