@@ -1,0 +1,65 @@
+"""python -m kdprune.compare: one readable row per experiment from `dvc exp show --json`."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdprune import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def entry(rev, name, ratio, variants, accs, experiments=None):
+    metrics = {"metrics/teacher.json": {"data": {"acc_teacher": 92.0, "epochs": 6}},
+               "metrics/prune.json": {"data": {"acc_pruned": 30.0, "compression_ratio": 1 / (1 - ratio),
+                                               "prunable_compression_ratio": 1 / (1 - ratio), "mac_reduction": 1.0,
+                                               "method": "magnitude"}}}
+    for v, a in accs.items():
+        metrics[f"metrics/distill/{v}.json"] = {"data": {f"acc_{v}": a, "alpha": 0.9, "gradual": False}}
+    params = {"seed": 0, "data": {"name": "fashion_mnist"}, "model": {"arch": "resnet", "depth": 8},
+              "prune": {"method": "magnitude", "ratio": ratio, "schedule": "oneshot"},
+              "distill": {"variants": variants, "epochs": 1}}
+    return {"rev": rev, "name": name, "error": None,
+            "data": {"rev": rev, "params": {"params.yaml": {"data": params}}, "metrics": metrics},
+            "experiments": experiments}
+
+
+# the shape dvc 3.67 prints: the workspace, then each commit with its experiments under "revs"
+EXP_SHOW = [
+    entry("workspace", None, 0.8, ["kd", "finetune"], {"kd": 91.75, "finetune": 91.8}),
+    entry("3aebb93aaaa", "main", 0.8, ["kd", "finetune"], {"kd": 91.75, "finetune": 91.8}, experiments=[
+        {"revs": [entry("bbbb", "wiser-goat", 0.9, ["kd", "scratch"], {"kd": 90.8, "scratch": 84.0})]},
+        {"revs": [{"rev": "cccc", "name": "failed-exp", "data": None, "error": {"msg": "x"}}]},
+    ]),
+]
+
+
+def test_one_row_per_experiment_with_the_columns_people_compare():
+    rows = compare.rows_from(EXP_SHOW)
+    assert [r["experiment"] for r in rows] == ["workspace", "main", "wiser-goat"]  # a failed one has no data
+    out = compare.render(rows)
+    header = out.splitlines()[0]
+    assert header.startswith("| experiment | method | ratio | schedule | variants |")
+    assert "acc_kd | acc_finetune | acc_scratch" in header  # every variant any experiment ran, in order
+    assert "epochs" in header and "alpha" not in header and "gradual" not in header
+    wiser = next(line for line in out.splitlines() if line.startswith("| wiser-goat"))
+    assert "| 0.9 |" in wiser and "| kd+scratch |" in wiser and "| 10.00x |" in wiser and "| 90.80 |" in wiser
+    assert wiser.count("| - |") == 1  # no finetune in that experiment
+
+
+def test_sort_and_csv():
+    rows = compare.rows_from(EXP_SHOW, sort="compression_ratio")
+    assert rows[0]["experiment"] == "wiser-goat"
+    lines = compare.render(rows, as_csv=True).splitlines()
+    assert lines[0].split(",")[:3] == ["experiment", "method", "ratio"] and len(lines) == 4
+    with pytest.raises(compare.CompareError, match="no such column"):
+        compare.rows_from(EXP_SHOW, sort="acc_magic")
+
+
+def test_cli_outside_a_dvc_repo_is_one_clear_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kdprune.compare"], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHONPATH": str(ROOT),
+                            "DVC_NO_ANALYTICS": "1"})
+    assert r.returncode == 2 and r.stderr.startswith("error: `dvc exp show --json` failed") and "Traceback" not in r.stderr
