@@ -114,6 +114,30 @@ def latency_ms(models: dict[str, nn.Module], input_shape: tuple[int, ...], batch
     return {k: 1000.0 * statistics.median(v) for k, v in times.items()}
 
 
+def cpu_busy_fraction(seconds: float = 0.5) -> float | None:
+    """Fraction of all CPU time spent by *other* work over ``seconds`` (this process sleeps meanwhile), from
+    /proc/stat; None where /proc/stat is missing (not Linux). Latency timed on a busy machine measures the
+    contention, not the model (a 0.59 ms model once timed at 426 ms), so evaluate records this and warns."""
+    def snapshot() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as fh:
+                fields = [int(v) for v in fh.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    a = snapshot()
+    time.sleep(seconds)
+    b = snapshot()
+    if a is None or b is None or b[0] <= a[0]:
+        return None
+    return 1.0 - (b[1] - a[1]) / (b[0] - a[0])
+
+
+BUSY_WARNING = 0.25  # other work using more than this fraction of the CPUs makes latency figures unreliable
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An inference copy of ``model`` with every BatchNorm folded into the conv before it
     (``torch.nn.utils.fusion.fuse_conv_bn_eval``), the BN replaced by an identity: the same function

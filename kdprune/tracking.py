@@ -96,7 +96,7 @@ def collect(workdir: Path) -> dict[str, Any]:
     prune_json = workdir / "metrics" / "prune.json"
     prune = json.loads(prune_json.read_text()) if prune_json.exists() else {}
     metrics.update({k: float(prune[k]) for k in ("sparsity", "prunable_sparsity") if prune.get(k) is not None})
-    latency_json = workdir / "metrics" / "latency.json"  # timings: logged, but not part of the fingerprint
+    latency_json = workdir / "logs" / "latency.json"  # timings: logged, but not part of the fingerprint
     if latency_json.exists():
         latency = json.loads(latency_json.read_text())
         metrics.update({k: float(v) for k, v in latency.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -109,7 +109,7 @@ def collect(workdir: Path) -> dict[str, Any]:
     curve_files = {"teacher": workdir / "plots" / "teacher.csv",
                    **{p.stem: p for p in sorted((workdir / "plots" / "distill").glob("*.csv"))}}
     curves = {name: read_curve(p) for name, p in curve_files.items() if p.exists()}
-    metric_files = [workdir / "metrics" / f"{n}.json" for n in ("teacher", "prune", "evaluate", "latency")]
+    metric_files = [workdir / "metrics" / f"{n}.json" for n in ("teacher", "prune", "evaluate")]
     metric_files += sorted((workdir / "metrics" / "distill").glob("*.json"))
     artifacts = [p for p in [params_path, *metric_files, *curve_files.values(), workdir / "plots" / "accuracy.png"]
                  if p.is_file()]

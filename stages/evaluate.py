@@ -4,8 +4,10 @@ Each model's test accuracy is measured once, by the stage that produced it (full
 fp32, no augmentation); this stage collects those, measures sizes and MACs, checks that every
 student kept the pruned model's mask (unstructured) or architecture (structured), exports every
 student as a compact sparse file and as ONNX (checked against torch with onnxruntime) under
-models/export/, and writes metrics/evaluate.json (flat keys, deterministic), metrics/latency.json
-(CPU wall-clock timings, which vary run to run) and plots/accuracy.png.
+models/export/, and writes metrics/evaluate.json (flat keys, deterministic) and plots/accuracy.png.
+CPU latencies vary from run to run, so they go to logs/latency.json: not a DVC output, not committed, so a
+fresh ``dvc repro`` leaves git clean; the track stage logs them to MLflow. Latency timed while other work
+keeps the CPUs busy is flagged (``cpu_busy_fraction``) and a warning is printed.
 """
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import torch  # noqa: E402
 from kdprune import io, stage  # noqa: E402
 from kdprune.export import (compact_bound_bytes, export_compact, export_onnx, onnx_available,  # noqa: E402
                             onnx_max_abs_diff)
-from kdprune.measure import dense_macs, latency_ms, nonzero_macs, size_report  # noqa: E402
+from kdprune.measure import (BUSY_WARNING, cpu_busy_fraction, dense_macs, latency_ms, nonzero_macs,  # noqa: E402
+                             size_report)
 from kdprune.models import model_name  # noqa: E402
 from kdprune.params import Params  # noqa: E402
 from kdprune.train import setup_runtime, to_runtime  # noqa: E402
@@ -88,7 +91,7 @@ def main(params: Params) -> None:
     for v in params.distill.variants:
         models[v] = io.load_checkpoint(stage.student_path(v))[0]
     accs = measured_accuracies(params.distill.variants)
-    out: dict = {"prune_ratio": p.ratio, "prune_method": p.method, "prune_schedule": p.schedule}
+    out: dict = {}  # metrics only: the params (prune.ratio, method, ...) are in params.yaml
     latency: dict = {"note": LATENCY_NOTE, "threads": torch.get_num_threads()}
     for name, model in models.items():
         out[f"acc_{name}"] = accs[name]
@@ -107,6 +110,13 @@ def main(params: Params) -> None:
             check_student(name, rep, pruned_rep, masked=bool(pruned_masks))
             export_student(name, model, shape, stage.student_path(name), out, params)
     if params.evaluate.latency_repeats:  # the pruned model has its students' shape: not timed again
+        busy = cpu_busy_fraction()
+        latency["cpu_busy_fraction_before"] = busy
+        if busy is not None and busy > BUSY_WARNING:
+            stage.log(f"evaluate: WARNING: other work keeps {busy:.0%} of the CPUs busy; the latency figures in "
+                      f"{stage.LOGS / 'latency.json'} measure that contention, not the models. Re-measure on an "
+                      "idle machine: `dvc repro -f evaluate`")
+        latency["busy"] = busy is not None and busy > BUSY_WARNING
         timed = {n: to_runtime(m, params.runtime) for n, m in models.items() if n != "pruned"}
         for batch in (1, 128):
             ms = latency_ms(timed, shape, batch, params.evaluate.latency_repeats,
@@ -114,7 +124,7 @@ def main(params: Params) -> None:
             latency.update({f"latency_b{batch}_ms_{n}": v for n, v in ms.items()})
             latency.update({f"speedup_b{batch}_{v}": ms["teacher"] / ms[v] for v in params.distill.variants})
     io.write_json(stage.METRICS / "evaluate.json", out)
-    io.write_json(stage.METRICS / "latency.json", latency)
+    io.write_json(stage.LOGS / "latency.json", latency)
     names = list(models)
     plot_accuracy(stage.PLOTS / "accuracy.png", names, [out[f"acc_{n}"] for n in names],
                   f"{meta['dataset']}, {model_name(teacher.spec['arch'], teacher.spec['depth'])}, {p.method} ratio {p.ratio} "
