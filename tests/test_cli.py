@@ -15,8 +15,7 @@ from kdprune import envcheck, presets, tracking, train
 from kdprune.params import RuntimeParams, TrainParams
 from tests.conftest import ROOT
 
-STAGES = ["stages.prepare", "stages.train_teacher", "stages.prune", "stages.distill", "stages.evaluate",
-          "stages.track"]
+STAGES = sorted(f"stages.{p.stem}" for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__")
 TOOLS = ["kdprune", "kdprune.sweep", "kdprune.report", "kdprune.presets", "kdprune.tracking"]
 
 
