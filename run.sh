@@ -19,9 +19,10 @@ usage() { sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; }
 # apt-get ARGS, quietly; while another apt/dpkg process holds the dpkg or the lists lock, wait for it
 # (up to APT_LOCK_TIMEOUT s), then give up with one line naming the lock and the manual command.
 apt_get() {
-  local deadline=$((SECONDS + APT_LOCK_TIMEOUT)) err lock said=
+  local deadline=$((SECONDS + APT_LOCK_TIMEOUT)) wait=0 err lock said=
   while :; do
-    if err=$(DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout="$APT_LOCK_TIMEOUT" "$@" 2>&1 >/dev/null); then
+    # the first try fails fast, so the wait is announced; the next ones let apt wait for the lock itself
+    if err=$(DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout="$wait" "$@" 2>&1 >/dev/null); then
       return 0
     fi
     if ! grep -qE 'Could not get lock|Unable to lock|Unable to acquire' <<<"$err"; then
@@ -38,6 +39,7 @@ apt_get() {
     [ -n "$said" ] || echo "== waiting up to ${APT_LOCK_TIMEOUT} s for $lock (held by another apt/dpkg process)" >&2
     said=1
     sleep "$APT_LOCK_POLL"
+    wait=$((deadline - SECONDS > 0 ? deadline - SECONDS : 0))
   done
 }
 
