@@ -149,6 +149,11 @@ def test_setup_runtime_names_the_device(monkeypatch):
     assert lines == ["device: cpu (1 threads)"]
 
 
+def test_the_device_line_names_the_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"NVIDIA H100 80GB HBM3 #{i}")
+    assert train.describe_device(torch.device("cuda", 0)) == "device: cuda:0 NVIDIA H100 80GB HBM3 #0"
+
+
 class FakeClock:
     def __init__(self, step):
         self.t, self.step = 0.0, step
