@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -70,6 +71,49 @@ def resolve(name: str, params_path: Path = PRESETS.parent / "params.yaml") -> tu
     return params, flatten(preset["params"])
 
 
+# For the CPU-time warning (``cpu_warning``): train-split sizes, and the training speed measured on
+# this project's 2-core CPU (benchmarks/README.md: ResNet-8, bf16 autocast, 173 GFLOP/s achieved).
+TRAIN_IMAGES = {"fashion_mnist": 60_000, "mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000, "svhn": 73_257}
+SVHN_EXTRA_IMAGES = 531_131
+CPU_GFLOPS_PER_CORE = 173.2 / 2
+
+
+def cpu_seconds(params: Params, cores: int) -> float:
+    """A rough projection of the whole pipeline's training time on ``cores`` CPU cores.
+
+    Training FLOPs per image = 3 x the forward (forward + backward), the forward counted on the
+    preset's model; the KD variants add a teacher forward; evaluation and export are left out.
+    """
+    import torch
+
+    from kdprune.data import REGISTRY
+    from kdprune.measure import dense_macs
+    from kdprune.models import build_model, spec_from_params
+
+    d = params.data
+    images = d.train_subset or TRAIN_IMAGES[d.name] + (SVHN_EXTRA_IMAGES if d.svhn_extra else 0)
+    info = REGISTRY[d.name]
+    with torch.device("meta"):  # shapes only: no memory for the weights
+        model = build_model(spec_from_params(params.model, info.channels, len(info.classes)))
+    forward = 2 * dense_macs(model, (info.channels, *info.image_size))
+    passes = 3 * params.teacher.epochs  # forward + backward = 3 forwards
+    passes += sum((3 + (1 if v.endswith("kd") else 0)) * params.distill.epochs for v in params.distill.variants)
+    return passes * images * forward / (CPU_GFLOPS_PER_CORE * 1e9 * max(1, cores))
+
+
+def cpu_warning(name: str, params: Params) -> str | None:
+    """A warning when a preset meant for a GPU (``runtime.device`` not 'cpu') would run on the CPU here."""
+    import torch
+
+    if params.runtime.device == "cpu" or torch.cuda.is_available():
+        return None
+    cores = params.runtime.threads or os.cpu_count() or 1
+    hours = cpu_seconds(params, cores) / 3600
+    return (f"warning: preset {name} is meant for a GPU, but torch sees none here, so it would train on the CPU: "
+            f"about {hours:,.1f} hours on {cores} cores (a rough estimate from its epochs x images x model FLOPs at "
+            f"the {CPU_GFLOPS_PER_CORE:.0f} GFLOP/s per core measured in benchmarks/README.md)")
+
+
 def _value(v: Any) -> str:
     """A value as DVC's ``-S`` (Hydra override grammar) reads it back."""
     if isinstance(v, bool):
@@ -101,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if c == "run":
             sp.add_argument("--queue", action="store_true", help="queue it (dvc queue start runs it)")
             sp.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
-            sp.add_argument("extra", nargs="*", help="after --: more dvc exp run arguments")
+            sp.add_argument("extra", nargs="*", help="more dvc exp run arguments, after -- (optional)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "list":
@@ -117,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(params.to_dict(), indent=2))
         print(shlex.join(cmd))
         return 0
+    warning = cpu_warning(args.name, params)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0

@@ -221,35 +221,78 @@ def markdown(table: pd.DataFrame, paired: pd.DataFrame, n_runs: int, excluded: i
     return "\n".join(lines) + "\n"
 
 
-def plot(table: pd.DataFrame, path: Path, title: str) -> None:
+def _ranges(table: pd.DataFrame) -> tuple[tuple[float, float], tuple[float, float] | None]:
+    """The y-range that shows the recovered methods and the teacher, and, when some "no recovery" points
+    (error bars included) fall below it, a second range for those (the lower panel of a broken axis)."""
+    recovered = table[table["method"] != "pruned"]
+    ref = recovered if not recovered.empty else table
+    top = (max(0.0, float((ref["acc_mean"] - ref["acc_std"].fillna(0)).min()) - 4),
+           min(100.0, float(max(table["acc_teacher_mean"].max(), ref["acc_mean"].max())) + 1.5))
+    pruned = table[table["method"] == "pruned"]
+    lows = pruned["acc_mean"] - pruned["acc_std"].fillna(0)
+    below = pruned[lows < top[0]]
+    if below.empty:
+        return top, None
+    lo = float((below["acc_mean"] - below["acc_std"].fillna(0)).min())
+    hi = float((below["acc_mean"] + below["acc_std"].fillna(0)).max())
+    pad = max(2.0, 0.1 * (hi - lo))
+    return top, (max(0.0, lo - pad), min(top[0], hi + pad))
+
+
+def figure(table: pd.DataFrame, title: str):
+    """Accuracy against compression, one line per method. The y-axis zooms on the recovered methods;
+    "no recovery" points below that range get a lower panel (a broken y-axis); the legend sits outside."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    top, bottom = _ranges(table) if not table.empty else ((0.0, 100.0), None)
+    fig = plt.figure(figsize=(7.6, 4.6 if bottom else 4.2), dpi=100, layout="constrained")
+    if bottom:
+        ax, low = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        axes = [ax, low]
+    else:
+        ax = low = fig.subplots()
+        axes = [ax]
     styles = {"kd": ("#4c72b0", "o", "-"), "finetune": ("#55a868", "s", "-"), "pruned": ("#c44e52", "x", ":")}
-    for method, g in table.groupby("method"):
-        color, marker, ls = styles.get(method, ("#8172b2", "d", "-"))
-        g = g.sort_values("compression_ratio")
-        label = "no recovery" if method == "pruned" else method
-        ax.errorbar(g["compression_ratio"], g["acc_mean"], yerr=g["acc_std"].fillna(0), label=label, color=color,
-                    marker=marker, linestyle=ls, capsize=3)
-    if not table.empty:
-        ax.axhline(table["acc_teacher_mean"].mean(), color="#555555", linestyle="--", label="teacher")
-        recovered = table[table["method"] != "pruned"]["acc_mean"]
-        ax.set_ylim(max(0, recovered.min() - 4), min(100, table["acc_teacher_mean"].max() + 1.5))
-    ax.set_xscale("log")
+    for a in axes:
+        for method, g in table.groupby("method"):
+            color, marker, ls = styles.get(method, ("#8172b2", "d", "-"))
+            g = g.sort_values("compression_ratio")
+            label = "no recovery" if method == "pruned" else method
+            a.errorbar(g["compression_ratio"], g["acc_mean"], yerr=g["acc_std"].fillna(0), label=label, color=color,
+                       marker=marker, linestyle=ls, capsize=3)
+        if not table.empty:
+            a.axhline(table["acc_teacher_mean"].mean(), color="#555555", linestyle="--", label="teacher")
+        a.grid(True, which="both", alpha=0.3)
+    ax.set_ylim(*top)
+    if bottom:
+        low.set_ylim(*bottom)
+        ax.spines["bottom"].set_visible(False)
+        low.spines["top"].set_visible(False)
+        ax.tick_params(axis="x", which="both", bottom=False)
+        marks = dict(marker=[(-1, -0.5), (1, 0.5)], markersize=10, linestyle="none", color="k", mec="k", mew=1,
+                     clip_on=False)
+        ax.plot([0, 1], [0, 0], transform=ax.transAxes, **marks)  # the break: "//" on both y-axes
+        low.plot([0, 1], [1, 1], transform=low.transAxes, **marks)
+    low.set_xscale("log")
     ticks = sorted(table["compression_ratio"].unique())
-    ax.set_xticks(ticks, [f"{t:.1f}x" for t in ticks])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("compression ratio (teacher params / non-zero student params, log scale)")
-    ax.set_ylabel("test accuracy (%)")
+    low.set_xticks(ticks, [f"{t:.1f}x" for t in ticks])
+    low.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    low.set_xlabel("compression ratio (teacher params / non-zero student params, log scale)")
+    fig.supylabel("test accuracy (%)", fontsize=10)
     ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=9)
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=9)
+    return fig
+
+
+def plot(table: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(table, title)
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
     plt.close(fig)

@@ -1,6 +1,7 @@
 """What every stage script shares: file locations, error handling, data loaders, logging."""
 from __future__ import annotations
 
+import argparse
 import csv
 import io as _stdio
 import sys
@@ -47,12 +48,32 @@ class StageError(RuntimeError):
 USER_ERRORS = (ParamsError, DatasetError, CheckpointError, StageError, UserError)
 
 
-def run(main: Callable[[Params], None], ddp: bool = False) -> None:
+def parse_args(doc: str | None, argv: list[str] | None = None,
+               configure: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The stage's command line: ``--help`` prints ``doc`` and exits 0 before any work.
+
+    A stage reads everything else from params.yaml, so by default it takes no arguments;
+    ``configure`` may add some. Call it first thing in the script's ``__main__`` block (``run(doc=...)`` does).
+    """
+    module = distributed.main_module()
+    prog = f"python -m {module}" if module else None
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Its settings come from params.yaml; DVC runs it as a stage of dvc.yaml.")
+    if configure is not None:
+        configure(ap)
+    return ap.parse_args(argv)
+
+
+def run(main: Callable[[Params], None], ddp: bool = False, doc: str | None = None) -> None:
     """Validate params, then run ``main``; user errors exit 2 with one clear line, no traceback.
 
     ``ddp``: a training stage; with ``runtime.nproc_per_node > 1`` it re-executes itself
     under torchrun, and under torchrun ``main`` runs inside the DDP process group (kdprune/distributed.py).
+    ``doc``: the stage's docstring; given, the command line is parsed first (``parse_args``), so
+    ``--help`` prints it and exits 0 and an unknown argument exits 2, before anything is read or written.
     """
+    if doc is not None:
+        parse_args(doc)
     try:
         params = load_params()
         if ddp:

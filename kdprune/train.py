@@ -60,7 +60,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup_runtime(runtime, seed: int) -> torch.device:
+def describe_device(device: torch.device) -> str:
+    """One line for the log: ``device: cpu (2 threads)`` or ``device: cuda:0 NVIDIA H100 ...``."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        text = f"device: cuda:{index} {torch.cuda.get_device_name(index)}"
+    else:
+        text = f"device: {device.type} ({torch.get_num_threads()} threads)"
+    world = distributed.world_size()
+    return text + (f", DDP with {world} processes" if world > 1 else "")
+
+
+def setup_runtime(runtime, seed: int, log: Callable[[str], None] | None = print) -> torch.device:
     """Threads, seeds and device (``runtime.device``; under torchrun on CUDA this rank's GPU, see
     kdprune/distributed.py). Threads = all cores unless set, shared among the processes of a node.
 
@@ -70,6 +81,8 @@ def setup_runtime(runtime, seed: int) -> torch.device:
     ``runtime.threads`` to a fixed number (not 0 = all cores) to reproduce across machines. No
     ``torch.use_deterministic_algorithms`` is needed on CPU: the data order and augmentation come from
     the loader's own seeded generator, and nothing else draws random numbers during training.
+
+    ``log``: where the one line naming the device goes (``describe_device``; rank 0 only); None: nowhere.
     """
     device = distributed.resolve_device(runtime)
     threads = runtime.threads or distributed.default_threads()
@@ -78,6 +91,8 @@ def setup_runtime(runtime, seed: int) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    if log is not None and distributed.is_main():
+        log(describe_device(device))
     return device
 
 
@@ -90,6 +105,28 @@ def to_runtime(model: nn.Module, runtime) -> nn.Module:
 
 def progress_enabled() -> bool:
     return sys.stdout.isatty() and not os.environ.get("CI") and distributed.is_main()
+
+
+PROGRESS_EVERY_S = 30.0  # without a terminal (logs, dvc queue): a progress line at least this often
+
+
+class Heartbeat:
+    """Progress for logs: ``due()`` is true once ``every`` seconds have passed since the last line.
+
+    A progress bar needs a terminal; under ``dvc queue`` or in a log file a long epoch would
+    otherwise print nothing until it ends. ``clock`` is injectable for tests.
+    """
+
+    def __init__(self, every: float = PROGRESS_EVERY_S, clock: Callable[[], float] = time.monotonic):
+        self.every, self.clock = every, clock
+        self.last = clock()
+
+    def due(self) -> bool:
+        now = self.clock()
+        if now - self.last < self.every:
+            return False
+        self.last = now
+        return True
 
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -199,7 +236,8 @@ def _load_resume(path: Path, fingerprint: str, name: str, log: Callable[[str], N
 def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: nn.Module | None = None,
         alpha: float = 0.0, temperature: float = 1.0, masks: Masks | None = None, name: str = "train",
         log: Callable[[str], None] = print, checkpoint: str | os.PathLike | None = None, at_beta: float = 0.0,
-        prune_schedule: AGPSchedule | None = None, section: str | None = None) -> list[dict]:
+        prune_schedule: AGPSchedule | None = None, section: str | None = None,
+        heartbeat: Heartbeat | None = None) -> list[dict]:
     """Train ``model`` in place for ``cfg.epochs``; return the per-epoch curve (list of dicts).
 
     ``checkpoint``: resume file (see the module docstring); used when ``cfg.checkpoint_every > 0``.
@@ -208,6 +246,8 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
     ``prune_schedule``: gradual pruning (AGP). ``masks`` must then be a dict that ``fit`` updates *in place*
     at the schedule's steps, so the caller holds the final masks afterwards.
     ``section``: the params section of ``cfg`` (teacher, distill), named in errors; default ``name``.
+    Progress: a tqdm bar on a terminal; otherwise (rank 0) a ``log`` line whenever ``heartbeat`` is due,
+    by default every ``PROGRESS_EVERY_S`` seconds.
 
     A NaN or infinite loss raises :class:`TrainingDiverged` (checked every ``DIVERGENCE_CHECK_STEPS`` steps and
     at each epoch's end) before any resume checkpoint of the diverged state is written.
@@ -250,6 +290,11 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
     show = progress_enabled()
     if show:
         from tqdm import tqdm
+    elif distributed.is_main():
+        heartbeat = heartbeat or Heartbeat()
+    else:
+        heartbeat = None
+    n_batches = len(train_loader)
     step = start * len(train_loader)
     for epoch in range(start + 1, cfg.epochs + 1):
         model.train()
@@ -258,7 +303,7 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
         batches = tqdm(train_loader, desc=f"{name} {epoch}/{cfg.epochs}", leave=False) if show else train_loader
-        for x, y in batches:
+        for batch, (x, y) in enumerate(batches, 1):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.bf16):
                 if at_beta > 0:
                     logits, feats = net(x, return_features=True)
@@ -293,6 +338,9 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
             seen += len(y)
             if step % DIVERGENCE_CHECK_STEPS == 0 and distributed.world_size() == 1 and not torch.isfinite(loss_sum):
                 raise diverged(name, section, epoch, step, cfg, float(loss.detach()))
+            if heartbeat is not None and heartbeat.due():  # this rank's running figures; syncs a GPU once
+                log(f"{name} epoch {epoch}/{cfg.epochs} batch {batch}/{n_batches} loss {float(loss_sum) / seen:.4f} "
+                    f"{seen / max(time.perf_counter() - t0, 1e-9):.0f} img/s")
         loss_sum, correct, seen = distributed.sum_over_ranks(loss_sum, correct, seen)  # DDP: all ranks' shards
         if not torch.isfinite(loss_sum):  # the same sum on every rank: all of them stop here
             raise diverged(name, section, epoch, step, cfg, float(loss_sum) / max(seen, 1))

@@ -10,7 +10,6 @@ Resume: each variant keeps its resume checkpoint (checkpoints/distill_<variant>.
 stage has finished, so a rerun after a kill skips the variants that had finished and resumes the one
 that was running.
 """
-import argparse
 import time
 
 from kdprune import distributed, io, stage
@@ -59,7 +58,7 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
 
 
 def main(params: Params) -> None:
-    device = setup_runtime(params.runtime, params.seed)
+    device = setup_runtime(params.runtime, params.seed, log=stage.log)
     data = stage.load_data(params)
     for variant in params.distill.variants:  # validated names (kdprune.params.VARIANTS) only
         recover(params, variant, data, device)
@@ -69,5 +68,4 @@ def main(params: Params) -> None:
 
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    stage.run(main, ddp=True)
+    stage.run(main, ddp=True, doc=__doc__)

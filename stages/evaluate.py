@@ -32,17 +32,25 @@ LATENCY_NOTE = ("CPU forward wall time, fp32, median of evaluate.latency_repeats
                 "(magnitude) sparsity does not speed up dense kernels: only structured pruning (l1_filter) can.")
 
 
-def plot_accuracy(path, names: list[str], accs: list[float], title: str) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+ACC_YLIM = (0.0, 108.0)  # the same axis on every run (room above 100 % for the bars' labels)
+
+
+def accuracy_figure(names: list[str], accs: list[float], title: str):
+    """The bar chart of plots/accuracy.png: fixed y-axis (``ACC_YLIM``), so runs compare at a glance."""
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100, layout="constrained")
     colors = ["#555555", "#c44e52"] + ["#4c72b0", "#55a868", "#8172b2", "#ccb974"][: len(names) - 2]
     bars = ax.bar(names, accs, color=colors)
     for b, a in zip(bars, accs):
         ax.text(b.get_x() + b.get_width() / 2, a, f"{a:.2f}", ha="center", va="bottom", fontsize=9)
-    lo = max(0.0, min(accs) - 5.0)
-    ax.set_ylim(lo, min(100.0, max(accs) + 2.0))
+    ax.set_ylim(*ACC_YLIM)
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy(path, names: list[str], accs: list[float], title: str) -> None:
+    fig = accuracy_figure(names, accs, title)
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
     plt.close(fig)
@@ -82,7 +90,7 @@ def export_student(name: str, model, shape: tuple, dense_path, out: dict, params
 
 
 def main(params: Params) -> None:
-    setup_runtime(params.runtime, params.seed)
+    setup_runtime(params.runtime, params.seed, log=stage.log)
     p = params.prune
     teacher, _, meta = io.load_checkpoint(stage.TEACHER)
     shape = tuple(meta["input_shape"])
@@ -135,4 +143,4 @@ def main(params: Params) -> None:
 
 
 if __name__ == "__main__":
-    stage.run(main)
+    stage.run(main, doc=__doc__)

@@ -17,7 +17,7 @@ from kdprune.train import setup_runtime, to_runtime
 
 
 def main(params: Params) -> None:
-    device = setup_runtime(params.runtime, params.seed)
+    device = setup_runtime(params.runtime, params.seed, log=stage.log)
     data = stage.load_data(params)
     p = params.prune
     teacher, _, meta = io.load_checkpoint(stage.TEACHER, expect_classes=len(data["classes"]))
@@ -47,4 +47,4 @@ def main(params: Params) -> None:
 
 
 if __name__ == "__main__":
-    stage.run(main)
+    stage.run(main, doc=__doc__)

@@ -18,4 +18,4 @@ def main(params: Params) -> None:
 
 
 if __name__ == "__main__":
-    stage.run(main)
+    stage.run(main, doc=__doc__)

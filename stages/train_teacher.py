@@ -10,7 +10,7 @@ from kdprune.train import fit, setup_runtime
 
 
 def main(params: Params) -> None:
-    device = setup_runtime(params.runtime, params.seed)
+    device = setup_runtime(params.runtime, params.seed, log=stage.log)
     data = stage.load_data(params)
     spec = spec_from_params(params.model, data["train_x"].shape[1], len(data["classes"]))
     model = build_model(spec).to(device)
@@ -34,4 +34,4 @@ def main(params: Params) -> None:
 
 
 if __name__ == "__main__":
-    stage.run(main, ddp=True)
+    stage.run(main, ddp=True, doc=__doc__)

@@ -19,7 +19,8 @@ CONTENT = "params.yaml passed kdprune.params validation (see stages/validate.py)
 
 
 def main() -> int:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    argparse.ArgumentParser(prog="python -m stages.validate", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     try:
         load_params()
     except ParamsError as e:
