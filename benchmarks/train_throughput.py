@@ -36,6 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kdprune import metrics  # noqa: E402
 from kdprune.data import TensorLoader, prepare_dataset  # noqa: E402
 from kdprune.models import build_model, spec_from_params  # noqa: E402
 from kdprune.params import load_params  # noqa: E402
@@ -149,11 +150,11 @@ def time_pipeline(tmp: Path) -> dict:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         out[key.replace("seconds", "log")] = r.stdout
         if key == "repro_seconds":
-            out["metrics_default"] = json.loads((clone / "metrics/evaluate.json").read_text())
+            out["metrics_default"] = metrics.collect(clone)
             subprocess.run(["git", "add", "-A"], cwd=clone, env=env, check=True)
             subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@invalid", "commit", "-qm",
                             "bench baseline"], cwd=clone, env=env, check=True)
-    out["metrics_ratio_0.9"] = json.loads((clone / "metrics/evaluate.json").read_text())
+    out["metrics_ratio_0.9"] = metrics.collect(clone)
     out["exp_over_repro"] = out["exp_run_seconds"] / out["repro_seconds"]
     return out
 
@@ -219,7 +220,7 @@ def report(res: dict) -> str:
         lines += [
             f"dvc repro (fresh clone, empty cache):      {p['repro_seconds']:8.1f} s  "
             f"teacher {m['acc_teacher']:.2f} %, kd {m['acc_kd']:.2f} %, finetune {m['acc_finetune']:.2f} % "
-            f"at ratio {m['prune_ratio']}",
+            f"at {m['prunable_compression_ratio']:.1f}x prunable",
             f"dvc exp run -S prune.ratio=0.9:            {p['exp_run_seconds']:8.1f} s  "
             f"= {p['exp_over_repro']:.2f}x of repro; kd {m9['acc_kd']:.2f} %, finetune {m9['acc_finetune']:.2f} %, "
             f"pruned {m9['acc_pruned']:.2f} %, {m9['compression_ratio']:.2f}x "

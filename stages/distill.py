@@ -49,9 +49,8 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
     io.save_checkpoint(stage.student_path(variant), student, masks=masks,
                        meta={**meta, "variant": variant, "alpha": start.alpha, "at_beta": start.at_beta,
                              "gradual": start.gradual})
-    io.write_json(stage.METRICS / "distill" / f"{variant}.json", {
-        f"acc_{variant}": history[-1]["test_acc"], "alpha": start.alpha, "at_beta": start.at_beta,
-        "gradual": start.gradual, "nonzero_params": count_params(student)[1], "epochs": params.distill.epochs})
+    # metrics only, each in one file (kdprune/metrics.py); alpha, at_beta, gradual: in the checkpoint's meta
+    io.write_json(stage.METRICS / "distill" / f"{variant}.json", {f"acc_{variant}": history[-1]["test_acc"]})
     columns = ("epoch", "lr", "train_loss", "train_acc", "test_acc") + (("prunable_sparsity",) if start.gradual else ())
     stage.write_curve(stage.PLOTS / "distill" / f"{variant}.csv", history, columns)
     stage.write_timing(f"distill_{variant}", history, wall_seconds=round(time.perf_counter() - t0, 3))

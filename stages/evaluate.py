@@ -9,6 +9,7 @@ CPU latencies vary from run to run, so they go to logs/latency.json: not a DVC o
 fresh ``dvc repro`` leaves git clean; the track stage logs them to MLflow. Latency timed while other work
 keeps the CPUs busy is flagged (``cpu_busy_fraction``) and a warning is printed.
 """
+import math
 from pathlib import Path
 
 import matplotlib
@@ -62,6 +63,9 @@ def measured_accuracies(variants: list[str]) -> dict[str, float]:
            "pruned": io.read_json(stage.METRICS / "prune.json")["acc_pruned"]}
     for v in variants:
         acc[v] = io.read_json(stage.METRICS / "distill" / f"{v}.json")[f"acc_{v}"]
+    bad = {k: v for k, v in acc.items() if not (isinstance(v, (int, float)) and math.isfinite(v))}
+    if bad:
+        raise stage.StageError(f"non-finite test accuracy {bad}: a diverged run is not a result; rerun `dvc repro`")
     return acc
 
 
@@ -99,24 +103,22 @@ def main(params: Params) -> None:
     for v in params.distill.variants:
         models[v] = io.load_checkpoint(stage.student_path(v))[0]
     accs = measured_accuracies(params.distill.variants)
-    out: dict = {}  # metrics only: the params (prune.ratio, method, ...) are in params.yaml
+    pruned_metrics = io.read_json(stage.METRICS / "prune.json")
+    # metrics only, each in one file (kdprune/metrics.py): the teacher's and the pruned model's are in
+    # teacher.json and prune.json; this file holds what evaluate measures of each student
+    out: dict = {}
     latency: dict = {"note": LATENCY_NOTE, "threads": torch.get_num_threads()}
-    for name, model in models.items():
-        out[f"acc_{name}"] = accs[name]
+    pruned_rep = size_report(pruned_model, teacher, p.include_first_conv, p.include_last_fc)
+    for name in params.distill.variants:
+        model = models[name]
+        rep = size_report(model, teacher, p.include_first_conv, p.include_last_fc)
+        check_student(name, rep, pruned_rep, masked=bool(pruned_masks))
         out[f"macs_{name}"] = dense_macs(model, shape)
         out[f"nonzero_macs_{name}"] = nonzero_macs(model, shape)
-        rep = size_report(model, teacher, p.include_first_conv, p.include_last_fc)
         out[f"params_{name}"] = rep["params"]
         out[f"nonzero_params_{name}"] = rep["nonzero_params"]
         out[f"nonzero_prunable_params_{name}"] = rep["nonzero_prunable_params"]
-        if name == "pruned":
-            out["compression_ratio"] = rep["compression_ratio"]
-            out["prunable_compression_ratio"] = rep["prunable_compression_ratio"]
-            out["mac_reduction"] = out["macs_teacher"] / out["macs_pruned"]
-            pruned_rep = rep
-        elif name != "teacher":
-            check_student(name, rep, pruned_rep, masked=bool(pruned_masks))
-            export_student(name, model, shape, stage.student_path(name), out, params)
+        export_student(name, model, shape, stage.student_path(name), out, params)
     if params.evaluate.latency_repeats:  # the pruned model has its students' shape: not timed again
         busy = cpu_busy_fraction()
         latency["cpu_busy_fraction_before"] = busy
@@ -134,12 +136,16 @@ def main(params: Params) -> None:
     io.write_json(stage.METRICS / "evaluate.json", out)
     io.write_json(stage.LOGS / "latency.json", latency)
     names = list(models)
-    plot_accuracy(stage.PLOTS / "accuracy.png", names, [out[f"acc_{n}"] for n in names],
+    ratio = pruned_metrics["compression_ratio"]
+    # one point per model for `dvc plots diff <exp> <exp> ...` (dvc.yaml: accuracy against compression)
+    io.write_json(stage.PLOTS / "compression.json", [
+        {"model": n, "compression_ratio": 1.0 if n == "teacher" else ratio, "accuracy": accs[n]} for n in names])
+    plot_accuracy(stage.PLOTS / "accuracy.png", names, [accs[n] for n in names],
                   f"{meta['dataset']}, {model_name(teacher.spec['arch'], teacher.spec['depth'])}, {p.method} ratio {p.ratio} "
-                  f"({out['compression_ratio']:.1f}x)")
-    stage.log("evaluate: " + ", ".join(f"{n} {out[f'acc_{n}']:.2f}%" for n in names)
-              + f"; compression {out['compression_ratio']:.2f}x (prunable {out['prunable_compression_ratio']:.2f}x), "
-              f"MACs / {out['mac_reduction']:.2f}")
+                  f"({ratio:.1f}x)")
+    stage.log("evaluate: " + ", ".join(f"{n} {accs[n]:.2f}%" for n in names)
+              + f"; compression {ratio:.2f}x (prunable {pruned_metrics['prunable_compression_ratio']:.2f}x), "
+              f"MACs / {pruned_metrics['mac_reduction']:.2f}")
 
 
 if __name__ == "__main__":

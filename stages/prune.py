@@ -9,7 +9,7 @@ it is the "no recovery" reference, and scratch variants take their mask from it.
 import torch
 
 from kdprune import io, stage
-from kdprune.measure import accuracy, dense_macs, size_report
+from kdprune.measure import accuracy, dense_macs, nonzero_macs, size_report
 from kdprune.models import build_model, spec_of
 from kdprune.params import Params
 from kdprune.pruning import apply_masks, check_finite, global_magnitude_masks, l1_filter_prune
@@ -37,10 +37,15 @@ def main(params: Params) -> None:
     acc = accuracy(to_runtime(pruned.to(device), params.runtime), stage.test_loader(params, data, device))
     report = size_report(pruned, teacher, p.include_first_conv, p.include_last_fc)
     report["macs"] = dense_macs(pruned, shape)
+    report["nonzero_macs"] = nonzero_macs(pruned, shape)
     report["mac_reduction"] = dense_macs(teacher, shape) / report["macs"]
     io.save_checkpoint(stage.PRUNED, pruned, masks=masks, meta={**meta, "prune": vars(p)})
-    io.write_json(stage.METRICS / "prune.json", {"acc_pruned": acc, "ratio": p.ratio, "method": p.method,
-                                                 "schedule": p.schedule, **report})
+    # metrics only, each in one file (kdprune/metrics.py): the model's counts are suffixed _pruned; the ratios,
+    # sparsities and MAC reduction describe the pruned model against the teacher
+    ratios = ("compression_ratio", "prunable_compression_ratio", "sparsity", "prunable_sparsity", "mac_reduction")
+    io.write_json(stage.METRICS / "prune.json", {
+        "acc_pruned": acc, **{k: report[k] for k in ratios},
+        **{f"{k}_pruned": v for k, v in report.items() if k not in ratios}})
     stage.log(f"prune: {p.method} ratio {p.ratio}: acc {acc:.2f}% (no recovery), "
               f"compression {report['compression_ratio']:.2f}x, prunable {report['prunable_compression_ratio']:.2f}x, "
               f"MACs / {report['mac_reduction']:.2f}")

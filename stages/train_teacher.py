@@ -26,8 +26,7 @@ def main(params: Params) -> None:
         "acc_teacher": history[-1]["test_acc"],
         "params_teacher": total,
         "macs_teacher": dense_macs(model, tuple(data["train_x"].shape[1:])),
-        "epochs": params.teacher.epochs,
-    })
+    })  # metrics only, each in one file (kdprune/metrics.py): teacher.epochs is a param
     stage.write_curve(stage.PLOTS / "teacher.csv", history)
     stage.write_timing("teacher", history, wall_seconds=round(time.perf_counter() - t0, 3))
     stage.finished("teacher")

@@ -33,8 +33,19 @@ def test_two_fresh_repros_give_identical_output_hashes(tmp_path, venv_bin):
                 "train_teacher:metrics/teacher.json", "prune:models/pruned.pt", "prune:metrics/prune.json",
                 "distill:models/students", "distill:metrics/distill", "validate:data/params.valid",
                 "evaluate:metrics/evaluate.json", "evaluate:plots/accuracy.png", "evaluate:models/export",
-                "train_teacher:plots/teacher.csv", "distill:plots/distill"}
+                "train_teacher:plots/teacher.csv", "distill:plots/distill", "evaluate:plots/compression.json"}
     assert expected <= set(hashes[0]), sorted(hashes[0])
     assert not any("latency" in k for k in hashes[0])  # wall-clock timings are not DVC outputs (logs/)
     diff = {k: (v, hashes[1].get(k)) for k, v in hashes[0].items() if hashes[1].get(k) != v}
     assert not diff, f"outputs differ between two runs with the same params and seed: {diff}"
+
+    # a clean tree after `dvc repro` of a committed result: every committed file (metrics/, plots/, dvc.lock's
+    # hashes) comes out byte-identical, and the timings that differ go to git-ignored logs/
+    (run0, _), (run1, _) = procs
+    committed = [{str(f.relative_to(r)): f.read_bytes() for d in ("metrics", "plots") for f in sorted((r / d).rglob("*"))
+                  if f.is_file()} for r in (run0, run1)]
+    assert committed[0].keys() == committed[1].keys() and "metrics/evaluate.json" in committed[0]
+    assert [k for k in committed[0] if committed[0][k] != committed[1][k]] == []
+    assert (run0 / "logs" / "latency.json").exists()
+    r = subprocess.run(["git", "check-ignore", "-q", "logs/latency.json"], cwd=run0)
+    assert r.returncode == 0, "logs/ must be git-ignored"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kdprune import metrics
 from tests.conftest import default_params, write_fake_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_repro_then_exp_run_reuses_teacher_and_logs_two_runs(tmp_path, venv_bin)
 
     out = dvc(repo, env, "repro")
     assert "Running stage 'train_teacher'" in out
-    first = json.loads((repo / "metrics/evaluate.json").read_text())
+    first = metrics.collect(repo)
     assert first["prunable_compression_ratio"] == pytest.approx(2.0, rel=1e-3)
     for key in ("acc_teacher", "acc_pruned", "acc_kd", "acc_finetune", "compression_ratio", "macs_teacher"):
         assert key in first
@@ -94,7 +95,7 @@ def test_repro_then_exp_run_reuses_teacher_and_logs_two_runs(tmp_path, venv_bin)
     assert "Stage 'train_teacher' didn't change" in out and "Running stage 'train_teacher'" not in out
     assert "Running stage 'prune'" in out and "Running stage 'distill'" in out
     assert lock_md5(repo, "train_teacher", "models/teacher.pt") == teacher_md5
-    second = json.loads((repo / "metrics/evaluate.json").read_text())
+    second = metrics.collect(repo)
     assert second["prunable_compression_ratio"] == pytest.approx(20.0, rel=1e-3)
     assert second["compression_ratio"] > first["compression_ratio"]
     assert second["nonzero_params_kd"] < first["nonzero_params_kd"]

@@ -6,6 +6,7 @@ import json
 import pytest
 import yaml
 
+from kdprune import io, metrics
 from tests.test_e2e import dvc, git, make_repo, mlflow_runs
 
 
@@ -22,7 +23,7 @@ def test_l1_filter_all_variants_then_agp(tmp_path, venv_bin):
     assert "Running stage 'distill'" in out
     for v in ("kd", "finetune", "scratch", "scratch_kd"):
         assert f"{v} epoch 1/1" in out
-    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    ev = metrics.collect(repo)
     # physically smaller: fewer real parameters and MACs, every student has the pruned architecture
     assert ev["params_pruned"] < ev["params_teacher"] and ev["nonzero_params_pruned"] == ev["params_pruned"]
     assert 1.6 < ev["mac_reduction"] < 2.4  # half of the inner filters: about half the MACs
@@ -37,9 +38,9 @@ def test_l1_filter_all_variants_then_agp(tmp_path, venv_bin):
     for name in ("teacher", "kd", "scratch"):
         assert lat[f"latency_b1_ms_{name}"] > 0 and lat[f"latency_b128_ms_{name}"] > 0
     assert "does not speed up dense kernels" in lat["note"]
-    kd_meta = json.loads((repo / "metrics/distill/kd.json").read_text())
+    kd_meta = io.load_checkpoint(repo / "models/students/kd.pt")[2]  # the variant's settings: checkpoint meta
     assert kd_meta["at_beta"] == 100.0 and kd_meta["alpha"] == pytest.approx(0.9)
-    assert json.loads((repo / "metrics/distill/finetune.json").read_text())["at_beta"] == 0.0
+    assert io.load_checkpoint(repo / "models/students/finetune.pt")[2]["at_beta"] == 0.0
     run = mlflow_runs(repo)[0]
     assert {"acc_scratch", "acc_scratch_kd", "latency_b128_ms_kd", "bytes_compact_kd"} <= set(run.data.metrics)
     git(repo, env, "add", "-A")
@@ -49,8 +50,8 @@ def test_l1_filter_all_variants_then_agp(tmp_path, venv_bin):
               "-S", "prune.ratio=0.9", "-S", "prune.agp_steps=3", "-S", "distill.variants=[kd,scratch]",
               "-S", "distill.epochs=2")
     assert "Running stage 'train_teacher'" not in out
-    ev = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert json.loads((repo / "metrics/prune.json").read_text())["schedule"] == "agp"
+    ev = metrics.collect(repo)
+    assert yaml.safe_load((repo / "params.yaml").read_text())["prune"]["schedule"] == "agp"
     assert ev["prunable_compression_ratio"] == pytest.approx(10.0, rel=1e-3)
     # AGP reached exactly the one-shot target sparsity; scratch kept the one-shot mask
     assert (ev["nonzero_prunable_params_kd"] == ev["nonzero_prunable_params_scratch"]
