@@ -7,9 +7,11 @@ leaves either the old file or the new one, never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,34 +23,83 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unsafe, corrupted or does not fit the expected model."""
 
 
+class OutputError(OSError):
+    """An output could not be written because the disk (or the quota) is full; the message names the file."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28] " prefix
+        return self.strerror or super().__str__()
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError behind ``exc``, if any: torch's zip writer turns it into a RuntimeError
+    ("unexpected pos"), but keeps the OSError of the failed ``write`` as the exception's context."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _output_error(path: Path, err: OSError, size: int | None) -> OutputError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    need = f"needs {size:,} bytes, " if size is not None else ""
+    return OutputError(err.errno, f"{path}: cannot write it: {os.strerror(err.errno)} ({need}{free} on its "
+                                  "file system); free some space and rerun. The previous file, if any, is unchanged")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Path]:
     """Yield a temp path next to ``path``; on success move it over ``path`` atomically.
 
     Temp files of an earlier write of the same path that was killed (SIGKILL leaves them behind) are
     removed first, so repeated kills do not fill the disk. One writer per output path is assumed,
     which DVC guarantees (one stage owns each output).
+
+    The file gets the mode a plain ``open(path, "w")`` would give (0666 minus the umask), not mkstemp's
+    0600. A full disk (ENOSPC, EDQUOT) raises :class:`OutputError`, one line naming ``path`` and, when
+    the caller passes it, the ``size`` in bytes it needed; the temp file is removed and the old ``path``
+    is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed earlier write
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed earlier write
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        full = _disk_full(e)
+        if full is not None:
+            raise _output_error(path, full, size) from None
         raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size=len(text.encode())) as tmp:
         tmp.write_text(text)
 
 

@@ -12,7 +12,8 @@ import torch
 
 from kdprune import distributed, io
 from kdprune.data import DatasetError, TensorLoader, load_prepared
-from kdprune.io import CheckpointError
+from kdprune.export import ExportError
+from kdprune.io import CheckpointError, OutputError
 from kdprune.params import Params, ParamsError, load_params
 
 PREPARED = Path("data/prepared/dataset.pt")
@@ -43,7 +44,7 @@ class StageError(RuntimeError):
     """A stage cannot run for a reason the user can fix; the message says which."""
 
 
-USER_ERRORS = (ParamsError, DatasetError, CheckpointError, StageError)
+USER_ERRORS = (ParamsError, DatasetError, CheckpointError, ExportError, OutputError, StageError)
 
 
 def run(main: Callable[[Params], None], ddp: bool = False) -> None:
