@@ -155,28 +155,62 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, masks: dict
     })
 
 
-def load_checkpoint(path: str | os.PathLike, expect_classes: int | None = None):
-    """Rebuild the model from a checkpoint. Returns ``(model, masks, meta)``."""
-    from kdprune.models import build_model
+def load_checkpoint(path: str | os.PathLike, expect_classes: int | None = None, expect_model=None):
+    """Rebuild the model from a checkpoint. Returns ``(model, masks, meta)``.
+
+    The stored spec is checked (:func:`kdprune.models.check_spec`: a zoo arch, a consistent structure,
+    at most ``MAX_PARAMS`` parameters) before anything is built. ``expect_model`` (``params.model``): the
+    checkpoint must hold that arch, depth and width (:func:`check_spec_matches`)."""
+    from kdprune.models import build_model, check_spec
 
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a kdprune checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    spec = ckpt["spec"]
-    if expect_classes is not None and spec.get("num_classes") != expect_classes:
+    missing = [k for k in ("spec", "state_dict") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint has no {' and no '.join(missing)}; the file is damaged")
+    spec, meta = ckpt["spec"], ckpt.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: meta is a {type(meta).__name__}, expected a dict; the file is damaged")
+    try:
+        check_spec(spec)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its architecture spec is not one kdprune can build: {e}") from None
+    if expect_classes is not None and spec["num_classes"] != expect_classes:
         raise CheckpointError(
-            f"{path}: the model has {spec.get('num_classes')} output classes but the dataset has "
-            f"{expect_classes}; it was trained on another dataset (meta: {ckpt.get('meta', {}).get('dataset')})")
+            f"{path}: the model has {spec['num_classes']} output classes but the dataset has "
+            f"{expect_classes}; it was trained on another dataset (meta: {meta.get('dataset')})")
+    if expect_model is not None:
+        check_spec_matches(spec, expect_model, path)
     try:
         model = build_model(spec)
         model.load_state_dict(ckpt["state_dict"], strict=True)
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: weights do not match the stored architecture spec: {first}") from None
     masks = ckpt.get("masks")
     if masks:
+        if not isinstance(masks, dict) or not all(isinstance(m, torch.Tensor) for m in masks.values()):
+            raise CheckpointError(f"{path}: masks must be a dict of tensors; the file is damaged")
         shapes = {n: p.shape for n, p in model.named_parameters()}
         bad = [n for n, m in masks.items() if n not in shapes or shapes[n] != m.shape]
         if bad:
             raise CheckpointError(f"{path}: masks do not match the model's parameters: {bad[:3]}")
-    return model, masks, ckpt.get("meta", {})
+    return model, masks, meta
+
+
+def check_spec_matches(spec: dict, model_params, path: str | os.PathLike) -> None:
+    """CheckpointError unless the (checked) ``spec`` is of ``model_params``' arch, depth and width.
+
+    A stage that loads the teacher calls this (via ``load_checkpoint(expect_model=params.model)``): a
+    teacher trained for other ``model`` params would otherwise be pruned and distilled silently."""
+    from kdprune.models import spec_width
+
+    stored = {"arch": spec["arch"], "depth": spec["depth"], "width": spec_width(spec)}
+    for field, value in stored.items():
+        wanted = getattr(model_params, field)
+        if value != wanted:
+            raise CheckpointError(
+                f"{path} was trained as {spec['arch']} depth {spec['depth']} width {stored['width']}, but "
+                f"model.{field} is {wanted!r} (the file has {value!r}); run `dvc repro` (or `dvc exp run`) "
+                "to retrain it")

@@ -81,7 +81,7 @@ def export_student(name: str, model, shape: tuple, dense_path, out: dict, params
 def main(params: Params) -> None:
     setup_runtime(params.runtime, params.seed)
     p = params.prune
-    teacher, _, meta = io.load_checkpoint(stage.TEACHER)
+    teacher, _, meta = io.load_checkpoint(stage.TEACHER, expect_model=params.model)
     shape = tuple(meta["input_shape"])
     pruned_model, pruned_masks, _ = io.load_checkpoint(stage.PRUNED)
     models = {"teacher": teacher, "pruned": pruned_model}

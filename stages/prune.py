@@ -20,7 +20,8 @@ def main(params: Params) -> None:
     device = setup_runtime(params.runtime, params.seed)
     data = stage.load_data(params)
     p = params.prune
-    teacher, _, meta = io.load_checkpoint(stage.TEACHER, expect_classes=len(data["classes"]))
+    teacher, _, meta = io.load_checkpoint(stage.TEACHER, expect_classes=len(data["classes"]),
+                                          expect_model=params.model)
     shape = tuple(meta["input_shape"])
     pruned = build_model(teacher.spec)
     pruned.load_state_dict(teacher.state_dict())
