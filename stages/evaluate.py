@@ -72,7 +72,7 @@ def export_student(name: str, model, shape: tuple, dense_path, out: dict, params
         export_onnx(model, path, shape)
         x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(params.seed))
         diff = onnx_max_abs_diff(model, path, x)
-        if diff > ONNX_TOLERANCE:
+        if not diff <= ONNX_TOLERANCE:  # NaN (a broken export) fails too
             raise stage.StageError(f"{path}: onnxruntime logits differ from torch by {diff:.3g} > {ONNX_TOLERANCE}")
         out[f"onnx_max_abs_diff_{name}"] = diff
         out[f"bytes_onnx_{name}"] = path.stat().st_size
