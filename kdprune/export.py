@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from kdprune import io
+from kdprune.io import ExportError
 
 MAGIC = b"KDPC1\n"
 COMPACT_FORMAT = "kdprune-compact-v1"
@@ -45,10 +46,6 @@ ENCODINGS = {"int": {"name", "shape", "encoding", "dtype", "data"}, "bitmask": {
 # 16 MiB leaves room for 20x deeper nets.
 MAX_HEADER_BYTES = 16 << 20  # compressed, as stored
 MAX_HEADER_JSON_BYTES = 16 << 20  # inflated
-
-
-class ExportError(RuntimeError):
-    """An export could not be written, read back, or does not match the model."""
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -23,6 +23,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unsafe, corrupted or does not fit the expected model."""
 
 
+class ExportError(RuntimeError):
+    """A deployable export (kdprune.export: compact ``.kdc``, ONNX) could not be written, read back, or does
+    not match the model. Defined here, beside the other file errors, so that kdprune.stage can list it
+    without importing the exporters."""
+
+
 class OutputError(OSError):
     """An output could not be written because the disk (or the quota) is full; the message names the file."""
 
@@ -161,6 +167,8 @@ def load_checkpoint(path: str | os.PathLike, expect_classes: int | None = None, 
     The stored spec is checked (:func:`kdprune.models.check_spec`: a zoo arch, a consistent structure,
     at most ``MAX_PARAMS`` parameters) before anything is built. ``expect_model`` (``params.model``): the
     checkpoint must hold that arch, depth and width (:func:`check_spec_matches`)."""
+    import torch
+
     from kdprune.models import build_model, check_spec
 
     ckpt = torch_load(path)

@@ -12,8 +12,7 @@ import torch
 
 from kdprune import distributed, io
 from kdprune.data import DatasetError, TensorLoader, load_prepared
-from kdprune.export import ExportError
-from kdprune.io import CheckpointError, OutputError
+from kdprune.io import CheckpointError, ExportError, OutputError
 from kdprune.params import Params, ParamsError, load_params
 
 PREPARED = Path("data/prepared/dataset.pt")
