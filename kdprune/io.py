@@ -7,9 +7,11 @@ leaves either the old file or the new one, never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -22,34 +24,89 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unsafe, corrupted or does not fit the expected model."""
 
 
+class ExportError(RuntimeError):
+    """A deployable export (kdprune.export: compact ``.kdc``, ONNX) could not be written, read back, or does
+    not match the model. Defined here, beside the other file errors, so that kdprune.stage can list it
+    without importing the exporters."""
+
+
+class OutputError(OSError):
+    """An output could not be written because the disk (or the quota) is full; the message names the file."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28] " prefix
+        return self.strerror or super().__str__()
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError behind ``exc``, if any: torch's zip writer turns it into a RuntimeError
+    ("unexpected pos"), but keeps the OSError of the failed ``write`` as the exception's context."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _output_error(path: Path, err: OSError, size: int | None) -> OutputError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    need = f"needs {size:,} bytes, " if size is not None else ""
+    return OutputError(err.errno, f"{path}: cannot write it: {os.strerror(err.errno)} ({need}{free} on its "
+                                  "file system); free some space and rerun. The previous file, if any, is unchanged")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Path]:
     """Yield a temp path next to ``path``; on success move it over ``path`` atomically.
 
     Temp files of an earlier write of the same path that was killed (SIGKILL leaves them behind) are
     removed first, so repeated kills do not fill the disk. One writer per output path is assumed,
     which DVC guarantees (one stage owns each output).
+
+    The file gets the mode a plain ``open(path, "w")`` would give (0666 minus the umask), not mkstemp's
+    0600. A full disk (ENOSPC, EDQUOT) raises :class:`OutputError`, one line naming ``path`` and, when
+    the caller passes it, the ``size`` in bytes it needed; the temp file is removed and the old ``path``
+    is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed earlier write
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed earlier write
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        full = _disk_full(e)
+        if full is not None:
+            raise _output_error(path, full, size) from None
         raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size=len(text.encode())) as tmp:
         tmp.write_text(text)
 
 
@@ -109,28 +166,64 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, masks: dict
     })
 
 
-def load_checkpoint(path: str | os.PathLike, expect_classes: int | None = None):
-    """Rebuild the model from a checkpoint. Returns ``(model, masks, meta)``."""
-    from kdprune.models import build_model
+def load_checkpoint(path: str | os.PathLike, expect_classes: int | None = None, expect_model=None):
+    """Rebuild the model from a checkpoint. Returns ``(model, masks, meta)``.
+
+    The stored spec is checked (:func:`kdprune.models.check_spec`: a zoo arch, a consistent structure,
+    at most ``MAX_PARAMS`` parameters) before anything is built. ``expect_model`` (``params.model``): the
+    checkpoint must hold that arch, depth and width (:func:`check_spec_matches`)."""
+    import torch
+
+    from kdprune.models import build_model, check_spec
 
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a kdprune checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    spec = ckpt["spec"]
-    if expect_classes is not None and spec.get("num_classes") != expect_classes:
+    missing = [k for k in ("spec", "state_dict") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint has no {' and no '.join(missing)}; the file is damaged")
+    spec, meta = ckpt["spec"], ckpt.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: meta is a {type(meta).__name__}, expected a dict; the file is damaged")
+    try:
+        check_spec(spec)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its architecture spec is not one kdprune can build: {e}") from None
+    if expect_classes is not None and spec["num_classes"] != expect_classes:
         raise CheckpointError(
-            f"{path}: the model has {spec.get('num_classes')} output classes but the dataset has "
-            f"{expect_classes}; it was trained on another dataset (meta: {ckpt.get('meta', {}).get('dataset')})")
+            f"{path}: the model has {spec['num_classes']} output classes but the dataset has "
+            f"{expect_classes}; it was trained on another dataset (meta: {meta.get('dataset')})")
+    if expect_model is not None:
+        check_spec_matches(spec, expect_model, path)
     try:
         model = build_model(spec)
         model.load_state_dict(ckpt["state_dict"], strict=True)
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: weights do not match the stored architecture spec: {first}") from None
     masks = ckpt.get("masks")
     if masks:
+        if not isinstance(masks, dict) or not all(isinstance(m, torch.Tensor) for m in masks.values()):
+            raise CheckpointError(f"{path}: masks must be a dict of tensors; the file is damaged")
         shapes = {n: p.shape for n, p in model.named_parameters()}
         bad = [n for n, m in masks.items() if n not in shapes or shapes[n] != m.shape]
         if bad:
             raise CheckpointError(f"{path}: masks do not match the model's parameters: {bad[:3]}")
-    return model, masks, ckpt.get("meta", {})
+    return model, masks, meta
+
+
+def check_spec_matches(spec: dict, model_params, path: str | os.PathLike) -> None:
+    """CheckpointError unless the (checked) ``spec`` is of ``model_params``' arch, depth and width.
+
+    A stage that loads the teacher calls this (via ``load_checkpoint(expect_model=params.model)``): a
+    teacher trained for other ``model`` params would otherwise be pruned and distilled silently."""
+    from kdprune.models import spec_width
+
+    stored = {"arch": spec["arch"], "depth": spec["depth"], "width": spec_width(spec)}
+    for field, value in stored.items():
+        wanted = getattr(model_params, field)
+        if value != wanted:
+            raise CheckpointError(
+                f"{path} was trained as {spec['arch']} depth {spec['depth']} width {stored['width']}, but "
+                f"model.{field} is {wanted!r} (the file has {value!r}); run `dvc repro` (or `dvc exp run`) "
+                "to retrain it")

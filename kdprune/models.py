@@ -77,6 +77,11 @@ from kdprune.params import ARCHS, depth_rule, stage_blocks
 
 BOTTLENECK_ARCHS = ("resnet_bottleneck", "resnet_imagenet")
 SPEC_KEYS = ("arch", "depth", "in_channels", "num_classes", "channels")
+# Most parameters a spec may describe, checked (with Python ints) before anything is allocated: 1 GB of fp32
+# weights, 4x the largest net of the zoo's table (ResNet-152 layout at width 64, 58M); training needs about
+# 4x the weights again (gradients, momentum, the teacher). A file whose spec asks for more is refused
+# instead of being allocated.
+MAX_PARAMS = 250_000_000
 
 
 def _projection(in_ch: int, out_ch: int, stride: int) -> nn.Module:
@@ -186,7 +191,9 @@ def _arch_list() -> str:
 
 
 def check_spec(spec: Any) -> None:
-    """Raise ValueError naming the first thing in ``spec`` that does not describe a model of the zoo."""
+    """Raise ValueError naming the first thing in ``spec`` that does not describe a model of the zoo, or
+    one of more than :data:`MAX_PARAMS` parameters. Allocates nothing: every loader runs it on an untrusted
+    spec (a checkpoint's, a compact file's) before it builds the model."""
     if not isinstance(spec, dict):
         raise ValueError(f"a model spec must be a dict, got {type(spec).__name__}")
     arch = spec.get("arch")
@@ -230,6 +237,37 @@ def check_spec(spec: Any) -> None:
                 positive(mid[1], f"{where}[1]")
             else:
                 positive(mid, where)
+    n = spec_param_count(spec)
+    if n > MAX_PARAMS:
+        raise ValueError(f"spec of arch {arch!r} depth {spec['depth']} has {n:,} parameters, more than "
+                         f"the {MAX_PARAMS:,} allowed (kdprune.models.MAX_PARAMS)")
+
+
+def spec_param_count(spec: dict[str, Any]) -> int:
+    """The parameters of ``build_model(spec)``, counted from the spec's structure (checked by
+    :func:`check_spec`) with Python ints, so an absurd spec is measured before any allocation."""
+    bottleneck = spec["arch"] in BOTTLENECK_ARCHS
+    ch = spec["channels"]
+    stem = ch["stem"] if bottleneck else ch["stages"][0]
+    n = 9 * spec["in_channels"] * stem + 2 * stem  # stem conv + BN
+    in_ch = stem
+    for s, (out, stage_mids) in enumerate(zip(ch["stages"], ch["mids"])):
+        for b, mid in enumerate(stage_mids):
+            if b == 0 and (s > 0 or bottleneck):  # projection shortcut: 1x1 conv + BN
+                n += in_ch * out + 2 * out
+            if bottleneck:
+                m1, m2 = mid
+                n += in_ch * m1 + 2 * m1 + 9 * m1 * m2 + 2 * m2 + m2 * out + 2 * out
+            else:
+                n += 9 * in_ch * mid + 2 * mid + 9 * mid * out + 2 * out
+            in_ch = out
+    return n + in_ch * spec["num_classes"] + spec["num_classes"]  # fc
+
+
+def spec_width(spec: dict[str, Any]) -> int:
+    """``model.width`` of an unpruned model: its stem's output channels (= its stage-1 (mid) width)."""
+    ch = spec["channels"]
+    return ch["stem"] if spec["arch"] in BOTTLENECK_ARCHS else ch["stages"][0]
 
 
 def model_spec(arch: str, depth: int, width: int, in_channels: int, num_classes: int) -> dict[str, Any]:

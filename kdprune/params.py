@@ -424,7 +424,11 @@ _Loader.add_implicit_resolver(
 
 def safe_load_yaml(text: str) -> Any:
     """Parse params YAML with :class:`_Loader` (no aliases, YAML 1.2 floats)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    loader = _Loader(text)  # what yaml.load does, with our SafeLoader subclass
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -13,8 +13,8 @@ import torch
 
 from kdprune import distributed, io
 from kdprune.data import DatasetError, TensorLoader, load_prepared
-from kdprune.io import CheckpointError
 from kdprune.errors import UserError
+from kdprune.io import CheckpointError, ExportError, OutputError
 from kdprune.params import Params, ParamsError, load_params
 
 PREPARED = Path("data/prepared/dataset.pt")
@@ -45,7 +45,7 @@ class StageError(RuntimeError):
     """A stage cannot run for a reason the user can fix; the message says which."""
 
 
-USER_ERRORS = (ParamsError, DatasetError, CheckpointError, StageError, UserError)
+USER_ERRORS = (ParamsError, DatasetError, CheckpointError, ExportError, OutputError, StageError, UserError)
 
 
 def parse_args(doc: str | None, argv: list[str] | None = None,

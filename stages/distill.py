@@ -25,7 +25,7 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
     seed_everything(params.seed)
     n_classes = len(data["classes"])
     pruned, pruned_masks, meta = io.load_checkpoint(stage.PRUNED, expect_classes=n_classes)
-    teacher = io.load_checkpoint(stage.TEACHER, expect_classes=n_classes)[0]
+    teacher = io.load_checkpoint(stage.TEACHER, expect_classes=n_classes, expect_model=params.model)[0]
     start = starting_point(variant, params, pruned, pruned_masks, teacher)
     student, masks = start.student.to(device), start.masks
     uses_teacher = start.alpha > 0 or start.at_beta > 0

@@ -87,7 +87,7 @@ def export_student(name: str, model, shape: tuple, dense_path, out: dict, params
         export_onnx(model, path, shape)
         x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(params.seed))
         diff = onnx_max_abs_diff(model, path, x)
-        if diff > ONNX_TOLERANCE:
+        if not diff <= ONNX_TOLERANCE:  # NaN (a broken export) fails too
             raise stage.StageError(f"{path}: onnxruntime logits differ from torch by {diff:.3g} > {ONNX_TOLERANCE}")
         out[f"onnx_max_abs_diff_{name}"] = diff
         out[f"bytes_onnx_{name}"] = path.stat().st_size
@@ -96,7 +96,7 @@ def export_student(name: str, model, shape: tuple, dense_path, out: dict, params
 def main(params: Params) -> None:
     setup_runtime(params.runtime, params.seed, log=stage.log)
     p = params.prune
-    teacher, _, meta = io.load_checkpoint(stage.TEACHER)
+    teacher, _, meta = io.load_checkpoint(stage.TEACHER, expect_model=params.model)
     shape = tuple(meta["input_shape"])
     pruned_model, pruned_masks, _ = io.load_checkpoint(stage.PRUNED)
     models = {"teacher": teacher, "pruned": pruned_model}

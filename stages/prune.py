@@ -20,7 +20,8 @@ def main(params: Params) -> None:
     device = setup_runtime(params.runtime, params.seed, log=stage.log)
     data = stage.load_data(params)
     p = params.prune
-    teacher, _, meta = io.load_checkpoint(stage.TEACHER, expect_classes=len(data["classes"]))
+    teacher, _, meta = io.load_checkpoint(stage.TEACHER, expect_classes=len(data["classes"]),
+                                          expect_model=params.model)
     shape = tuple(meta["input_shape"])
     check_finite(teacher, str(stage.TEACHER))
     pruned = build_model(teacher.spec)
