@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 import yaml
 
+from kdprune import metrics as metrics_files
 from kdprune.params import flatten
 
 T = TypeVar("T")
@@ -91,11 +92,11 @@ def collect(workdir: Path) -> dict[str, Any]:
         if not p.exists():
             raise TrackingError(f"{p}: not found; run `dvc repro` first")
     params = flatten(yaml.safe_load(params_path.read_text()))
-    evaluate = json.loads(evaluate_path.read_text())
-    metrics = {k: float(v) for k, v in evaluate.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    prune_json = workdir / "metrics" / "prune.json"
-    prune = json.loads(prune_json.read_text()) if prune_json.exists() else {}
-    metrics.update({k: float(prune[k]) for k in ("sparsity", "prunable_sparsity") if prune.get(k) is not None})
+    try:  # every metric of every stage, each from its one file; NaN or inf (a diverged run) is refused
+        evaluate = metrics_files.collect(workdir)
+    except metrics_files.MetricsError as e:
+        raise TrackingError(f"{e}; nothing logged") from None
+    metrics = {k: float(v) for k, v in evaluate.items()}
     latency_json = workdir / "logs" / "latency.json"  # timings: logged, but not part of the fingerprint
     if latency_json.exists():
         latency = json.loads(latency_json.read_text())

@@ -1,10 +1,10 @@
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from kdprune import tracking
+from tests.conftest import committed_params_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,14 +28,15 @@ def test_user_tracking_uri_wins():
 
 
 def make_result(workdir: Path, ratio: float, acc_kd: float) -> None:
-    shutil.copy(ROOT / "params.yaml", workdir / "params.yaml")
-    text = (workdir / "params.yaml").read_text().replace("ratio: 0.8 ", f"ratio: {ratio} ")
+    text = committed_params_text().replace("ratio: 0.8 ", f"ratio: {ratio} ")
     (workdir / "params.yaml").write_text(text)
-    (workdir / "metrics").mkdir(exist_ok=True)
+    (workdir / "metrics" / "distill").mkdir(parents=True, exist_ok=True)
     (workdir / "plots").mkdir(exist_ok=True)
-    (workdir / "metrics" / "evaluate.json").write_text(json.dumps(
-        {"acc_teacher": 91.0, "acc_kd": acc_kd, "acc_finetune": 89.0, "compression_ratio": 1 / (1 - ratio),
-         "prune_method": "magnitude"}))
+    for name, content in {"teacher.json": {"acc_teacher": 91.0},
+                          "prune.json": {"acc_pruned": 30.0, "compression_ratio": 1 / (1 - ratio)},
+                          "distill/kd.json": {"acc_kd": acc_kd}, "distill/finetune.json": {"acc_finetune": 89.0},
+                          "evaluate.json": {"params_kd": 1000}}.items():
+        (workdir / "metrics" / name).write_text(json.dumps(content))
     (workdir / "plots" / "teacher.csv").write_text("epoch,train_loss,test_acc\n1,0.9,\n2,0.5,88.5\n")
     (workdir / "plots" / "distill").mkdir(exist_ok=True)
     (workdir / "plots" / "distill" / "kd.csv").write_text("epoch,train_loss,test_acc\n1,0.3,89.0\n")
@@ -85,11 +86,11 @@ def test_unreachable_server_keeps_files_and_says_how_to_relog(tmp_path, monkeypa
     env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # discard port: nothing listens
     with pytest.raises(tracking.TrackingError, match="relog"):
         tracking.log_pipeline(tmp_path, env)
-    assert json.loads((tmp_path / "metrics" / "evaluate.json").read_text())["acc_kd"] == 90.0
+    assert json.loads((tmp_path / "metrics" / "distill" / "kd.json").read_text())["acc_kd"] == 90.0
 
 
 def test_missing_metrics_is_clear(tmp_path):
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(committed_params_text())
     with pytest.raises(tracking.TrackingError, match="evaluate.json: not found"):
         tracking.log_pipeline(tmp_path, {"DVC_ROOT": str(tmp_path)})
 
