@@ -73,8 +73,7 @@ def run_names(experiment: str) -> dict[str, int]:
     if exp is None:
         return {}
     counts: dict[str, int] = {}
-    for r in client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.KIND_TAG}` = 'pipeline'",
-                                max_results=50000):
+    for r in tracking.finished_pipeline_runs(client, [exp.experiment_id]):  # a run left RUNNING is no result
         names = [r.data.tags.get("dvc_exp_name", "")]
         names += [a for a in r.data.tags.get(tracking.ALIASES_TAG, "").split(",") if a]
         for name in names:
