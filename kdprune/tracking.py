@@ -420,7 +420,7 @@ def log_student(client, exp_id: str, run_id: str, variant: str, files: dict[str,
             from kdprune import io
 
             module, _, meta = io.load_checkpoint(files["pt"])
-            example = torch.zeros(1, *meta["input_shape"]).numpy()
+            example = torch.zeros(2, *meta["input_shape"]).numpy()  # batch 2: torch.export keeps the batch dim dynamic
             info = mlflow.pytorch.log_model(module.eval(), name=name, run_id=run_id, serialization_format="pt2",
                                             input_example=example,
                                             pip_requirements=mlflow.pytorch.get_default_pip_requirements(),

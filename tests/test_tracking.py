@@ -170,10 +170,11 @@ def test_non_finite_result_is_never_logged(tmp_path, where, key, value):
         data[key] = value
     path.write_text(json.dumps(data))  # json writes NaN / Infinity, as json.dump of a float nan does
     env = {"DVC_ROOT": str(tmp_path)}
-    with pytest.raises(tracking.TrackingUserError) as e:
+    with pytest.raises(tracking.TrackingError) as e:
         tracking.log_pipeline(tmp_path, env)
     msg = str(e.value)
     assert str(path) in msg and key in msg and "\n" not in msg
+    assert isinstance(e.value, tracking.TrackingUserError)  # track exits 2
     assert runs(tracking.tracking_uri(env)) == []
 
 
@@ -259,10 +260,11 @@ def test_read_only_store_is_named(tmp_path, monkeypatch):
         raise mlflow.exceptions.MlflowException("(sqlite3.OperationalError) attempt to write a readonly database")
 
     monkeypatch.setattr(MlflowClient, "create_experiment", refuse)
-    with pytest.raises(tracking.TrackingUserError) as e:
+    with pytest.raises(tracking.TrackingError) as e:
         tracking.log_pipeline(tmp_path, env)
     msg = str(e.value)
     assert str(tmp_path / "mlflow.db") in msg and "read-only" in msg and "NoneType" not in msg and "\n" not in msg
+    assert isinstance(e.value, tracking.TrackingUserError)  # track exits 2
 
 
 @contextlib.contextmanager
@@ -463,3 +465,30 @@ def test_pipeline_run_as_the_ui_sees_it_over_rest(tmp_path, mlflow_server, monke
     assert got["run_id"] == run_id and got["status"] == "READY"
     sig = json.loads(mlflow.models.get_model_info(f"models:/kdprune-student/1").signature.to_dict()["inputs"])
     assert sig[0]["tensor-spec"]["shape"] == [-1, 1, 4, 4]
+
+
+def test_student_without_onnx_is_logged_as_pytorch_model(tmp_path):
+    """evaluate.onnx off (or no onnx installed): the student checkpoint is logged in MLflow's PyTorch flavour
+    (pt2 via torch.export, no pickled module) and loads back to the same logits."""
+    import mlflow.pytorch
+    import torch
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from kdprune import io
+    from kdprune.models import build_model, resnet_spec
+
+    make_result(tmp_path)
+    (tmp_path / "models" / "students").mkdir(parents=True)
+    torch.manual_seed(0)
+    model = build_model(resnet_spec(8, 4, 1, 10)).eval()
+    io.save_checkpoint(tmp_path / "models" / "students" / "kd.pt", model, meta={"input_shape": [1, 12, 12]})
+    env = {"DVC_ROOT": str(tmp_path)}
+    uri = tracking.tracking_uri(env)
+    run_id = tracking.log_pipeline(tmp_path, env)
+    models = tracking._run_models(client_for(uri), run_id)
+    assert list(models) == ["student-kd"] and models["student-kd"].tags["flavor"] == "pytorch"
+    x = torch.randn(2, 1, 12, 12)
+    with _use_tracking_uri(uri):
+        loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/student-kd")
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5)
