@@ -284,9 +284,9 @@ def log_summary(uri: str, experiment: str, files: list[Path], n_runs: int) -> st
 
     client = MlflowClient(uri)
     exp_id = tracking.ensure_experiment(client, reports_experiment(experiment), tracking.artifact_location())
-    run = tracking.retry(lambda: client.create_run(exp_id, run_name=f"report ({plural(n_runs, 'run')} of {experiment})",
-                                                   tags={tracking.KIND_TAG: "report", "kdprune.experiment": experiment}),
-                         "create run")
+    name = f"report ({plural(n_runs, 'run')} of {experiment})"
+    tags = {tracking.KIND_TAG: "report", "kdprune.experiment": experiment}
+    run = tracking.retry(lambda: client.create_run(exp_id, run_name=name, tags=tags), "create run")
     for f in files:
         tracking.retry(lambda: client.log_artifact(run.info.run_id, str(f)), "log artifact")
     tracking.retry(lambda: client.set_terminated(run.info.run_id, "FINISHED"), "finish run")

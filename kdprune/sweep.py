@@ -7,8 +7,9 @@ What it does, in DVC terms:
   2. ``dvc queue start -j N`` twice: first one experiment per seed (each trains that seed's teacher,
      in parallel across seeds), then the rest, which restore their teacher from DVC's run-cache:
      a teacher is trained once per (data, model, teacher params, seed);
-  3. waits for the queue, then checks that every experiment has exactly one MLflow run (matched by
-     its DVC experiment name) and reports any that failed or are missing;
+  3. waits for the queue, then checks that every experiment has exactly one FINISHED MLflow run
+     (matched by its DVC experiment name; a run left RUNNING by a killed `track` does not count) and
+     reports any that failed or are missing;
   4. with ``--report``, runs ``python -m kdprune.report``.
 Each method (distill.variants) runs inside every experiment, so KD and fine-tune always share
 the teacher, mask and batch order of their (ratio, seed).

@@ -105,17 +105,16 @@ def git_commit(cwd: Path) -> str:
     return _git(cwd, "rev-parse", "HEAD") or "unknown"
 
 
-def source_tags(cwd: Path) -> dict[str, str]:
-    """MLflow's source tags (the UI's Source column): the pipeline, its git commit and repo URL where known."""
+def source_tags(cwd: Path, repo: Path) -> dict[str, str]:
+    """MLflow's source tags (the UI's Source column): the pipeline (``<repo dir>/dvc.yaml``; ``repo`` is the
+    main repo, also for a temp DVC workspace), its git commit and repo URL where known."""
     from mlflow.utils.mlflow_tags import (MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL,
                                           MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE)
 
-    tags = {MLFLOW_SOURCE_NAME: "dvc.yaml", MLFLOW_SOURCE_TYPE: "PROJECT"}
+    tags = {MLFLOW_SOURCE_NAME: f"{repo.name or 'repo'}/dvc.yaml", MLFLOW_SOURCE_TYPE: "PROJECT"}
     commit = _git(cwd, "rev-parse", "HEAD")
     if commit:
         tags[MLFLOW_GIT_COMMIT] = commit
-        top = _git(cwd, "rev-parse", "--show-toplevel")
-        tags[MLFLOW_SOURCE_NAME] = f"{Path(top).name or 'repo'}/dvc.yaml"
         branch = _git(cwd, "rev-parse", "--abbrev-ref", "HEAD")
         if branch and branch != "HEAD":
             tags[MLFLOW_GIT_BRANCH] = branch
@@ -293,11 +292,9 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):].split("?", 1)[0])
 
 
-def _read_only(uri: str) -> str:
-    path = _sqlite_path(uri)
-    where = str(path) if path else uri
-    return (f"{where}: the MLflow store is read-only (no write permission); make it writable "
-            f"(e.g. chmod u+w on it and its directory) or set MLFLOW_TRACKING_URI to a writable store. "
+def _read_only(where: str | os.PathLike) -> str:
+    return (f"{where}: read-only (no write permission), so MLflow cannot log to it; make it writable "
+            "(e.g. chmod u+w on it and its directory) or set MLFLOW_TRACKING_URI to a writable store. "
             "Nothing was logged; the results stay in metrics/ and plots/")
 
 
@@ -307,19 +304,19 @@ def check_writable(uri: str) -> None:
     if path is None:
         return
     if path.exists() and not os.access(path, os.W_OK):
-        raise TrackingUserError(_read_only(uri))
-    parent = path.parent if path.parent.exists() else None
-    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
-        raise TrackingUserError(_read_only(uri).replace(f"{path}:", f"{parent} (directory of {path.name}):", 1))
+        raise TrackingUserError(_read_only(path))
+    if path.parent.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
+        raise TrackingUserError(_read_only(f"{path.parent} (the directory of {path.name})"))
 
 
 def store_error(uri: str, e: Exception) -> TrackingError:
-    """The one-line error for a failure to talk to the store: read-only store, or unreachable."""
+    """The one-line error for a failure to talk to the store: read-only store or artifact folder, or unreachable."""
     if isinstance(e, TrackingError):
         return e
-    text = str(e)
-    if "readonly database" in text or "read-only" in text.lower() or isinstance(e, PermissionError):
-        return TrackingUserError(_read_only(uri))
+    if isinstance(e, PermissionError):  # e.g. mlartifacts/ not writable
+        return TrackingUserError(_read_only(e.filename or uri))
+    if "readonly database" in str(e):  # SQLite: "attempt to write a readonly database"
+        return TrackingUserError(_read_only(_sqlite_path(uri) or uri))
     return TrackingError(_unreachable(uri, e))
 
 
@@ -346,7 +343,8 @@ def ensure_experiment(client, name: str, location: str) -> str:
 
 def finished_pipeline_runs(client, experiment_ids: list[str], extra_filter: str = "") -> list:
     """The FINISHED pipeline runs of these experiments (a run left RUNNING by a kill is not a result)."""
-    f = f"tags.`{KIND_TAG}` = 'pipeline' and attributes.status = 'FINISHED'" + (f" and {extra_filter}" if extra_filter else "")
+    f = f"tags.`{KIND_TAG}` = 'pipeline' and attributes.status = 'FINISHED'"
+    f += f" and {extra_filter}" if extra_filter else ""
     return retry(lambda: client.search_runs(experiment_ids, filter_string=f, max_results=50000), "search runs")
 
 
@@ -537,7 +535,7 @@ def log_pipeline(workdir: Path | None = None, env: Mapping[str, str] | None = No
                 "dvc_baseline_rev": env.get("DVC_EXP_BASELINE_REV", ""),
                 "prune.method": str(info["params"].get("prune.method")),
                 "data.name": str(info["params"].get("data.name")),
-                **source_tags(workdir),
+                **source_tags(workdir, repo_root(env)),
             }
             run = retry(lambda: client.create_run(exp_id, start_time=info["start_ms"], tags=tags,
                                                   run_name=run_name(info["params"], name)), "create run")
