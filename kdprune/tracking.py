@@ -144,7 +144,10 @@ def check_result(files: list[Path], variants: list[str]) -> None:
     for path in files:
         if not path.exists():
             continue
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as e:
+            raise TrackingUserError(f"{path}: not valid JSON ({e}); nothing logged (rerun the stage that wrote it)")
         if not isinstance(data, dict):
             raise TrackingUserError(f"{path}: expected a JSON object, got {type(data).__name__}; nothing logged")
         for key, v in data.items():
@@ -240,7 +243,7 @@ def collect(workdir: Path) -> dict[str, Any]:
     evaluate_path = workdir / "metrics" / "evaluate.json"
     for p in (params_path, evaluate_path):
         if not p.exists():
-            raise TrackingError(f"{p}: not found; run `dvc repro` first")
+            raise TrackingUserError(f"{p}: not found; nothing logged (run `dvc repro` first)")
     params = flatten(yaml.safe_load(params_path.read_text()))
     variants = [str(v) for v in (params.get("distill.variants") or [])]
     metric_files = [workdir / "metrics" / f"{n}.json" for n in ("teacher", "prune", "evaluate", "latency")]
@@ -418,7 +421,7 @@ def log_student(client, exp_id: str, run_id: str, variant: str, files: dict[str,
             from kdprune import io
 
             module, _, meta = io.load_checkpoint(files["pt"])
-            example = torch.zeros(2, *meta["input_shape"]).numpy()  # batch 2: torch.export keeps the batch dim dynamic
+            example = torch.zeros(2, *meta["input_shape"]).numpy()  # batch 2: the exported batch dim stays dynamic
             info = mlflow.pytorch.log_model(module.eval(), name=name, run_id=run_id, serialization_format="pt2",
                                             input_example=example,
                                             pip_requirements=mlflow.pytorch.get_default_pip_requirements(),

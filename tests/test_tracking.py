@@ -352,7 +352,10 @@ def test_unreachable_server_keeps_files_and_says_how_to_relog(tmp_path, monkeypa
 def test_missing_metrics_is_clear(tmp_path):
     make_result(tmp_path)
     (tmp_path / "metrics" / "evaluate.json").unlink()
-    with pytest.raises(tracking.TrackingError, match="evaluate.json: not found"):
+    with pytest.raises(tracking.TrackingUserError, match="evaluate.json: not found"):  # exit 2
+        tracking.log_pipeline(tmp_path, {"DVC_ROOT": str(tmp_path)})
+    (tmp_path / "metrics" / "evaluate.json").write_text('{"acc_teacher": 91.0, ')  # half a file
+    with pytest.raises(tracking.TrackingUserError, match="evaluate.json: not valid JSON"):
         tracking.log_pipeline(tmp_path, {"DVC_ROOT": str(tmp_path)})
 
 
