@@ -137,30 +137,55 @@ def _headline_key(key: str) -> bool:
     return key.startswith("acc_") or key in RATIO_METRICS
 
 
-def check_result(files: list[Path], variants: list[str]) -> None:
-    """Every accuracy and compression number in the result files is a finite number, and the headline
-    ones (teacher, pruned, every variant, both compression ratios) are present in evaluate.json.
-    NaN counts as a failure: such a result is never logged."""
-    for path in files:
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise TrackingUserError(f"{path}: not valid JSON ({str(e)[:200]}); nothing logged (rerun the stage that "
+                                "wrote it)") from None
+    if not isinstance(data, dict):
+        raise TrackingUserError(f"{path}: expected a JSON object, got {type(data).__name__}; nothing logged")
+    return data
+
+
+def result_files(workdir: Path) -> list[Path]:
+    """The result's metrics files, in stage order (evaluate last)."""
+    base = workdir / "metrics"
+    return ([base / "teacher.json", base / "prune.json"] + sorted((base / "distill").glob("*.json"))
+            + [base / "evaluate.json"])
+
+
+def result_metrics(workdir: Path, variants: list[str]) -> dict[str, float]:
+    """The result's metrics, merged from its files: everything numeric in evaluate.json, and from the other
+    files the metrics of one model (``acc_*``, ``*_teacher``, ``*_pruned``, ``*_<variant>``), the
+    compression ratios, MAC reduction and sparsities (their generic keys, such as ``epochs``, are not
+    metrics of the result). Works whether evaluate.json repeats the stages' headline numbers or each
+    metric lives in one file.
+
+    Refused with one line naming the file and key (:class:`TrackingUserError`, nothing logged): an
+    accuracy or compression number that is NaN, infinite or not a number, and a headline number (teacher,
+    pruned, every variant, both compression ratios) that no file holds."""
+    suffixes = tuple(f"_{m}" for m in ("teacher", "pruned", *variants))
+    shared = RATIO_METRICS + ("sparsity", "prunable_sparsity")
+    out: dict[str, float] = {}
+    for path in result_files(workdir):
         if not path.exists():
             continue
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as e:
-            raise TrackingUserError(f"{path}: not valid JSON ({e}); nothing logged (rerun the stage that wrote it)")
-        if not isinstance(data, dict):
-            raise TrackingUserError(f"{path}: expected a JSON object, got {type(data).__name__}; nothing logged")
-        for key, v in data.items():
+        for key, v in _read_json(path).items():
             if _headline_key(key) and not (_is_number(v) and math.isfinite(v)):
                 raise TrackingUserError(f"{path}: {key} = {v!r} is not a finite number; nothing logged "
                                         "(rerun the stage that wrote it)")
-        if path.name == "evaluate.json":
-            need = ["acc_teacher", "acc_pruned", *(f"acc_{v}" for v in variants),
-                    "compression_ratio", "prunable_compression_ratio"]
-            missing = [k for k in need if k not in data]
-            if missing:
-                raise TrackingUserError(f"{path}: {missing[0]} is missing (needed: {', '.join(need)}); nothing "
-                                        "logged (rerun `dvc repro evaluate`)")
+            if _is_number(v) and (path.name == "evaluate.json" or key.startswith("acc_") or key.endswith(suffixes)
+                                  or key in shared):
+                out[key] = float(v)
+    need = ["acc_teacher", "acc_pruned", *(f"acc_{v}" for v in variants), "compression_ratio",
+            "prunable_compression_ratio"]
+    for key in need:
+        if key not in out:
+            raise TrackingUserError(f"{workdir / 'metrics'}: {key} is missing (no metrics file holds it: "
+                                    f"{', '.join(str(p.relative_to(workdir)) for p in result_files(workdir))}); "
+                                    "nothing logged (rerun `dvc repro`)")
+    return out
 
 
 def headline(metrics: dict[str, float]) -> dict[str, float]:
@@ -246,22 +271,17 @@ def collect(workdir: Path) -> dict[str, Any]:
             raise TrackingUserError(f"{p}: not found; nothing logged (run `dvc repro` first)")
     params = flatten(yaml.safe_load(params_path.read_text()))
     variants = [str(v) for v in (params.get("distill.variants") or [])]
-    metric_files = [workdir / "metrics" / f"{n}.json" for n in ("teacher", "prune", "evaluate", "latency")]
-    metric_files += sorted((workdir / "metrics" / "distill").glob("*.json"))
-    check_result([f for f in metric_files if f.name != "latency.json"], variants)
-    evaluate = json.loads(evaluate_path.read_text())
-    metrics = {k: float(v) for k, v in evaluate.items() if _is_number(v)}
-    prune_json = workdir / "metrics" / "prune.json"
-    prune = json.loads(prune_json.read_text()) if prune_json.exists() else {}
-    metrics.update({k: float(prune[k]) for k in ("sparsity", "prunable_sparsity") if prune.get(k) is not None})
-    latency_json = workdir / "metrics" / "latency.json"  # timings: logged, but not part of the fingerprint
-    if latency_json.exists():
-        latency = json.loads(latency_json.read_text())
-        metrics.update({k: float(v) for k, v in latency.items() if _is_number(v)})
-    for log in sorted((workdir / "logs").glob("*.json")):  # timings, when this workspace ran the stage
-        rec = json.loads(log.read_text())
+    result = result_metrics(workdir, variants)
+    metric_files = [f for f in result_files(workdir) if f.exists()]
+    metrics = dict(result)
+    # timings: logged, but not part of the fingerprint (logs/latency.json; metrics/latency.json before)
+    for latency_json in (workdir / "metrics" / "latency.json", workdir / "logs" / "latency.json"):
+        if latency_json.exists():
+            metrics.update({k: float(v) for k, v in _read_json(latency_json).items() if _is_number(v)})
+    for log in sorted((workdir / "logs").glob("*.json")):  # stage timings, when this workspace ran the stage
+        rec = _read_json(log)
         for k in ("train_seconds", "wall_seconds"):
-            if k in rec:
+            if _is_number(rec.get(k)):
                 metrics[f"{log.stem}_{k}"] = float(rec[k])
     metrics = {k: v for k, v in headline(metrics).items() if math.isfinite(v)}
     # only the pipeline's own files: a sweep report next to them is not part of this run
@@ -269,13 +289,14 @@ def collect(workdir: Path) -> dict[str, Any]:
                    **{p.stem: p for p in sorted((workdir / "plots" / "distill").glob("*.csv"))}}
     curves = {name: read_curve(p) for name, p in curve_files.items() if p.exists()}
     export = workdir / "models" / "export"
-    artifacts = [p for p in [params_path, *metric_files, *curve_files.values(), workdir / "plots" / "accuracy.png",
-                             *(export / f"{v}.kdc" for v in variants)] if p.is_file()]
+    artifacts = [p for p in [params_path, *metric_files, workdir / "metrics" / "latency.json", *curve_files.values(),
+                             workdir / "plots" / "accuracy.png", *(export / f"{v}.kdc" for v in variants)]
+                 if p.is_file()]
     models = {v: {"onnx": export / f"{v}.onnx", "pt": workdir / "models" / "students" / f"{v}.pt"} for v in variants}
     models = {v: m for v, m in models.items() if m["onnx"].is_file() or m["pt"].is_file()}
-    fingerprint = hashlib.sha256(json.dumps({"params": params, "metrics": evaluate},
+    fingerprint = hashlib.sha256(json.dumps({"params": params, "metrics": result},
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
-    start_ms, end_ms, times_from = pipeline_times(workdir, [f for f in metric_files if f.exists()])
+    start_ms, end_ms, times_from = pipeline_times(workdir, metric_files)
     return {"params": params, "metrics": metrics, "curves": curves, "artifacts": artifacts, "models": models,
             "fingerprint": fingerprint, "start_ms": start_ms, "end_ms": end_ms, "times_from": times_from}
 

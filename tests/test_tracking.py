@@ -68,19 +68,35 @@ def tiny_onnx(path: Path, channels: int = 1, size: int = 4, classes: int = 3) ->
 
 
 def make_result(workdir: Path, ratio: float = 0.8, acc_kd: float = 90.0, seed: int = 0, wall: float | None = None,
-                models: bool = False, **evaluate) -> None:
-    """A pipeline result as the stages leave it (params.yaml, metrics/, plots/, logs/, models/export/); no training."""
+                models: bool = False, layout: str = "split", **overrides) -> None:
+    """A pipeline result as the stages leave it (params.yaml, metrics/, plots/, logs/, models/export/); no training.
+
+    layout "split": each metric in one file (teacher.json, prune.json, distill/<v>.json, evaluate.json);
+    "flat": evaluate.json repeats the headline numbers and the stage files hold extra non-metric keys."""
     p = Params().to_dict()
     p["prune"]["ratio"], p["seed"], p["distill"]["variants"] = ratio, seed, ["kd", "finetune"]
     (workdir / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     for d in ("metrics/distill", "plots/distill", "logs", "models/export"):
         (workdir / d).mkdir(parents=True, exist_ok=True)
-    ev = {"acc_teacher": 91.0, "acc_pruned": 40.0, "acc_kd": acc_kd, "acc_finetune": 89.0,
-          "compression_ratio": 1 / (1 - ratio), "prunable_compression_ratio": 1 / (1 - ratio) + 0.123456,
-          "mac_reduction": 1.0, "prune_method": "magnitude"}
-    ev.update(evaluate)
-    (workdir / "metrics" / "evaluate.json").write_text(json.dumps(ev))
-    (workdir / "metrics" / "distill" / "kd.json").write_text(json.dumps({"acc_kd": acc_kd, "epochs": 1}))
+    files = {
+        "teacher.json": {"acc_teacher": 91.0, "params_teacher": 1000, "macs_teacher": 5000},
+        "prune.json": {"acc_pruned": 40.0, "compression_ratio": 1 / (1 - ratio),
+                       "prunable_compression_ratio": 1 / (1 - ratio) + 0.123456, "mac_reduction": 1.0,
+                       "prunable_sparsity": ratio, "params_pruned": 1000},
+        "distill/kd.json": {"acc_kd": acc_kd},
+        "distill/finetune.json": {"acc_finetune": 89.0},
+        "evaluate.json": {"params_kd": 1000, "nonzero_params_kd": int(1000 * (1 - ratio)), "bytes_onnx_kd": 4000},
+    }
+    for key, value in overrides.items():
+        next((d for d in files.values() if key in d), files["evaluate.json"])[key] = value
+    if layout == "flat":
+        for name in ("teacher.json", "prune.json", "distill/kd.json", "distill/finetune.json"):
+            files["evaluate.json"].update(files[name])
+        files["prune.json"].update(method="magnitude", params=1000, ratio=ratio)
+        files["distill/kd.json"].update(epochs=1, alpha=0.9)
+        files["evaluate.json"]["prune_method"] = "magnitude"
+    for name, data in files.items():
+        (workdir / "metrics" / name).write_text(json.dumps(data))  # NaN / Infinity as json.dump writes them
     (workdir / "plots" / "teacher.csv").write_text("epoch,train_loss,test_acc\n1,0.9,\n2,0.5,88.5\n")
     (workdir / "plots" / "distill" / "kd.csv").write_text("epoch,train_loss,test_acc\n1,0.3,89.0\n")
     (workdir / "plots" / "accuracy_vs_compression.png").write_bytes(b"a sweep report, not part of this run")
@@ -123,7 +139,7 @@ def test_log_once_then_dedup_then_new_result(tmp_path):
     assert found.data.metrics["acc_finetune"] == 89.12 and found.data.metrics["compression_ratio"] == 4.83
     assert found.data.metrics["prunable_compression_ratio"] == 5.12
     client = client_for(uri)
-    local = client.download_artifacts(run_id, "metrics/evaluate.json", str(tmp_path / "dl"))
+    local = client.download_artifacts(run_id, "metrics/prune.json", str(tmp_path / "dl"))
     assert json.loads(Path(local).read_text())["compression_ratio"] == 4.830641153081511
     hist = client.get_metric_history(run_id, "teacher_train_loss")
     assert [(m.step, m.value) for m in hist] == [(1, 0.9), (2, 0.5)]
@@ -154,28 +170,45 @@ def test_existing_experiment_gets_the_runs_table_kind(tmp_path):
 
 
 @pytest.mark.parametrize("where,key,value", [
-    ("evaluate.json", "acc_kd", float("nan")),
-    ("evaluate.json", "compression_ratio", float("inf")),
-    ("evaluate.json", "acc_pruned", None),  # missing
     ("distill/kd.json", "acc_kd", float("nan")),
-    ("evaluate.json", "mac_reduction", "fast"),
+    ("prune.json", "compression_ratio", float("inf")),
+    ("prune.json", "acc_pruned", None),  # missing
+    ("teacher.json", "acc_teacher", float("-inf")),
+    ("prune.json", "mac_reduction", "fast"),
 ])
-def test_non_finite_result_is_never_logged(tmp_path, where, key, value):
-    make_result(tmp_path)
-    path = tmp_path / "metrics" / where
-    data = json.loads(path.read_text())
-    if value is None:
-        del data[key]
-    else:
-        data[key] = value
-    path.write_text(json.dumps(data))  # json writes NaN / Infinity, as json.dump of a float nan does
+@pytest.mark.parametrize("layout", ["split", "flat"])
+def test_non_finite_result_is_never_logged(tmp_path, where, key, value, layout):
+    make_result(tmp_path, layout=layout)
+    paths = [tmp_path / "metrics" / where] + ([tmp_path / "metrics" / "evaluate.json"] if layout == "flat" else [])
+    for path in paths:
+        data = json.loads(path.read_text())
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+        path.write_text(json.dumps(data))  # json writes NaN / Infinity, as json.dump of a float nan does
     env = {"DVC_ROOT": str(tmp_path)}
     with pytest.raises(tracking.TrackingError) as e:
         tracking.log_pipeline(tmp_path, env)
     msg = str(e.value)
-    assert str(path) in msg and key in msg and "\n" not in msg
+    assert f"metrics/{where}" in msg and key in msg and "\n" not in msg
     assert isinstance(e.value, tracking.TrackingUserError)  # track exits 2
     assert runs(tracking.tracking_uri(env)) == []
+
+
+def test_both_metrics_layouts_log_the_same_headline_numbers(tmp_path):
+    """Each metric in one file, or evaluate.json repeating them: the run holds the same metrics, and the
+    stage files' generic keys (epochs, method, ...) are not logged as metrics."""
+    got = {}
+    for layout in ("split", "flat"):
+        d = tmp_path / layout
+        d.mkdir()
+        make_result(d, layout=layout)
+        got[layout] = tracking.collect(d)["metrics"]
+    assert got["split"] == got["flat"]
+    assert {"acc_teacher", "acc_pruned", "acc_kd", "acc_finetune", "compression_ratio", "params_teacher",
+            "params_pruned", "prunable_sparsity"} <= set(got["split"])
+    assert not {"epochs", "alpha", "ratio", "params", "method"} & set(got["flat"])
 
 
 def track_env(**extra):
@@ -190,7 +223,7 @@ def test_track_stage_exits_2_on_nan_accuracy(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     (line,) = r.stderr.strip().splitlines()
-    assert "metrics/evaluate.json" in line and "acc_kd" in line and "nan" in line.lower()
+    assert "metrics/distill/kd.json" in line and "acc_kd" in line and "nan" in line.lower()
     assert runs(f"sqlite:///{tmp_path.resolve()}/mlflow.db") == []
 
 
@@ -346,7 +379,7 @@ def test_unreachable_server_keeps_files_and_says_how_to_relog(tmp_path, monkeypa
     env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # discard port: nothing listens
     with pytest.raises(tracking.TrackingError, match="relog"):
         tracking.log_pipeline(tmp_path, env)
-    assert json.loads((tmp_path / "metrics" / "evaluate.json").read_text())["acc_kd"] == 90.0
+    assert json.loads((tmp_path / "metrics" / "distill" / "kd.json").read_text())["acc_kd"] == 90.0
 
 
 def test_missing_metrics_is_clear(tmp_path):
