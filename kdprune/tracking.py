@@ -201,31 +201,41 @@ def headline(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
+STAGE_GAP_S = 120.0  # a stage log that ended this long before the next stage began is from an earlier invocation
+
+
 def pipeline_times(workdir: Path, result_files: list[Path]) -> tuple[int, int, str]:
-    """(start, end) of the pipeline run that wrote ``result_files``, in ms since the epoch, and how.
+    """(start, end) of the pipeline invocation that wrote ``result_files``, in ms since the epoch, and how.
 
     end: the newest modification time of the result files and of the stage timing logs.
-    start: the earliest ``mtime - wall_seconds`` over ``logs/*.json`` that were written during this
-    run (a log written before the oldest result file belongs to an earlier run: that stage was
-    restored from DVC's cache), else the oldest result file's mtime. ``prepare`` writes no log, so
-    the duration starts at the teacher's training."""
+    start: from ``logs/*.json`` (each training stage's ``wall_seconds``, ending at the log's mtime),
+    walking back from the newest: a stage is part of this invocation while it ended at most
+    ``STAGE_GAP_S`` before the next one began; an earlier log belongs to a stage DVC did not rerun
+    (unchanged or restored from its cache). Without logs: the oldest result file's mtime. ``prepare``,
+    ``prune`` and ``evaluate`` write no log, so the span starts at the first training stage that ran."""
     mtimes = [p.stat().st_mtime for p in result_files if p.exists()]
     if not mtimes:
         now = time.time()
         return int(now * 1000), int(now * 1000), "now"
     oldest, end = min(mtimes), max(mtimes)
-    start, how = oldest, "result file mtimes"
+    spans = []
     for log in sorted((workdir / "logs").glob("*.json")):
-        mtime = log.stat().st_mtime
-        if mtime < oldest - 1.0:
-            continue
         try:
             wall = json.loads(log.read_text()).get("wall_seconds")
         except (OSError, ValueError, AttributeError):
             continue
         if _is_number(wall) and math.isfinite(wall) and wall >= 0:
-            start, end, how = min(start, mtime - wall), max(end, mtime), "logs/*.json wall_seconds and file mtimes"
-    return int(start * 1000), int(max(end, start) * 1000), how
+            spans.append((log.stat().st_mtime, float(wall)))
+    if not spans:
+        return int(oldest * 1000), int(end * 1000), "result file mtimes"
+    spans.sort(reverse=True)  # newest first
+    start = spans[0][0] - spans[0][1]
+    end = max(end, spans[0][0])
+    for mtime, wall in spans[1:]:
+        if start - mtime > STAGE_GAP_S:
+            break
+        start = min(start, mtime - wall)
+    return int(start * 1000), int(max(end, start) * 1000), "logs/*.json wall_seconds and file mtimes"
 
 
 def dataset_input(workdir: Path, params: dict[str, Any]):

@@ -364,6 +364,23 @@ def test_run_times_come_from_the_pipeline_logs(tmp_path):
     assert info.end_time - info.start_time >= 30_000
 
 
+def test_run_time_leaves_out_stages_from_an_earlier_invocation(tmp_path):
+    """`dvc exp run` after a `dvc repro`: the teacher did not rerun (its log is from the repro, minutes
+    earlier); the run spans only the stages that ran for this result."""
+    make_result(tmp_path)
+    now = os.path.getmtime(tmp_path / "metrics" / "distill" / "kd.json")
+    logs = {"teacher": (now - 900, 200.0), "distill_finetune": (now - 40, 20.0), "distill_kd": (now - 5, 30.0)}
+    for name, (mtime, wall) in logs.items():
+        path = tmp_path / "logs" / f"{name}.json"
+        path.write_text(json.dumps({"wall_seconds": wall}))
+        os.utime(path, (mtime, mtime))
+    for path in (tmp_path / "metrics" / "teacher.json",):
+        os.utime(path, (now - 900, now - 900))  # an unchanged stage's output keeps its old mtime
+    start, end, how = tracking.pipeline_times(tmp_path, tracking.result_files(tmp_path))
+    assert start == pytest.approx((now - 60) * 1000, abs=2) and "logs" in how
+    assert end >= int(now * 1000) - 1
+
+
 def test_headline_rounding():
     h = tracking.headline({"acc_kd": 91.23456, "compression_ratio": 9.2745, "mac_reduction": 1.0,
                            "speedup_b1_kd": 1.23456, "params_kd": 77754.0, "prunable_sparsity": 0.8000052})
