@@ -5,9 +5,11 @@
   python -m kdprune.report --methods  # the methods table: every (prune method, ratio, schedule, AT)
                                       # setting x every recovery variant -> metrics/methods.{md,csv}
 
-Writes metrics/report.csv (one row per ratio x method), metrics/report_runs.csv (every run used,
-with its MLflow run id and DVC experiment name, so each number is traceable), metrics/report.md
-and plots/accuracy_vs_compression.png, and logs them to MLflow as artifacts of a summary run.
+Writes metrics/report.csv (one row per ratio x method), metrics/report_runs.csv (every run used: its
+MLflow run id, status, DVC experiment name, every param and every metric, so each number can be traced
+without the git-ignored mlflow.db), metrics/report.md and plots/accuracy_vs_compression.png, and logs them
+to MLflow as artifacts of a summary run in the experiment "<mlflow.experiment>-reports" (not among the
+pipeline runs). ``--methods`` writes metrics/methods_runs.csv the same way.
 
 "Comparable" means: every param equal to the current params.yaml except ``prune.ratio`` and
 ``seed`` (and the ``mlflow.*`` keys). When several runs share (ratio, seed), the newest is used.
@@ -34,23 +36,39 @@ VARIANT_COLUMNS = ("pruned", "finetune", "kd", "scratch", "scratch_kd")
 
 
 def fetch_runs(uri: str, experiment: str) -> pd.DataFrame:
+    """Every FINISHED pipeline run of ``experiment``: one row with its id, status, name, tags, every param
+    (``params.<dotted key>``) and every metric."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = tracking.retry(lambda: client.get_experiment_by_name(experiment), "get experiment")
     if exp is None:
         return pd.DataFrame()
-    runs = tracking.retry(lambda: client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{tracking.KIND_TAG}` = 'pipeline' and attributes.status = 'FINISHED'",
-        max_results=50000), "search runs")
     rows = []
-    for r in runs:
-        row = {"run_id": r.info.run_id, "start_time": r.info.start_time,
+    for r in tracking.finished_pipeline_runs(client, [exp.experiment_id]):
+        row = {"run_id": r.info.run_id, "status": r.info.status, "run_name": r.info.run_name,
+               "start_time": r.info.start_time, "end_time": r.info.end_time,
                "dvc_exp_name": r.data.tags.get("dvc_exp_name", ""), "git_commit": r.data.tags.get("git_commit", "")}
         row.update({f"params.{k}": v for k, v in r.data.params.items()})
         row.update(r.data.metrics)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+RUN_COLUMNS = ("run_id", "status", "run_name", "dvc_exp_name", "git_commit", "start_time", "end_time")
+
+
+def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs behind a report, for a clone without the MLflow store: one row per run with its id,
+    status, tags, every param (dotted ``params.*`` columns) and every metric, in a stable column order."""
+    meta = [c for c in RUN_COLUMNS if c in runs]
+    params = sorted(c for c in runs if c.startswith("params."))
+    metrics = sorted(c for c in runs if c not in meta and c not in params and c not in ("ratio", "seed"))
+    return runs[meta + params + metrics].sort_values("run_id").reset_index(drop=True)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def select_comparable(df: pd.DataFrame, current: dict[str, object]) -> tuple[pd.DataFrame, int]:
@@ -141,6 +159,7 @@ def methods_main(out: Path, current: dict, uri: str, experiment: str, use_all: b
         return 2
     table = methods_table(runs)
     io.write_text(out / "metrics" / "methods.csv", table.to_csv(index=False))
+    io.write_text(out / "metrics" / "methods_runs.csv", runs_table(runs).to_csv(index=False))
     md = methods_markdown(table)
     io.write_text(out / "metrics" / "methods.md", md)
     print(md)
@@ -298,13 +317,19 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def reports_experiment(experiment: str) -> str:
+    """Report runs live in their own experiment, not among the pipeline runs they summarise."""
+    return f"{experiment}-reports"
+
+
 def log_summary(uri: str, experiment: str, files: list[Path], n_runs: int) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    run = tracking.retry(lambda: client.create_run(exp.experiment_id, run_name=f"report ({n_runs} runs)",
-                                                   tags={tracking.KIND_TAG: "report"}), "create run")
+    exp_id = tracking.ensure_experiment(client, reports_experiment(experiment), tracking.artifact_location())
+    name = f"report ({plural(n_runs, 'run')} of {experiment})"
+    tags = {tracking.KIND_TAG: "report", "kdprune.experiment": experiment}
+    run = tracking.retry(lambda: client.create_run(exp_id, run_name=name, tags=tags), "create run")
     for f in files:
         tracking.retry(lambda: client.log_artifact(run.info.run_id, str(f)), "log artifact")
     tracking.retry(lambda: client.set_terminated(run.info.run_id, "FINISHED"), "finish run")
@@ -339,17 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     io.write_text(files[0], table.merge(paired[["ratio", "kd_minus_finetune", "ci95_low", "ci95_high", "verdict"]],
                                         on="ratio", how="left").to_csv(index=False) if not paired.empty
                   else table.to_csv(index=False))
-    cols = ["run_id", "dvc_exp_name", "git_commit", "ratio", "seed", "acc_teacher", "acc_pruned", "acc_kd",
-            "acc_finetune", "compression_ratio", "prunable_compression_ratio"]
-    io.write_text(files[1], runs[[c for c in cols if c in runs]].to_csv(index=False))
+    io.write_text(files[1], runs_table(runs).to_csv(index=False))
     md = markdown(table, paired, len(runs), excluded)
     io.write_text(files[2], md)
     plot(table, files[3], f"{params.data.name}, {model_name(params.model.arch, params.model.depth)}: accuracy vs compression "
-                          f"({runs['seed'].nunique()} seeds)")
+                          f"({plural(runs['seed'].nunique(), 'seed')})")
     print(md)
     if not args.no_mlflow_summary:
         run_id = log_summary(uri, params.mlflow.experiment, files, len(runs))
-        print(f"mlflow: report logged as run {run_id}")
+        print(f"mlflow: report logged as run {run_id} (experiment '{reports_experiment(params.mlflow.experiment)}')")
     return 0
 
 

@@ -7,8 +7,9 @@ What it does, in DVC terms:
   2. ``dvc queue start -j N`` twice: first one experiment per seed (each trains that seed's teacher,
      in parallel across seeds), then the rest, which restore their teacher from DVC's run-cache:
      a teacher is trained once per (data, model, teacher params, seed);
-  3. waits for the queue, then checks that every experiment has exactly one MLflow run (matched by
-     its DVC experiment name) and reports any that failed or are missing;
+  3. waits for the queue, then checks that every experiment has exactly one FINISHED MLflow run
+     (matched by its DVC experiment name; a run left RUNNING by a killed `track` does not count) and
+     reports any that failed or are missing;
   4. with ``--report``, runs ``python -m kdprune.report``.
 Each method (distill.variants) runs inside every experiment, so KD and fine-tune always share
 the teacher, mask and batch order of their (ratio, seed).
@@ -73,8 +74,7 @@ def run_names(experiment: str) -> dict[str, int]:
     if exp is None:
         return {}
     counts: dict[str, int] = {}
-    for r in client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.KIND_TAG}` = 'pipeline'",
-                                max_results=50000):
+    for r in tracking.finished_pipeline_runs(client, [exp.experiment_id]):  # a run left RUNNING is no result
         names = [r.data.tags.get("dvc_exp_name", "")]
         names += [a for a in r.data.tags.get(tracking.ALIASES_TAG, "").split(",") if a]
         for name in names:

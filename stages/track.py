@@ -1,9 +1,13 @@
-"""Stage track: log this pipeline result to MLflow as exactly one run (see kdprune/tracking.py)."""
+"""Stage track: log this pipeline result to MLflow as exactly one run (see kdprune/tracking.py).
+
+Exit 2: a result that must not be logged (an accuracy or compression number that is NaN, inf or
+missing) or a read-only store; exit 3: the store is unreachable (the results stay in metrics/).
+"""
 import sys
 
 from kdprune import stage
 from kdprune.params import Params
-from kdprune.tracking import TrackingError, log_pipeline
+from kdprune.tracking import TrackingError, TrackingUserError, log_pipeline
 
 
 def main(params: Params) -> None:
@@ -12,6 +16,8 @@ def main(params: Params) -> None:
         return
     try:
         log_pipeline()
+    except TrackingUserError as e:
+        raise stage.StageError(str(e)) from None
     except TrackingError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)

@@ -189,7 +189,13 @@ def test_sweep_with_two_workers_loses_no_run_then_report_and_ui(tmp_path, venv_b
         for run in pipeline:
             metrics = {m["key"] for m in run["data"]["metrics"]}
             assert {"acc_kd", "acc_finetune", "compression_ratio"} <= metrics
-        assert any(r["info"]["run_name"].startswith("report") for r in found)  # the report's summary run
+        assert all(r in pipeline for r in found)  # the report's summary run has its own experiment:
+        reports = json.load(urllib.request.urlopen(
+            f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=kdprune-reports", timeout=10))
+        req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST", data=json.dumps(
+            {"experiment_ids": [reports["experiment"]["experiment_id"]]}).encode(),
+            headers={"Content-Type": "application/json"})
+        assert any(r["info"]["run_name"].startswith("report") for r in json.load(urllib.request.urlopen(req))["runs"])
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

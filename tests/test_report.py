@@ -1,9 +1,11 @@
 import math
+import os
 
 import pandas as pd
 import pytest
 
 from kdprune import report
+from tests.test_tracking import empty_store  # noqa: F401 - a fixture
 
 
 def fake_runs(kd, ft, ratios=(0.5, 0.9), seeds=(0, 1, 2)):
@@ -97,3 +99,65 @@ def test_methods_table_groups_settings_and_variants():
     assert table.iloc[2]["scratch_n"] == 0
     md = report.methods_markdown(table)
     assert "| l1_filter | 0.5 | oneshot | 0 | 1.90x |" in md and "81.00 ± 1.41 (2)" in md and "| - |" in md
+
+
+def test_plural():
+    assert report.plural(1, "seed") == "1 seed" and report.plural(2, "run") == "2 runs"
+    assert report.plural(0, "run") == "0 runs"
+
+
+def test_report_traces_every_number_and_logs_to_its_own_experiment(tmp_path, monkeypatch, empty_store):
+    """metrics/report_runs.csv holds, per run used, its id, status, every param and every metric (a clone
+    without mlflow.db can trace each number); the summary run goes to '<experiment>-reports'."""
+    import shutil
+
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+
+    from mlflow.tracking import MlflowClient
+
+    from kdprune import tracking
+    from tests.test_tracking import make_result
+
+    for d, ratio, acc in (("a", 0.8, 90.0), ("b", 0.9, 88.5)):
+        (tmp_path / d).mkdir()
+        make_result(tmp_path / d, ratio=ratio, acc_kd=acc)
+        tracking.log_pipeline(tmp_path / d, {"DVC_ROOT": str(tmp_path)})
+    shutil.copy(tmp_path / "b" / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    for k in [k for k in os.environ if k.startswith(("DVC_", "MLFLOW_TRACKING"))]:
+        monkeypatch.delenv(k)
+    titles = []
+    real_plot = report.plot
+    monkeypatch.setattr(report, "plot", lambda table, path, title: (titles.append(title),
+                                                                     real_plot(table, path, title)))
+    uri = tracking.tracking_uri()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("kdprune")
+    pipeline_ids = {r.info.run_id for r in client.search_runs([exp.experiment_id])}
+    # a RUNNING run (an interrupted track) is no result: not used, not cited
+    client.create_run(exp.experiment_id, tags={tracking.KIND_TAG: "pipeline"})
+
+    assert report.main([]) == 0
+    csv = pd.read_csv(tmp_path / "metrics" / "report_runs.csv")
+    assert set(csv["run_id"]) == pipeline_ids and set(csv["status"]) == {"FINISHED"}
+    assert {"params.prune.ratio", "params.seed", "params.distill.variants", "params.teacher.epochs", "acc_kd",
+            "acc_teacher", "compression_ratio", "mac_reduction", "kd_train_loss"} <= set(csv.columns)
+    assert sorted(csv["params.prune.ratio"]) == [0.8, 0.9] and sorted(csv["acc_kd"]) == [88.5, 90.0]
+    assert titles and titles[0].endswith("(1 seed)")
+    # the summary run is not among the pipeline runs (the pipeline runs and the RUNNING one)
+    assert all(r.data.tags.get(tracking.KIND_TAG) == "pipeline" for r in client.search_runs([exp.experiment_id]))
+    rexp = client.get_experiment_by_name("kdprune-reports")
+    (summary,) = client.search_runs([rexp.experiment_id])
+    assert summary.info.run_name == "report (2 runs of kdprune)" and summary.info.status == "FINISHED"
+    assert rexp.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+    assert "report_runs.csv" in {a.path for a in client.list_artifacts(summary.info.run_id)}
+
+
+def test_runs_table_has_ids_status_params_and_metrics_not_derived_columns():
+    df = pd.DataFrame([{"run_id": "b", "status": "FINISHED", "dvc_exp_name": "e2", "params.seed": "1",
+                        "params.prune.ratio": "0.9", "acc_kd": 90.5, "ratio": 0.9, "seed": 1},
+                       {"run_id": "a", "status": "FINISHED", "dvc_exp_name": "e1", "params.seed": "0",
+                        "params.prune.ratio": "0.8", "acc_kd": 91.0, "ratio": 0.8, "seed": 0}])
+    t = report.runs_table(df)
+    assert list(t.columns) == ["run_id", "status", "dvc_exp_name", "params.prune.ratio", "params.seed", "acc_kd"]
+    assert list(t.run_id) == ["a", "b"]
