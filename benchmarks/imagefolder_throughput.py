@@ -70,26 +70,26 @@ def _timed(loader, skip: int = 2) -> float:
     return n / (time.perf_counter() - t0) if t0 is not None and n else float("nan")
 
 
-def plain_loader(root: Path, workers: int, mean, std):
+def plain_loader(root: Path, workers: int, mean, std, batch: int = BATCH):
     from torchvision import datasets, transforms
 
     tf = transforms.Compose([transforms.Resize(RESIZE), transforms.CenterCrop(IMAGE_SIZE),
                              transforms.RandomCrop(IMAGE_SIZE, padding=PAD), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(), transforms.Normalize(mean, std)])
-    return torch.utils.data.DataLoader(datasets.ImageFolder(str(root / "train"), transform=tf), batch_size=BATCH,
+    return torch.utils.data.DataLoader(datasets.ImageFolder(str(root / "train"), transform=tf), batch_size=batch,
                                        shuffle=True, num_workers=workers, persistent_workers=workers > 0)
 
 
-def run_throughput(root: Path, workers=(0, 1, 2, 4)) -> dict:
+def run_throughput(root: Path, workers=(0, 1, 2, 4), batch: int = BATCH) -> dict:
     data = imagefolder.prepare(str(root), image_size=IMAGE_SIZE, resize_size=RESIZE, loader="stream")
     files = streaming.split_files(data, "train")
-    res = {"train_images": len(data["train_y"]), "stream_img_s": {}, "plain_img_s": {}}
+    res = {"train_images": len(data["train_y"]), "batch": batch, "stream_img_s": {}, "plain_img_s": {}}
     for w in workers:
-        ld = streaming.StreamLoader(files, data["preprocessing"], data["train_y"], data["mean"], data["std"], BATCH,
+        ld = streaming.StreamLoader(files, data["preprocessing"], data["train_y"], data["mean"], data["std"], batch,
                                     train=True, crop_padding=PAD, hflip=True, num_workers=w)
         res["stream_img_s"][w] = _timed(ld)
         del ld
-        res["plain_img_s"][w] = _timed(plain_loader(root, w, data["mean"], data["std"]))
+        res["plain_img_s"][w] = _timed(plain_loader(root, w, data["mean"], data["std"], batch))
     res["stream_best"] = max(res["stream_img_s"].items(), key=lambda kv: kv[1])
     res["plain_best"] = max(res["plain_img_s"].items(), key=lambda kv: kv[1])
     res["ratio"] = res["stream_best"][1] / res["plain_best"][1]
@@ -131,24 +131,18 @@ class MemoryMonitor(threading.Thread):
             self.stop.wait(self.period)
 
 
-def rss_child(root: Path, budget_mb: int, steps: int, workers: int) -> dict:
+def rss_child(root: Path, budget_mb: int, steps: int, workers: int, batch: int = BATCH) -> dict:
     """In a fresh process: prepare with data.loader auto and a low budget, then train ``steps`` steps."""
-    import copy
-
-    import yaml
-
     from kdprune import stage
-    from kdprune.params import params_from_dict
+    from kdprune.params import DataParams, Params, RuntimeParams, TrainParams
 
     monitor = MemoryMonitor()
     monitor.start()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
-    raw = copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    raw["data"].update(name="imagefolder", root=str(root), image_size=IMAGE_SIZE, resize_size=RESIZE,
-                       memory_budget_mb=budget_mb, num_workers=workers, loader="auto")
-    raw["teacher"]["batch_size"] = BATCH
-    raw["runtime"].update(channels_last=False)
-    params = params_from_dict(raw)
+    params = Params(data=DataParams(name="imagefolder", root=str(root), image_size=IMAGE_SIZE, resize_size=RESIZE,
+                                    memory_budget_mb=budget_mb, num_workers=workers, loader="auto", crop_padding=PAD),
+                    teacher=TrainParams(batch_size=batch), runtime=RuntimeParams(channels_last=False))
+    params.validate()
+    params.data.validate("data")
     d = params.data
     data = imagefolder.prepare(d.root, image_size=d.image_size, resize_size=d.resize_size, loader=d.loader,
                                memory_budget_mb=d.memory_budget_mb, num_workers=d.num_workers)
@@ -205,7 +199,7 @@ def report(res: dict) -> str:
     t = res["throughput"]
     lines = [f"machine: {res['machine']}, torch {res['torch']}",
              f"throughput: train split of {t['train_images']} JPEGs (200-320 px) -> resize {RESIZE}, crop {IMAGE_SIZE}, "
-             f"pad-crop {PAD} + flip, batch {BATCH}",
+             f"pad-crop {PAD} + flip, batch {t['batch']}",
              "  num_workers | kdprune stream img/s | torchvision ImageFolder + DataLoader img/s"]
     for w in t["stream_img_s"]:
         lines.append(f"  {w:>11} | {t['stream_img_s'][w]:>20,.0f} | {t['plain_img_s'][w]:>10,.0f}")
@@ -232,6 +226,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     if a.rss_child:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - a.rss_workers))
         print(json.dumps(rss_child(a.rss_child, a.budget, a.steps, a.rss_workers)))
         return
     res = run(a.images, tuple(a.workers), tuple(a.rss_images), a.budget, a.steps, a.rss_workers)

@@ -76,15 +76,19 @@ def _inside(real: str, root: str) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def _check_link(entry: os.DirEntry, root: str) -> None:
+    if entry.is_symlink() and not _inside(os.path.realpath(entry.path), root):
+        raise DatasetError(f"{_show(entry.path)}: a symbolic link out of data.root (to "
+                           f"{_show(os.path.realpath(entry.path))}); kdprune reads only files under data.root: point "
+                           f"data.root at the real directory or copy the data in")
+
+
 def _class_dirs(split_dir: Path, root: str) -> list[str]:
     names = []
     with os.scandir(split_dir) as it:
         for entry in it:
             if entry.is_dir():  # follows links, as torchvision's find_classes does
-                if entry.is_symlink() and not _inside(os.path.realpath(entry.path), root):
-                    raise DatasetError(f"{_show(entry.path)}: a symbolic link out of data.root "
-                                       f"(to {_show(os.path.realpath(entry.path))}); kdprune reads only files under "
-                                       f"data.root: point data.root at the real directory or copy the data in")
+                _check_link(entry, root)
                 names.append(entry.name)
                 if len(names) > MAX_CLASSES:
                     raise DatasetError(f"{_show(split_dir)}: more than {MAX_CLASSES:,} class directories")
@@ -101,7 +105,7 @@ def _class_files(class_dir: Path, root: str, budget: int) -> tuple[list[str], li
     while stack:
         d = stack.pop()
         real = os.path.realpath(d)
-        if real in seen:  # a link back to a directory already walked (os.walk would loop forever)
+        if real in seen:  # a link to a directory already walked (a loop: os.walk would never end)
             continue
         seen.add(real)
         found = []
@@ -110,13 +114,13 @@ def _class_files(class_dir: Path, root: str, budget: int) -> tuple[list[str], li
         except OSError as e:
             raise DatasetError(f"{_show(d)}: cannot list the directory ({e.strerror or e})") from None
         for entry in entries:
-            if entry.is_symlink() and not _inside(os.path.realpath(entry.path), root):
-                raise DatasetError(f"{_show(entry.path)}: a symbolic link out of data.root "
-                                   f"(to {_show(os.path.realpath(entry.path))}); kdprune reads only files under "
-                                   f"data.root: point data.root at the real directory or copy the data in")
+            _check_link(entry, root)
             if entry.is_dir():
                 stack.append(entry.path)
             elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                if not entry.is_file():  # a FIFO would block the reader forever; a dangling link has no image
+                    raise DatasetError(f"{_show(entry.path)}: not a regular file (a dangling link, a pipe or a "
+                                       f"device); an image must be a file")
                 try:
                     size = entry.stat().st_size
                 except OSError as e:
@@ -189,10 +193,12 @@ def _open(path: str, expected_size: int | None = None):
 
     try:
         with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size > MAX_FILE_BYTES:
+                raise DatasetError(f"{_show(path)}: larger than {MAX_FILE_BYTES >> 20} MiB; not an image kdprune reads")
             data = fh.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise DatasetError(f"{_show(path)}: cannot read the image ({e.strerror or e})") from None
-    if len(data) > MAX_FILE_BYTES:
+    if len(data) > MAX_FILE_BYTES:  # it grew while being read
         raise DatasetError(f"{_show(path)}: larger than {MAX_FILE_BYTES >> 20} MiB; not an image kdprune reads")
     if expected_size is not None and len(data) != expected_size:
         raise DatasetError(f"{_show(path)}: the file changed since `dvc repro prepare` indexed it ({expected_size} "

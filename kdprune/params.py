@@ -95,7 +95,7 @@ class DataParams:
     # -- image folders (kdprune/imagefolder.py, kdprune/streaming.py) and normalisation (kdprune/preprocessing.py)
     image_size: int | None = None  # imagefolder: side of the square images the model sees; null = 224 (DEFAULT_...)
     resize_size: int | None = None  # imagefolder: the shorter side is resized to this, then centre-cropped
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # imagefolder: of that resize (antialiased)
+    interpolation: Literal["bilinear", "bicubic"] | None = None  # imagefolder: of that resize; null = bilinear
     mean: list[float] | None = None  # per channel, in [0, 1] pixel units; null = computed from the train split
     std: list[float] | None = None
     loader: Literal["auto", "tensor", "stream"] = "auto"  # imagefolder: auto = tensor when it fits the budget
@@ -108,11 +108,11 @@ class DataParams:
 
     def validate_folder(self, p: str) -> None:
         folder = self.name == "imagefolder"
-        for key in ("image_size", "resize_size"):
+        for key in ("image_size", "resize_size"):  # (interpolation below)
             _check(folder or getattr(self, key) is None, f"{p}.{key}", getattr(self, key),
                    f"applies to {p}.name = imagefolder only (the size of {self.name!r} is fixed); set it to null")
-        _check(folder or self.interpolation == "bilinear", f"{p}.interpolation", self.interpolation,
-               f"applies to {p}.name = imagefolder only; leave it bilinear")
+        _check(folder or self.interpolation is None, f"{p}.interpolation", self.interpolation,
+               f"applies to {p}.name = imagefolder only; set it to null")
         _check(folder or self.loader != "stream", f"{p}.loader", self.loader,
                f"stream applies to {p}.name = imagefolder only ({self.name!r} is always tensor-resident); "
                "use auto or tensor")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdprune.params import ParamsError
+from kdprune.params import DEFAULT_IMAGE_SIZE, DataParams, ParamsError
 
 
 def override_stats(computed: tuple[list[float], list[float]], mean: list[float] | None, std: list[float] | None,
@@ -88,3 +88,23 @@ def pretrained_interpolation(weights: Any) -> str:
     if name not in INTERPOLATIONS:
         raise ParamsError(f"{w}: interpolation {name!r}; kdprune's image folders resize with {list(INTERPOLATIONS)}")
     return name
+
+
+def folder_settings(data: DataParams, weights: Any = None) -> dict[str, Any]:
+    """The preprocessing of an image folder: ``image_size``, ``resize_size``, ``interpolation``, ``mean``, ``std``.
+
+    Each ``data.*`` key that is set wins; a null one takes the value of torchvision ``weights``' transforms when
+    a pretrained teacher gives them (``teacher.init: pretrained``), else its default: 224, ``image_size``,
+    bilinear, and ``None`` for mean/std (computed from the train split)."""
+    resize = crop = interpolation = mean = std = None
+    if weights is not None:
+        resize, crop, mean, std = pretrained_preprocessing(weights)
+        interpolation = pretrained_interpolation(weights)
+    image_size = data.image_size if data.image_size is not None else (crop or DEFAULT_IMAGE_SIZE)
+    if data.resize_size is not None:
+        resize = data.resize_size
+    elif data.image_size is not None or resize is None:  # a size set by hand: the weights' resize would not fit it
+        resize = image_size
+    return {"image_size": image_size, "resize_size": resize,
+            "interpolation": data.interpolation or interpolation or "bilinear",
+            "mean": data.mean if data.mean is not None else mean, "std": data.std if data.std is not None else std}

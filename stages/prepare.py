@@ -3,7 +3,7 @@ stream path, the file index)."""
 from kdprune import imagefolder, io, stage
 from kdprune.data import REGISTRY, prepare_dataset
 from kdprune.params import Params
-from kdprune.preprocessing import override_stats
+from kdprune.preprocessing import folder_settings, override_stats
 
 
 def main(params: Params) -> None:
@@ -32,10 +32,9 @@ def main(params: Params) -> None:
 
 def prepare_folder(params: Params) -> None:
     d = params.data
-    out = imagefolder.prepare(d.root, image_size=d.image_size_or_default, resize_size=d.resize_size,
-                              interpolation=d.interpolation, loader=d.loader, memory_budget_mb=d.memory_budget_mb,
+    out = imagefolder.prepare(d.root, **folder_settings(d), loader=d.loader, memory_budget_mb=d.memory_budget_mb,
                               train_subset=d.train_subset, test_subset=d.test_subset, seed=params.seed,
-                              num_workers=d.num_workers, mean=d.mean, std=d.std)
+                              num_workers=d.num_workers)
     io.torch_save(stage.PREPARED, out)
     p = out["preprocessing"]
     stage.log(f"prepare: imagefolder {d.root}: {len(out['classes'])} classes, train {tuple(out['train_x'].shape)} "
@@ -43,8 +42,7 @@ def prepare_folder(params: Params) -> None:
               f"{p['resize_size']} {p['interpolation']}, centre crop {p['image_size']}), {out['loader']} path "
               f"(data.loader = {d.loader}, budget {d.memory_budget_mb} MiB) -> {stage.PREPARED}")
     stage.log(f"prepare: normalising with mean {[round(v, 4) for v in out['mean']]} std "
-              f"{[round(v, 4) for v in out['std']]} ({'data.mean/data.std' if d.mean or d.std else 'computed'}; "
-              f"computed from train: {[round(v, 4) for v in out['computed_mean']]} "
+              f"{[round(v, 4) for v in out['std']]} (computed from train: {[round(v, 4) for v in out['computed_mean']]} "
               f"{[round(v, 4) for v in out['computed_std']]})")
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from kdprune import imagefolder, stage, streaming
 from kdprune.data import DatasetError, TensorLoader, channel_stats, read_idx
 from kdprune.params import ParamsError, params_from_dict
-from kdprune.preprocessing import override_stats, pretrained_interpolation, pretrained_preprocessing
+from kdprune.preprocessing import folder_settings, override_stats, pretrained_interpolation, pretrained_preprocessing
 from tests.conftest import default_params, make_fake_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,6 +265,12 @@ def damage(case: str, root: Path, outside: Path) -> str:
             shutil.rmtree(root / split)
             (root / split).mkdir()
         return r"no class directories in train/ and val/"
+    if case == "fifo":
+        os.mkfifo(root / "train" / "b" / "pipe.png")
+        return r"train/b/pipe\.png: not a regular file"
+    if case == "dangling_link":
+        (root / "val" / "a" / "gone.jpg").symlink_to(root / "val" / "a" / "nothing.jpg")
+        return r"val/a/gone\.jpg: not a regular file"
     if case == "link_file_out":
         outside.mkdir(exist_ok=True)
         Image.new("RGB", (8, 8)).save(outside / "x.png")
@@ -284,7 +290,7 @@ def damage(case: str, root: Path, outside: Path) -> str:
 
 
 ERROR_CASES = ["corrupt", "truncated", "bomb", "big", "empty_class", "classes_differ", "missing_val", "missing_both",
-               "no_classes", "link_file_out", "link_class_out", "link_split_out"]
+               "no_classes", "fifo", "dangling_link", "link_file_out", "link_class_out", "link_split_out"]
 
 
 @pytest.mark.parametrize("case", ERROR_CASES)
@@ -367,6 +373,21 @@ def test_pretrained_preprocessing_reads_the_weights_transforms_offline(tmp_path,
     assert not (tmp_path / "torch_home").exists()
 
 
+def test_folder_settings_take_data_keys_then_the_weights_then_the_defaults():
+    from torchvision.models import EfficientNet_B0_Weights, ResNet50_Weights
+
+    imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    data = params_from_dict(folder_raw()).data
+    assert folder_settings(data) == {"image_size": 224, "resize_size": 224, "interpolation": "bilinear",
+                                     "mean": None, "std": None}
+    assert folder_settings(data, ResNet50_Weights.IMAGENET1K_V2) == {
+        "image_size": 224, "resize_size": 232, "interpolation": "bilinear", "mean": imagenet[0], "std": imagenet[1]}
+    assert folder_settings(data, EfficientNet_B0_Weights.IMAGENET1K_V1)["interpolation"] == "bicubic"
+    data = params_from_dict(folder_raw(image_size=160, mean=[0.5, 0.5, 0.5], interpolation="bicubic")).data
+    assert folder_settings(data, ResNet50_Weights.IMAGENET1K_V2) == {
+        "image_size": 160, "resize_size": 160, "interpolation": "bicubic", "mean": [0.5] * 3, "std": imagenet[1]}
+
+
 def small_model(channels: int, classes: int) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(channels, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
@@ -394,8 +415,7 @@ def test_kdprune_measures_what_a_plain_torchvision_script_measures(rgb_folder, l
     # kdprune: params -> prepare -> the stage's test loader
     params = folder_params(rgb_folder, image_size=32, resize_size=36, mean=mean, std=std, loader=loader)
     d = params.data
-    data = imagefolder.prepare(d.root, image_size=d.image_size, resize_size=d.resize_size, loader=d.loader,
-                               mean=d.mean, std=d.std, num_workers=d.num_workers)
+    data = imagefolder.prepare(d.root, **folder_settings(d), loader=d.loader, num_workers=d.num_workers)
     test = stage.test_loader(params, data)
     with torch.inference_mode():
         logits = torch.cat([model(x) for x, _ in test])
@@ -432,7 +452,8 @@ def test_image_folder_params_are_valid_with_defaults():
     ("resize_size", 100, "[224, 448]", {}),
     ("resize_size", 80, "[32, 64]", {"image_size": 32}),
     ("resize_size", 300, "applies to data.name = imagefolder only", {"name": "mnist", "root": None}),
-    ("interpolation", "nearest", "one of 'bilinear', 'bicubic'", {}),
+    ("interpolation", "nearest", "one of 'bilinear', 'bicubic' or null", {}),
+    ("interpolation", "bicubic", "applies to data.name = imagefolder only", {"name": "svhn", "root": None}),
     ("mean", [0.5, 0.5], "a list of 1 or 3 numbers", {}),
     ("mean", [1.5], "in [0, 1]", {}),
     ("mean", [123.7, 116.3, 103.5], "in [0, 1] pixel units (ImageNet: mean [0.485", {}),
