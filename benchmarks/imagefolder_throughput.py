@@ -198,8 +198,8 @@ def run(n_images: int = 2000, workers=(0, 1, 2, 4), rss_images=(2000, 4000), bud
 def report(res: dict) -> str:
     t = res["throughput"]
     lines = [f"machine: {res['machine']}, torch {res['torch']}",
-             f"throughput: train split of {t['train_images']} JPEGs (200-320 px) -> resize {RESIZE}, crop {IMAGE_SIZE}, "
-             f"pad-crop {PAD} + flip, batch {t['batch']}",
+             f"throughput: train split of {t['train_images']} JPEGs (200-320 px) -> resize {RESIZE}, "
+             f"crop {IMAGE_SIZE}, pad-crop {PAD} + flip, batch {t['batch']}",
              "  num_workers | kdprune stream img/s | torchvision ImageFolder + DataLoader img/s"]
     for w in t["stream_img_s"]:
         lines.append(f"  {w:>11} | {t['stream_img_s'][w]:>20,.0f} | {t['plain_img_s'][w]:>10,.0f}")
@@ -208,9 +208,9 @@ def report(res: dict) -> str:
     lines.append("memory: streaming path training (small CNN), data.loader auto")
     for m in res["memory"]:
         lines.append(f"  {m['images']} images, decoded {m['decoded_mb']:,.0f} MiB > budget {m['budget_mb']} MiB -> "
-                     f"{m['loader']}; {m['steps']} steps in {m['seconds']:.1f} s, {m['workers']} workers: RSS before the "
-                     f"first batch {m['rss_before_mb']:,.0f} MiB, peak RSS main {m['vmhwm_main_mb']:,.0f} MiB, main + workers {m['peak_rss_sum_mb']:,.0f} MiB "
-                     f"(PSS {m['peak_pss_sum_mb']:,.0f} MiB)")
+                     f"{m['loader']}; {m['steps']} steps in {m['seconds']:.1f} s, {m['workers']} workers: RSS before "
+                     f"the first batch {m['rss_before_mb']:,.0f} MiB, peak RSS main {m['vmhwm_main_mb']:,.0f} MiB, "
+                     f"main + workers {m['peak_rss_sum_mb']:,.0f} MiB (PSS {m['peak_pss_sum_mb']:,.0f} MiB)")
     return "\n".join(lines)
 
 

@@ -41,9 +41,12 @@ def prepare_folder(params: Params) -> None:
               f"val {tuple(out['test_x'].shape)} ({p['channels']} channel{'s' if p['channels'] > 1 else ''}; resize "
               f"{p['resize_size']} {p['interpolation']}, centre crop {p['image_size']}), {out['loader']} path "
               f"(data.loader = {d.loader}, budget {d.memory_budget_mb} MiB) -> {stage.PREPARED}")
-    stage.log(f"prepare: normalising with mean {[round(v, 4) for v in out['mean']]} std "
-              f"{[round(v, 4) for v in out['std']]} (computed from train: {[round(v, 4) for v in out['computed_mean']]} "
-              f"{[round(v, 4) for v in out['computed_std']]})")
+    stage.log(f"prepare: normalising with mean {_r4(out['mean'])} std {_r4(out['std'])} (computed from train: "
+              f"{_r4(out['computed_mean'])} {_r4(out['computed_std'])})")
+
+
+def _r4(values: list[float]) -> list[float]:
+    return [round(v, 4) for v in values]
 
 
 if __name__ == "__main__":

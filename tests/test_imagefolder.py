@@ -193,6 +193,29 @@ def test_stream_workers_do_not_change_the_batches_and_ddp_shards_make_up_the_bat
         assert torch.equal(xs[:len(y)], x) and torch.equal(ys[:len(y)], y)  # the last batch is padded to 3k
 
 
+def test_training_on_the_stream_path_gives_the_tensor_paths_model_and_resumes_its_order(rgb_folder):
+    from kdprune.params import RuntimeParams, TrainParams
+    from kdprune.train import fit
+
+    params = folder_params(rgb_folder, image_size=16)
+    cfg = TrainParams(epochs=2, batch_size=16, lr=0.05, eval_every=0)
+    runtime = RuntimeParams(bf16=False, channels_last=False)
+    weights, histories = [], []
+    for loader in ("tensor", "stream"):
+        data = prepare(rgb_folder, image_size=16, loader=loader)
+        model = small_model(3, 3).train()
+        histories.append(fit(model, stage.train_loader(params, data, cfg), stage.test_loader(params, data), cfg,
+                             runtime=runtime, log=lambda _: None))
+        weights.append(model.state_dict())
+    assert [h["train_loss"] for h in histories[0]] == [h["train_loss"] for h in histories[1]]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    ld = stage.train_loader(params, prepare(rgb_folder, image_size=16, loader="stream"), cfg)
+    state = ld.generator.get_state()  # what a resume checkpoint saves; nothing random happens in the workers
+    first = list(ld)
+    ld.generator.set_state(state)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, ld, strict=True))
+
+
 def test_auto_takes_the_tensor_path_within_the_budget_and_streams_above_it(rgb_folder):
     assert imagefolder.choose_loader("auto", 1 << 20, 1) == "tensor"
     assert imagefolder.choose_loader("auto", (1 << 20) + 1, 1) == "stream"
