@@ -509,8 +509,8 @@ def run_prepare(work: Path, root: Path, capsys, **data) -> tuple[int, str, str]:
 
     from stages import prepare as prepare_stage
 
-    (work / "params.yaml").write_text(yaml.safe_dump(folder_raw(root=str(root), image_size=16, num_workers=0,
-                                                                **data)))
+    data = {"image_size": 16, "num_workers": 0, **data}
+    (work / "params.yaml").write_text(yaml.safe_dump(folder_raw(root=str(root), **data)))
     capsys.readouterr()
     code = 0
     try:
@@ -534,3 +534,19 @@ def test_prepare_stage_streams_an_image_folder_and_exits_2_naming_a_bad_file(tmp
     code, out, err = run_prepare(tmp_path, bad, capsys)
     assert code == 2 and "Traceback" not in err
     assert err.strip().count("\n") == 0 and "val/a/1.png: not a readable image" in err, err
+
+
+def test_prepare_stage_applies_data_mean_std_to_a_builtin_dataset(tmp_path, monkeypatch, capsys):
+    from tests.conftest import write_fake_dataset
+
+    raw_dir = write_fake_dataset(tmp_path / "raw", n_train=40, n_test=10)
+    monkeypatch.chdir(tmp_path)
+    builtin = {"name": "fashion_mnist", "image_size": None, "num_workers": None}
+    code, out, err = run_prepare(tmp_path, raw_dir, capsys, **builtin, mean=[0.25], std=[0.5])
+    assert code == 0, err
+    d = stage.load_prepared(tmp_path / stage.PREPARED)
+    assert (d["mean"], d["std"]) == ([0.25], [0.5]) and "normalising with data.mean/data.std" in out
+    code, out, err = run_prepare(tmp_path, raw_dir, capsys, **builtin, mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2])
+    assert code == 2 and err.strip() == ("error: params.yaml: data.mean = [0.5, 0.5, 0.5] is invalid: the prepared "
+                                         "images have 1 channel, so it needs 1 value (or null: computed from the "
+                                         "train split)")
