@@ -187,26 +187,23 @@ def scan(root: str | os.PathLike) -> Folder:
 
 # ---- opening and decoding one image (these run in DataLoader workers too) ----
 
-def _open(path: str, expected_size: int | None = None):
-    """PIL image of ``path`` (header read, pixels not yet decoded), its size checked against the bomb limit."""
+def _check_size(fh, path: str, expected_size: int | None) -> None:
+    size = os.fstat(fh.fileno()).st_size
+    if size > MAX_FILE_BYTES:
+        raise DatasetError(f"{_show(path)}: larger than {MAX_FILE_BYTES >> 20} MiB; not an image kdprune reads")
+    if expected_size is not None and size != expected_size:
+        raise DatasetError(f"{_show(path)}: the file changed since `dvc repro prepare` indexed it ({expected_size} "
+                           f"bytes then, {size} now); rerun prepare")
+
+
+def _pil_open(src, path: str):
+    """PIL's lazy open (the header only), with the declared size checked against the bomb limit."""
     from PIL import Image
 
     try:
-        with open(path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size > MAX_FILE_BYTES:
-                raise DatasetError(f"{_show(path)}: larger than {MAX_FILE_BYTES >> 20} MiB; not an image kdprune reads")
-            data = fh.read(MAX_FILE_BYTES + 1)
-    except OSError as e:
-        raise DatasetError(f"{_show(path)}: cannot read the image ({e.strerror or e})") from None
-    if len(data) > MAX_FILE_BYTES:  # it grew while being read
-        raise DatasetError(f"{_show(path)}: larger than {MAX_FILE_BYTES >> 20} MiB; not an image kdprune reads")
-    if expected_size is not None and len(data) != expected_size:
-        raise DatasetError(f"{_show(path)}: the file changed since `dvc repro prepare` indexed it ({expected_size} "
-                           f"bytes then, {len(data)} now); rerun prepare")
-    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(_stdio.BytesIO(data))
+            img = Image.open(src)
     except Image.DecompressionBombError:
         raise DatasetError(f"{_show(path)}: its header declares more than {2 * MAX_IMAGE_PIXELS:,} pixels, over "
                            f"the limit of {MAX_IMAGE_PIXELS:,} (a decompression bomb or a huge image)") from None
@@ -225,9 +222,27 @@ def _first_line(e: BaseException) -> str:
 
 
 def header(path: str, expected_size: int | None = None) -> tuple[str, int, int]:
-    """(PIL mode, width, height) from the header; nothing is decoded."""
-    img = _open(path, expected_size)
-    return img.mode, img.size[0], img.size[1]
+    """(PIL mode, width, height) from the header: only the first bytes of the file are read."""
+    try:
+        with open(path, "rb") as fh:
+            _check_size(fh, path, expected_size)
+            img = _pil_open(fh, path)
+            return img.mode, img.size[0], img.size[1]
+    except OSError as e:
+        raise DatasetError(f"{_show(path)}: cannot read the image ({e.strerror or e})") from None
+
+
+def _open(path: str, expected_size: int | None = None):
+    """PIL image of ``path``, read whole into memory (header parsed, pixels not yet decoded)."""
+    try:
+        with open(path, "rb") as fh:
+            _check_size(fh, path, expected_size)
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise DatasetError(f"{_show(path)}: cannot read the image ({e.strerror or e})") from None
+    if len(data) > MAX_FILE_BYTES or (expected_size is not None and len(data) != expected_size):
+        raise DatasetError(f"{_show(path)}: the file changed while it was read; rerun prepare")
+    return _pil_open(_stdio.BytesIO(data), path)
 
 
 def decode(path: str, channels: int, resize_size: int, image_size: int, interpolation: str = "bilinear",
