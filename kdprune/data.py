@@ -139,6 +139,10 @@ REGISTRY: dict[str, DatasetInfo] = {
     ),
 }
 
+# Datasets read from a directory tree of image files rather than from REGISTRY's fixed files: kdprune/imagefolder.py
+# (stages/prepare.py dispatches to it). REGISTRY + FOLDER_DATASETS = kdprune.params.DATASETS.
+FOLDER_DATASETS = ("imagefolder",)
+
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): code -> big-endian numpy dtype
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 

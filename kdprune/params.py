@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn")  # = kdprune.data.REGISTRY
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")  # = kdprune.data.REGISTRY
+# + kdprune.data.FOLDER_DATASETS
 ARCHS = {  # the model zoo (kdprune/models.py): arch -> (what it is, its depths); see stage_blocks
     "resnet": ("CIFAR ResNet, BasicBlock, 3 stages", "6n+2: 8, 14, 20, 32, 44, 56, 110, ..."),
     "resnet_bottleneck": ("CIFAR ResNet, Bottleneck, 3 stages", "9n+2: 11, 20, 29, 47, 56, 110, 164, ..."),
@@ -76,17 +77,67 @@ def path_stays_inside(path: str) -> bool:
 
 
 MAX_SUBSET = 100_000_000  # images: ImageNet-1k has 1.3M, SVHN with extra 604k
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # imagefolder: 224 for ImageNet models, 518 for the largest torchvision ones
+DEFAULT_IMAGE_SIZE = 224
+MAX_MEMORY_BUDGET_MB = 1 << 20  # 1 TiB
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
 class DataParams:
-    name: Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "svhn"] = "fashion_mnist"
+    name: Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder"] = "fashion_mnist"
     root: str | None = None  # null: search the Debian package's dir (fashion_mnist), data/raw, then download
     download: bool = True  # allow torchvision's downloader when no local copy is found
     train_subset: int = 0  # 0: the whole split; N > 0: a class-stratified subset of N images
     test_subset: int = 0
     crop_padding: int = 2  # random-crop augmentation: pad by this many pixels, crop back
     svhn_extra: bool = False  # svhn only: append extra_32x32.mat (531k images) to the train split
+    # -- image folders (kdprune/imagefolder.py, kdprune/streaming.py) and normalisation (kdprune/preprocessing.py)
+    image_size: int | None = None  # imagefolder: side of the square images the model sees; null = 224 (DEFAULT_...)
+    resize_size: int | None = None  # imagefolder: the shorter side is resized to this, then centre-cropped
+    interpolation: Literal["bilinear", "bicubic"] | None = None  # imagefolder: of that resize; null = bilinear
+    mean: list[float] | None = None  # per channel, in [0, 1] pixel units; null = computed from the train split
+    std: list[float] | None = None
+    loader: Literal["auto", "tensor", "stream"] = "auto"  # imagefolder: auto = tensor when it fits the budget
+    memory_budget_mb: int = 4096  # decoded train + val above this -> stream (auto) or an error (tensor)
+    num_workers: int | None = None  # stream path: decoding processes; null = min(8, cores); 0 = in the main one
+
+    @property
+    def image_size_or_default(self) -> int:
+        return DEFAULT_IMAGE_SIZE if self.image_size is None else self.image_size
+
+    def validate_folder(self, p: str) -> None:
+        folder = self.name == "imagefolder"
+        for key in ("image_size", "resize_size"):  # (interpolation below)
+            _check(folder or getattr(self, key) is None, f"{p}.{key}", getattr(self, key),
+                   f"applies to {p}.name = imagefolder only (the size of {self.name!r} is fixed); set it to null")
+        _check(folder or self.interpolation is None, f"{p}.interpolation", self.interpolation,
+               f"applies to {p}.name = imagefolder only; set it to null")
+        _check(folder or self.loader != "stream", f"{p}.loader", self.loader,
+               f"stream applies to {p}.name = imagefolder only ({self.name!r} is always tensor-resident); "
+               "use auto or tensor")
+        if folder:
+            _check(self.root is not None, f"{p}.root", self.root,
+                   f"{p}.name = imagefolder needs {p}.root: a directory holding train/<class>/* and val/<class>/*")
+        _check(self.image_size is None or _in(MIN_IMAGE_SIZE, self.image_size, MAX_IMAGE_SIZE), f"{p}.image_size",
+               self.image_size, f"must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, or null "
+               f"({DEFAULT_IMAGE_SIZE})")
+        crop = self.image_size_or_default
+        _check(self.resize_size is None or _in(crop, self.resize_size, 2 * crop), f"{p}.resize_size",
+               self.resize_size, f"must be in [{p}.image_size, 2 x {p}.image_size] = [{crop}, {2 * crop}] (the "
+               f"centre crop must fit in the resized image), or null (= {p}.image_size)")
+        for key, lo, hi, what in (("mean", 0.0, 1.0, "[0, 1]"), ("std", 1e-3, 1.0, "[0.001, 1]")):
+            v = getattr(self, key)
+            _check(v is None or (len(v) in (1, 3) and all(_in(lo, x, hi) for x in v)), f"{p}.{key}", v,
+                   f"must be null (computed from the train split) or a list of 1 or 3 numbers (one per channel) in "
+                   f"{what}, in [0, 1] pixel units (ImageNet: mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225])")
+        _check(self.mean is None or self.std is None or len(self.mean) == len(self.std), f"{p}.std", self.std,
+               f"must have as many values as {p}.mean ({len(self.mean or [])}), one per channel")
+        _check(_in(1, self.memory_budget_mb, MAX_MEMORY_BUDGET_MB), f"{p}.memory_budget_mb", self.memory_budget_mb,
+               f"must be in [1, {MAX_MEMORY_BUDGET_MB:,}] MiB")
+        _check(self.num_workers is None or _in(0, self.num_workers, MAX_WORKERS), f"{p}.num_workers",
+               self.num_workers, f"must be in [0, {MAX_WORKERS}] (0 = decode in the main process), or null "
+               f"(min(8, cores))")
 
     def validate(self, p: str) -> None:
         if self.root is not None:
@@ -102,6 +153,7 @@ class DataParams:
         _check(0 <= self.crop_padding <= 8, f"{p}.crop_padding", self.crop_padding, "must be in [0, 8]")
         _check(not self.svhn_extra or self.name == "svhn", f"{p}.svhn_extra", self.svhn_extra,
                f"applies to {p}.name = svhn only (it is {self.name!r}); set it to false")
+        self.validate_folder(p)
 
 
 # Blocks per stage of the 4-stage ImageNet ResNets (He et al. 2016, Table 1).

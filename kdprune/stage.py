@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from kdprune import distributed, io
+from kdprune import distributed, io, streaming
 from kdprune.data import DatasetError, TensorLoader, load_prepared
 from kdprune.errors import UserError
 from kdprune.io import CheckpointError, ExportError, OutputError
@@ -109,18 +109,29 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 def train_loader(params: Params, data: dict, cfg, device: torch.device | str = "cpu") -> TensorLoader:
     """The training batches on ``device``; under DDP this rank's shard of each global ``cfg.batch_size`` batch."""
-    x, y = to_device(data["train_x"], device), to_device(data["train_y"], device)
     kw = dict(train=True, crop_padding=params.data.crop_padding, hflip=data["hflip"], seed=params.seed,
               device=device, channels_last=params.runtime.channels_last)
-    if distributed.world_size() == 1:
+    world = distributed.world_size()
+    if world > 1:
+        section = next((s for s in ("teacher", "distill") if getattr(params, s) is cfg), "<section>")
+        distributed.check_batch_size(cfg.batch_size, f"{section}.batch_size")
+    if data.get("loader") == "stream":  # an image folder decoded while training (kdprune/streaming.py)
+        return streaming.StreamLoader(streaming.split_files(data, "train"), data["preprocessing"], data["train_y"],
+                                      data["mean"], data["std"], cfg.batch_size, num_workers=params.data.num_workers,
+                                      rank=distributed.rank(), world=world, **kw)
+    x, y = to_device(data["train_x"], device), to_device(data["train_y"], device)
+    if world == 1:
         return TensorLoader(x, y, data["mean"], data["std"], cfg.batch_size, **kw)
-    section = next((s for s in ("teacher", "distill") if getattr(params, s) is cfg), "<section>")
-    distributed.check_batch_size(cfg.batch_size, f"{section}.batch_size")
     return distributed.ShardedLoader(x, y, data["mean"], data["std"], cfg.batch_size, rank=distributed.rank(),
-                                     world=distributed.world_size(), **kw)
+                                     world=world, **kw)
 
 
 def test_loader(params: Params, data: dict, device: torch.device | str = "cpu") -> TensorLoader:
+    if data.get("loader") == "stream":
+        return streaming.StreamLoader(streaming.split_files(data, "test"), data["preprocessing"], data["test_y"],
+                                      data["mean"], data["std"], params.evaluate.batch_size, train=False,
+                                      device=device, channels_last=params.runtime.channels_last,
+                                      num_workers=params.data.num_workers)
     return TensorLoader(to_device(data["test_x"], device), to_device(data["test_y"], device), data["mean"],
                         data["std"], params.evaluate.batch_size, train=False, device=device,
                         channels_last=params.runtime.channels_last)

@@ -185,7 +185,7 @@ def run_fingerprint(model: nn.Module, train_loader, test_loader, cfg, runtime, t
     for _, m in sorted((masks or {}).items()):
         _hash_tensor(h, m)
     for loader in (train_loader, test_loader):
-        for a in ("x", "y", "mean", "inv_std"):
+        for a in ("x", "y", "mean", "inv_std", "index_digest"):  # index_digest: the files of a StreamLoader
             if isinstance(getattr(loader, a, None), torch.Tensor):
                 _hash_tensor(h, getattr(loader, a))
     gen = getattr(train_loader, "generator", None)

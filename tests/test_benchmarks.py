@@ -59,3 +59,17 @@ def test_preset_timing_runs_tiny_on_cpu():
     assert res["teacher_img_s"] > 0 and res["kd_img_s"] > 0
     # projection = epochs x 50,000 CIFAR-10 images / measured speed
     assert res["projected_hours"]["teacher"] == pytest.approx(30 * 50000 / res["teacher_img_s"] / 3600)
+
+
+def test_imagefolder_benchmark_runs_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location("imagefolder_throughput",
+                                                  ROOT / "benchmarks" / "imagefolder_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    root = mod.make_folder(tmp_path / "folder", 60)  # 48 train images: 3 batches of 16
+    res = mod.run_throughput(root, workers=(0,), batch=16)
+    assert res["stream_img_s"][0] > 0 and res["plain_img_s"][0] > 0
+    mem = mod.rss_child(root, budget_mb=1, steps=2, workers=0, batch=16)
+    assert mem["loader"] == "stream" and mem["decoded_mb"] > mem["budget_mb"] and mem["vmhwm_main_mb"] > 0
+    text = mod.report({"machine": "x", "torch": "y", "throughput": res, "memory": [mem]})
+    assert "ratio" in text and "-> stream" in text

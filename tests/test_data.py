@@ -419,7 +419,8 @@ def test_registry_is_complete_and_consistent():
     import typing
 
     from kdprune.params import DATASETS, DataParams
-    assert set(kdata.REGISTRY) == set(DATASETS) == set(typing.get_args(typing.get_type_hints(DataParams)["name"]))
+    assert set(kdata.REGISTRY) | set(kdata.FOLDER_DATASETS) == set(DATASETS) \
+        == set(typing.get_args(typing.get_type_hints(DataParams)["name"]))
     assert {n: i.hflip for n, i in kdata.REGISTRY.items()} == {
         "mnist": False, "svhn": False, "fashion_mnist": True, "cifar10": True, "cifar100": True}
     for name, info in kdata.REGISTRY.items():

@@ -1,0 +1,476 @@
+"""Image folders (``data.name: imagefolder``): the layout check, decoding and resizing, and ``prepare``.
+
+Layout (torchvision's ``ImageFolder``): ``data.root`` holds ``train/<class>/...`` and ``val/<class>/...``.
+The classes are the sub-directory names, sorted, the same in both splits; the images are the files with
+torchvision's extensions (``.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp``, any case) anywhere under a
+class directory, in torchvision's order. Other files are ignored.
+
+Decoding is PIL's, as in a plain ``ImageFolder`` script and in torchvision's weights' transforms, so the
+uint8 pixels are identical to what such a script feeds its model:
+
+- channels: 1 when every image of both splits is grayscale (PIL modes ``1 L LA I I;16 F``), converted with
+  ``convert("L")``; otherwise 3, every image converted with ``convert("RGB")`` (as ``ImageFolder`` does);
+- eval transform ("as stored"): ``Resize(resize_size)`` (the shorter side, bilinear, antialiased) then
+  ``CenterCrop(image_size)``; ``resize_size`` defaults to ``image_size``;
+- train transform: the stored ``image_size`` images, padded by ``data.crop_padding`` and randomly cropped
+  back, then flipped with probability 1/2 (the same ops as the built-in datasets, ``kdprune.data.TensorLoader``).
+
+Two data paths (``data.loader``): ``tensor`` decodes every image once here and stores uint8 (N, C, H, W)
+tensors in ``data/prepared/dataset.pt``, like the built-in datasets; ``stream`` stores only an index (the
+files, their sizes and labels) and training decodes in DataLoader workers (``kdprune.streaming``). ``auto``
+takes ``tensor`` when the decoded train + val images fit ``data.memory_budget_mb``. On the stream path the
+tensors ``train_x``/``test_x`` of the prepared dict are *meta* tensors: they carry the shape (N, C, H, W) that
+the stages read, and any attempt to read a pixel from them fails loudly.
+
+What is refused, each with a one-line ``DatasetError`` naming the file or directory: a missing ``train/`` or
+``val/``, an empty class directory, classes that differ between the splits, no images, more than
+``MAX_CLASSES`` classes or ``MAX_FILES`` images, an unreadable or corrupt image, an image whose header declares
+more than ``MAX_IMAGE_PIXELS`` pixels (checked before decoding: decompression bombs), and symbolic links that
+lead out of ``data.root``.
+"""
+from __future__ import annotations
+
+import io as _stdio
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdprune.data import DatasetError, _stratified_subset, channel_stats
+from kdprune.preprocessing import override_stats
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+SPLITS = (("train", "train"), ("test", "val"))  # prepared-dict split -> directory under data.root
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
+MAX_FILES = 20_000_000  # images over both splits; ImageNet-21k has 14.2M
+MAX_IMAGE_PIXELS = 89_478_485  # width * height; PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
+MAX_FILE_BYTES = 1 << 30  # one image file; PIL's bomb limit at 8 bytes a pixel is under 1 GiB
+STATS_SAMPLE = 10_000  # stream path: mean/std from at most this many train images (exact below it)
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+HEADER_BATCH = 256  # files per header-reading task
+
+
+def _show(path: str | os.PathLike) -> str:
+    """A path on one line (a file name may hold a newline)."""
+    return repr(str(path))[1:-1]
+
+
+@dataclass
+class Split:
+    files: list[str]  # relative to the root, '/'-separated, in torchvision's order
+    labels: np.ndarray  # int64
+    sizes: np.ndarray  # int64 bytes on disk, checked again when a file is decoded
+
+
+@dataclass
+class Folder:
+    root: Path  # resolved (no symlinks)
+    classes: list[str]
+    splits: dict[str, Split]  # "train", "test"
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _check_link(entry: os.DirEntry, root: str) -> None:
+    if entry.is_symlink() and not _inside(os.path.realpath(entry.path), root):
+        raise DatasetError(f"{_show(entry.path)}: a symbolic link out of data.root (to "
+                           f"{_show(os.path.realpath(entry.path))}); kdprune reads only files under data.root: point "
+                           f"data.root at the real directory or copy the data in")
+
+
+def _class_dirs(split_dir: Path, root: str) -> list[str]:
+    names = []
+    with os.scandir(split_dir) as it:
+        for entry in it:
+            if entry.is_dir():  # follows links, as torchvision's find_classes does
+                _check_link(entry, root)
+                names.append(entry.name)
+                if len(names) > MAX_CLASSES:
+                    raise DatasetError(f"{_show(split_dir)}: more than {MAX_CLASSES:,} class directories")
+    return sorted(names)
+
+
+def _class_files(class_dir: Path, root: str, budget: int) -> tuple[list[str], list[int]]:
+    """The image files under ``class_dir`` in torchvision's order (``sorted(os.walk(followlinks=True))``, each
+    directory's files sorted), with their sizes. Links must stay under ``root``; at most ``budget`` files."""
+    per_dir: list[tuple[str, list[tuple[str, int]]]] = []
+    seen: set[str] = set()
+    stack = [str(class_dir)]
+    count = 0
+    while stack:
+        d = stack.pop()
+        real = os.path.realpath(d)
+        if real in seen:  # a link to a directory already walked (a loop: os.walk would never end)
+            continue
+        seen.add(real)
+        found = []
+        try:
+            entries = list(os.scandir(d))
+        except OSError as e:
+            raise DatasetError(f"{_show(d)}: cannot list the directory ({e.strerror or e})") from None
+        for entry in entries:
+            _check_link(entry, root)
+            if entry.is_dir():
+                stack.append(entry.path)
+            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                if not entry.is_file():  # a FIFO would block the reader forever; a dangling link has no image
+                    raise DatasetError(f"{_show(entry.path)}: not a regular file (a dangling link, a pipe or a "
+                                       f"device); an image must be a file")
+                try:
+                    size = entry.stat().st_size
+                except OSError as e:
+                    raise DatasetError(f"{_show(entry.path)}: cannot read the image ({e.strerror or e})") from None
+                found.append((entry.name, size))
+                count += 1
+                if count > budget:
+                    raise DatasetError(f"{_show(class_dir.parent.parent)}: more than {MAX_FILES:,} images; "
+                                       f"kdprune reads at most {MAX_FILES:,}")
+        per_dir.append((d, sorted(found)))
+    files, sizes = [], []
+    for d, found in sorted(per_dir, key=lambda t: t[0]):
+        for name, size in found:
+            files.append(os.path.join(d, name))
+            sizes.append(size)
+    return files, sizes
+
+
+def scan(root: str | os.PathLike) -> Folder:
+    """Check the layout of ``root`` and list its images (no image is opened here)."""
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise DatasetError(f"data.root = {_show(root)}: directory not found")
+    real_root = os.path.realpath(root_path)
+    dirs = {split: Path(real_root) / name for split, name in SPLITS}
+    missing = [f"{name}/" for split, name in SPLITS if not dirs[split].is_dir()]
+    if missing:
+        present = sorted(p.name for p in Path(real_root).iterdir())[:8]
+        raise DatasetError(f"data.root = {_show(root)}: missing {' and '.join(missing)}; an image folder holds "
+                           f"train/<class>/<images> and val/<class>/<images> (torchvision's ImageFolder layout); "
+                           f"it holds {present}")
+    for split, name in SPLITS:  # real_root is resolved: a split is outside it only when it is a link out
+        if not _inside(os.path.realpath(dirs[split]), real_root):
+            raise DatasetError(f"{_show(root_path / name)}: a symbolic link out of data.root (to "
+                               f"{_show(os.path.realpath(dirs[split]))}); point data.root at a directory that holds "
+                               f"the real train/ and val/")
+    classes = {split: _class_dirs(dirs[split], real_root) for split, _ in SPLITS}
+    if classes["train"] != classes["test"]:
+        only_train = sorted(set(classes["train"]) - set(classes["test"]))
+        only_val = sorted(set(classes["test"]) - set(classes["train"]))
+        raise DatasetError(f"data.root = {_show(root)}: train/ and val/ must have the same class directories; "
+                           f"only in train/: {[_show(c) for c in only_train[:5]]}"
+                           f"{' ...' if len(only_train) > 5 else ''}, only in val/: "
+                           f"{[_show(c) for c in only_val[:5]]}{' ...' if len(only_val) > 5 else ''}")
+    if not classes["train"]:
+        raise DatasetError(f"data.root = {_show(root)}: no class directories in train/ and val/ (expected "
+                           f"train/<class>/<images>, torchvision's ImageFolder layout)")
+    splits = {}
+    total = 0
+    for split, name in SPLITS:
+        files, labels, sizes = [], [], []
+        for k, cls in enumerate(classes[split]):
+            found, found_sizes = _class_files(dirs[split] / cls, real_root, MAX_FILES - total)
+            if not found:
+                raise DatasetError(f"{_show(dirs[split] / cls)}: empty class directory (no file with an image "
+                                   f"extension {' '.join(IMG_EXTENSIONS)}); remove it or add its images")
+            total += len(found)
+            files += [os.path.relpath(f, real_root).replace(os.sep, "/") for f in found]
+            labels += [k] * len(found)
+            sizes += found_sizes
+        splits[split] = Split(files, np.asarray(labels, dtype=np.int64), np.asarray(sizes, dtype=np.int64))
+    return Folder(Path(real_root), classes["train"], splits)
+
+
+# ---- opening and decoding one image (these run in DataLoader workers too) ----
+
+def _check_size(fh, path: str, expected_size: int | None) -> None:
+    size = os.fstat(fh.fileno()).st_size
+    if size > MAX_FILE_BYTES:
+        raise DatasetError(f"{_show(path)}: larger than {MAX_FILE_BYTES >> 20} MiB; not an image kdprune reads")
+    if expected_size is not None and size != expected_size:
+        raise DatasetError(f"{_show(path)}: the file changed since `dvc repro prepare` indexed it ({expected_size} "
+                           f"bytes then, {size} now); rerun prepare")
+
+
+def _pil_open(src, path: str):
+    """PIL's lazy open (the header only), with the declared size checked against the bomb limit."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(src)
+    except Image.DecompressionBombError:
+        raise DatasetError(f"{_show(path)}: its header declares more than {2 * MAX_IMAGE_PIXELS:,} pixels, over "
+                           f"the limit of {MAX_IMAGE_PIXELS:,} (a decompression bomb or a huge image)") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises UnidentifiedImageError, SyntaxError, OSError, ValueError...
+        raise DatasetError(f"{_show(path)}: not a readable image ({_first_line(e)})") from None
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS or w < 1 or h < 1:
+        raise DatasetError(f"{_show(path)}: its header declares {w} x {h} = {w * h:,} pixels; kdprune decodes at "
+                           f"most {MAX_IMAGE_PIXELS:,} (PIL's decompression-bomb limit)")
+    return img
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def header(path: str, expected_size: int | None = None) -> tuple[str, int, int]:
+    """(PIL mode, width, height) from the header: only the first bytes of the file are read."""
+    try:
+        with open(path, "rb") as fh:
+            _check_size(fh, path, expected_size)
+            img = _pil_open(fh, path)
+            return img.mode, img.size[0], img.size[1]
+    except OSError as e:
+        raise DatasetError(f"{_show(path)}: cannot read the image ({e.strerror or e})") from None
+
+
+def _open(path: str, expected_size: int | None = None):
+    """PIL image of ``path``, read whole into memory (header parsed, pixels not yet decoded)."""
+    try:
+        with open(path, "rb") as fh:
+            _check_size(fh, path, expected_size)
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise DatasetError(f"{_show(path)}: cannot read the image ({e.strerror or e})") from None
+    if len(data) > MAX_FILE_BYTES or (expected_size is not None and len(data) != expected_size):
+        raise DatasetError(f"{_show(path)}: the file changed while it was read; rerun prepare")
+    return _pil_open(_stdio.BytesIO(data), path)
+
+
+def decode(path: str, channels: int, resize_size: int, image_size: int, interpolation: str = "bilinear",
+           expected_size: int | None = None) -> torch.Tensor:
+    """uint8 (C, image_size, image_size): converted to L or RGB, shorter side resized to ``resize_size``
+    (``interpolation``, antialiased), centre crop. The same calls as torchvision's ``Resize`` + ``CenterCrop``
+    on a PIL image (and as torchvision's weights' ``transforms()``)."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    img = _open(path, expected_size)
+    try:
+        img = img.convert("L" if channels == 1 else "RGB")  # decodes
+        img = TF.resize(img, resize_size, interpolation=InterpolationMode(interpolation))
+        img = TF.center_crop(img, image_size)
+        return TF.pil_to_tensor(img)
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or damaged file fails while decoding, in many ways
+        raise DatasetError(f"{_show(path)}: cannot decode the image ({_first_line(e)}); the file is corrupt "
+                           f"or truncated") from None
+
+
+# ---- many files at once, in DataLoader workers ----
+
+class FileIndex:
+    """Files as one byte blob + offsets (numpy): forked DataLoader workers share it without copying, which a
+    list of a million Python strings would not allow (reference counts touch every page)."""
+
+    def __init__(self, root: str, blob: np.ndarray, offsets: np.ndarray, sizes: np.ndarray):
+        self.root, self.blob, self.offsets, self.sizes = root, blob, offsets, sizes
+
+    @classmethod
+    def pack(cls, root: str, files: list[str], sizes: np.ndarray) -> FileIndex:
+        encoded = [f.encode("utf-8", "surrogateescape") for f in files]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+        return cls(root, blob, offsets, np.asarray(sizes, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def path(self, i: int) -> str:
+        rel = self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+        return os.path.join(self.root, rel)
+
+    def to_dict(self) -> dict:
+        return {"blob": torch.from_numpy(self.blob), "offsets": torch.from_numpy(self.offsets),
+                "sizes": torch.from_numpy(self.sizes)}
+
+    @classmethod
+    def from_dict(cls, root: str, d: dict) -> FileIndex:
+        return cls(root, d["blob"].numpy(), d["offsets"].numpy(), d["sizes"].numpy())
+
+
+class Headers(torch.utils.data.Dataset):
+    """Item ``i`` = the headers of files ``[i * HEADER_BATCH, (i + 1) * HEADER_BATCH)``: (modes, pixels) or an
+    error message (a string: a worker's exception would reach the main process as a multi-line traceback)."""
+
+    def __init__(self, files: FileIndex):
+        self.files = files
+
+    def __len__(self) -> int:
+        return (len(self.files) + HEADER_BATCH - 1) // HEADER_BATCH
+
+    def __getitem__(self, i: int):
+        modes = []
+        try:
+            for j in range(i * HEADER_BATCH, min((i + 1) * HEADER_BATCH, len(self.files))):
+                mode, _, _ = header(self.files.path(j), int(self.files.sizes[j]))
+                modes.append(mode)
+        except DatasetError as e:
+            return str(e)
+        return modes
+
+
+class Batches(torch.utils.data.Dataset):
+    """Item = one batch, given as ``(indices, dy, dx, flip)`` (``dy``/``dx``/``flip`` None or one per image): the
+    decoded uint8 images (n, C, S, S), each padded by ``pad`` and cropped at (dy, dx), then flipped where asked
+    (``kdprune.data.TensorLoader``'s augmentation on the stored image) - or an error message."""
+
+    def __init__(self, files: FileIndex, channels: int, resize_size: int, image_size: int,
+                 interpolation: str = "bilinear", pad: int = 0):
+        self.files, self.channels, self.resize_size, self.image_size = files, channels, resize_size, image_size
+        self.interpolation, self.pad = interpolation, pad
+
+    def __getitem__(self, spec):
+        indices, dy, dx, flip = spec
+        s = self.image_size
+        out = torch.empty((len(indices), self.channels, s, s), dtype=torch.uint8)
+        try:
+            for k, i in enumerate(indices.tolist()):
+                img = decode(self.files.path(i), self.channels, self.resize_size, s, self.interpolation,
+                             int(self.files.sizes[i]))
+                if dy is not None:
+                    img = torch.nn.functional.pad(img, (self.pad,) * 4)
+                    y0, x0 = int(dy[k]), int(dx[k])
+                    img = img[:, y0:y0 + s, x0:x0 + s]
+                if flip is not None and bool(flip[k]):
+                    img = img.flip(-1)
+                out[k] = img
+        except DatasetError as e:
+            return str(e)
+        return out
+
+
+def batches_for(files: FileIndex, preprocessing: dict, pad: int = 0) -> Batches:
+    """``Batches`` that decode ``files`` as the prepared dict's ``preprocessing`` says."""
+    p = preprocessing
+    return Batches(files, p["channels"], p["resize_size"], p["image_size"], p["interpolation"], pad)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # a worker decodes one image at a time; torch threads would only contend
+
+
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def worker_loader(dataset, sampler, num_workers: int | None, *, pin_memory: bool = False,
+                  persistent: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader whose every item is already a batch (``batch_size=None``), in the sampler's order."""
+    n = default_workers() if num_workers is None else num_workers
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=n,
+                                       pin_memory=pin_memory, persistent_workers=persistent and n > 0,
+                                       worker_init_fn=_worker_init if n > 0 else None,
+                                       prefetch_factor=2 if n > 0 else None)
+
+
+def checked(item):
+    """A worker's result, or its error raised here, in the main process, as one line."""
+    if isinstance(item, str):
+        raise DatasetError(item)
+    return item
+
+
+# ---- prepare ----
+
+def decoded_bytes(n_images: int, channels: int, image_size: int) -> int:
+    return int(n_images) * int(channels) * int(image_size) ** 2
+
+
+def choose_loader(loader: str, nbytes: int, memory_budget_mb: int) -> str:
+    """``data.loader`` -> "tensor" or "stream", given the decoded size of train + val."""
+    budget = int(memory_budget_mb) << 20
+    if loader == "stream":
+        return "stream"
+    if nbytes <= budget:
+        return "tensor"
+    if loader == "tensor":
+        raise DatasetError(f"data.loader = tensor: the decoded images need {nbytes / 2**20:,.1f} MiB, more than "
+                           f"data.memory_budget_mb = {memory_budget_mb}; raise the budget, or set data.loader to "
+                           f"stream (or auto) to decode them while training")
+    return "stream"
+
+
+def _decode_into(out: torch.Tensor, batches: Batches, indices: torch.Tensor, num_workers: int | None,
+                 chunk: int = 64) -> None:
+    """``out[k]`` = the image of file ``indices[k]``, decoded by ``batches`` in DataLoader workers."""
+    specs = [(indices[s:s + chunk], None, None, None) for s in range(0, len(indices), chunk)]
+    start = 0
+    for x in worker_loader(batches, specs, num_workers):
+        x = checked(x)
+        out[start:start + len(x)] = x
+        start += len(x)
+
+
+def prepare(root: str, *, image_size: int, resize_size: int | None = None, interpolation: str = "bilinear",
+            loader: str = "auto", memory_budget_mb: int = 4096, train_subset: int = 0, test_subset: int = 0,
+            seed: int = 0, num_workers: int | None = None, mean: list[float] | None = None,
+            std: list[float] | None = None) -> dict:
+    """An image folder -> the prepared dict: the keys of ``kdprune.data.prepare_dataset``'s, plus ``loader``
+    ("tensor" | "stream"), ``preprocessing`` (how the stored images were made), ``computed_mean``/``computed_std``
+    and, on the stream path, ``index`` (the files). ``mean``/``std`` override the computed statistics."""
+    resize_size = image_size if resize_size is None else resize_size
+    if resize_size < image_size:
+        raise DatasetError(f"data.resize_size = {resize_size} is smaller than data.image_size = {image_size}: the "
+                           f"centre crop must fit in the resized image")
+    folder = scan(root)
+    g = torch.Generator().manual_seed(seed)
+    chosen: dict[str, tuple[FileIndex, torch.Tensor]] = {}
+    for split, subset in (("train", train_subset), ("test", test_subset)):
+        s = folder.splits[split]
+        idx = _stratified_subset(torch.from_numpy(s.labels), subset, g).numpy()
+        chosen[split] = (FileIndex.pack(str(folder.root), [s.files[i] for i in idx], s.sizes[idx]),
+                         torch.from_numpy(s.labels[idx]).contiguous())
+    modes: set[str] = set()
+    for split in ("train", "test"):
+        for item in worker_loader(Headers(chosen[split][0]), None, num_workers):
+            modes.update(checked(item))
+    channels = 1 if modes <= GRAY_MODES else 3
+    n = {split: len(chosen[split][0]) for split in chosen}
+    path = choose_loader(loader, decoded_bytes(n["train"] + n["test"], channels, image_size), memory_budget_mb)
+    out: dict = {"name": "imagefolder", "classes": list(folder.classes), "hflip": True,
+                 "source": {"train": "train/", "test": "val/"}, "loader": path,
+                 "preprocessing": {"resize_size": int(resize_size), "image_size": int(image_size),
+                                   "interpolation": interpolation, "channels": channels}}
+    shape = (channels, image_size, image_size)
+    for split in ("train", "test"):
+        files, labels = chosen[split]
+        out[f"{split}_y"] = labels
+        if path == "tensor":
+            x = torch.empty((n[split], *shape), dtype=torch.uint8)
+            _decode_into(x, batches_for(files, out["preprocessing"]), torch.arange(n[split]), num_workers)
+            out[f"{split}_x"] = x
+        else:  # the shape only: the pixels are decoded while training (kdprune.streaming)
+            out[f"{split}_x"] = torch.empty((n[split], *shape), dtype=torch.uint8, device="meta")
+    if path == "tensor":
+        computed = channel_stats(out["train_x"])
+    else:
+        files, labels = chosen["train"]
+        computed = _sampled_stats(files, labels, batches_for(files, out["preprocessing"]), memory_budget_mb, seed,
+                                  num_workers)
+        out["index"] = {"root": str(folder.root), **{split: chosen[split][0].to_dict() for split in chosen}}
+    out["mean"], out["std"] = override_stats(computed, mean, std, channels)
+    out["computed_mean"], out["computed_std"] = computed
+    return out
+
+
+def _sampled_stats(files: FileIndex, labels: torch.Tensor, batches: Batches, memory_budget_mb: int, seed: int,
+                   num_workers: int | None) -> tuple[list[float], list[float]]:
+    """Stream path: the exact statistics of a class-stratified sample of the train split; all of it when it has
+    at most ``STATS_SAMPLE`` images and they fit half the memory budget."""
+    shape = (batches.channels, batches.image_size, batches.image_size)
+    cap = max(1, min(STATS_SAMPLE, ((int(memory_budget_mb) << 20) // 2) // decoded_bytes(1, *shape[:2])))
+    idx = _stratified_subset(labels, cap, torch.Generator().manual_seed(seed))  # all of them when cap >= N
+    x = torch.empty((len(idx), *shape), dtype=torch.uint8)
+    _decode_into(x, batches, idx, num_workers)
+    return channel_stats(x)
