@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from kdprune import io
+from kdprune.params import resolves_inside
 
 try:  # numpy >= 2 (the originals, pickled under numpy 1, name numpy.core.multiarray; both map here)
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
@@ -431,11 +432,14 @@ def locate_raw(name: str, root: str | None, download: bool, download_dir: Path =
         found, base = _find(root_path, info, roles)
         if len(found) == len(roles):
             return found
-        present = sorted(p.name for p in root_path.iterdir())
+        if resolves_inside(root_path):
+            present = sorted(p.name for p in root_path.iterdir())
+            holds = f", but it holds {present[:8]}{' ...' if len(present) > 8 else ''}"
+        else:  # an error message must not list a directory outside the repository
+            holds = " (its contents are not listed: it is outside the repository)"
         raise DatasetError(
             f"data.root = {root!r} is not a '{name}' dataset directory: expected {_expected(info, roles)} "
-            f"{_where(info)}, but it holds {present[:8]}{' ...' if len(present) > 8 else ''}"
-            f"{_partial(info, roles, found, base)}")
+            f"{_where(info)}{holds}{_partial(info, roles, found, base)}")
     tried = []
     candidates = []
     if info.debian_dir:

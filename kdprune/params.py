@@ -36,9 +36,22 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise ParamsError(f"params.yaml: {key} = {value!r} is invalid: {allowed}")
 
 
-def path_stays_inside(path: str) -> bool:
+def resolves_inside(path: str | Path, base: str | Path | None = None) -> bool:
+    """Does ``path`` (relative to ``base``, default the working directory: the repository root, where
+    stages run) lead into ``base`` once symlinks are resolved? A link inside the repository to a
+    directory outside it does not count as inside."""
+    root = Path.cwd() if base is None else Path(base)
+    try:
+        root = root.resolve()
+        return (root / path).resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        return False
+
+
+def path_stays_inside(path: str, base: str | Path | None = None) -> bool:
     """Paths from params: absolute ones are explicit and allowed; relative ones may not climb out of the
-    repository (resolved lexically against the repository root, so it holds wherever the stage runs)."""
+    repository (``base``, default the working directory): neither lexically (no '..' out of it) nor
+    through a symlink (``resolves_inside``)."""
     p = Path(path)
     if p.is_absolute():
         return True
@@ -47,7 +60,7 @@ def path_stays_inside(path: str) -> bool:
         depth += -1 if part == ".." else (0 if part == "." else 1)
         if depth < 0:
             return False
-    return True
+    return resolves_inside(p, base)
 
 
 @dataclass(frozen=True)
@@ -64,7 +77,8 @@ class DataParams:
         if self.root is not None:
             _check(bool(self.root.strip()), f"{p}.root", self.root, "must be a directory path or null")
             _check(path_stays_inside(self.root), f"{p}.root", self.root,
-                   "a relative path must stay inside the repository (no '..' out of it); "
+                   "a relative path must stay inside the repository (no '..' out of it, no symlink "
+                   "to a directory outside it); "
                    "write an absolute path to use a directory elsewhere")
         _check(self.train_subset >= 0, f"{p}.train_subset", self.train_subset, "must be >= 0 (0 = all)")
         _check(self.test_subset >= 0, f"{p}.test_subset", self.test_subset, "must be >= 0 (0 = all)")

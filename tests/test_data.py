@@ -112,9 +112,10 @@ def test_eval_loader_is_ordered_and_normalised():
 
 
 @pytest.mark.parametrize("layout", ["cifar_pickles", "pngs", "partial_idx"])
-def test_wrong_format_dataset_dir_names_the_problem(tmp_path, layout):
+def test_wrong_format_dataset_dir_names_the_problem(tmp_path, monkeypatch, layout):
     """An explicit data.root in the wrong format is an error naming what is expected and what is there,
     never a silent fall-back to the system copy in /usr/share/datasets."""
+    monkeypatch.chdir(tmp_path)  # the repository: only a directory inside it has its contents listed
     root = tmp_path / "root"
     root.mkdir()
     if layout == "cifar_pickles":
@@ -132,6 +133,22 @@ def test_wrong_format_dataset_dir_names_the_problem(tmp_path, layout):
     msg = str(e.value)
     assert "is not a 'fashion_mnist' dataset directory" in msg and "t10k-labels-idx1-ubyte" in msg, msg
     assert {"cifar_pickles": "cifar-10-batches-py", "pngs": "img0.png", "partial_idx": "t10k-images"}[layout] in msg
+
+
+@pytest.mark.parametrize("how", ["absolute", "symlink"])
+def test_wrong_root_outside_the_repository_is_not_listed(tmp_path, monkeypatch, how):
+    """Probe: data.root = a home directory: the 'not a dataset directory' error listed its file names."""
+    outside = tmp_path / "home"
+    outside.mkdir()
+    (outside / "id_rsa").write_text("secret")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "data").symlink_to(outside)
+    monkeypatch.chdir(repo)
+    with pytest.raises(DatasetError) as e:
+        prepare_dataset("mnist", str(outside) if how == "absolute" else "data", False, 0, 0, seed=0)
+    assert "id_rsa" not in str(e.value) and "its contents are not listed: it is outside the repository" in str(e.value)
+    assert "train-images-idx3-ubyte" in str(e.value)  # what is expected is still said
 
 
 def test_right_names_wrong_content_is_refused(tmp_path):
@@ -374,7 +391,8 @@ def test_download_lands_in_data_raw_and_is_read_from_there(tmp_path, monkeypatch
     assert len(calls) == 1  # the second run finds data/raw and does not download again
 
 
-def test_explicit_root_of_another_dataset_names_what_is_expected(tmp_path):
+def test_explicit_root_of_another_dataset_names_what_is_expected(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the repository: only a directory inside it has its contents listed
     write_fake_idx(tmp_path, n_train=10, n_test=10)
     with pytest.raises(DatasetError) as e:
         prepare_dataset("cifar10", str(tmp_path), True, 0, 0, seed=0)
