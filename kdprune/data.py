@@ -29,6 +29,7 @@ directory (Fashion-MNIST has one), then ``data/raw/``, then torchvision's downlo
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle  # only through _RestrictedUnpickler, whose find_class refuses all but numpy arrays
 import struct
@@ -554,8 +555,11 @@ def prepare_dataset(name: str, root: str | None, download: bool, train_subset: i
     raw = _READERS[info.format](info, files, svhn_extra)
     out: dict = {"name": name, "classes": raw.get("classes", list(info.classes)), "hflip": info.hflip, "source": {}}
     g = torch.Generator().manual_seed(seed)
+    where = {}
     for split, subset in (("train", train_subset), ("test", test_subset)):
         images, labels, source = raw[split]
+        where[split] = f"{', '.join(str(p) for p in files.values() if p.name in source.split('+'))} " \
+                       f"({split} split{f', data.{split}_subset = {subset}' if subset else ''})"
         if images.shape[1:] != (info.channels, *info.image_size):
             raise DatasetError(f"{source}: '{name}' images are {(info.channels, *info.image_size)} (C, H, W), "
                                f"these are {tuple(images.shape[1:])}")
@@ -564,7 +568,15 @@ def prepare_dataset(name: str, root: str | None, download: bool, train_subset: i
         idx = _stratified_subset(y, subset, g)
         out[f"{split}_x"], out[f"{split}_y"] = x[idx].contiguous(), y[idx].contiguous()
         out["source"][split] = source
+        if not len(idx):  # an empty train split divides by zero in its statistics; an empty test split scores 0
+            raise DatasetError(f"{where[split]}: holds no images; '{name}' needs at least one train and one test image")
     out["mean"], out["std"] = channel_stats(out["train_x"])
+    for c, (m, s) in enumerate(zip(out["mean"], out["std"])):
+        if not (math.isfinite(m) and math.isfinite(s) and s > 0):
+            raise DatasetError(
+                f"{where['train']}: channel {c} has mean {m} and std {s}: "
+                f"{'every pixel has the same value, so normalising divides by zero' if s == 0 else 'not finite'} "
+                f"(training would diverge to NaN); the files are corrupted or not '{name}' images")
     return out
 
 

@@ -1,9 +1,13 @@
 import dataclasses
 import gzip
+import subprocess
+import sys
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from kdprune import data as kdata
 from kdprune.data import DatasetError, TensorLoader, prepare_dataset, read_idx, write_idx
@@ -465,3 +469,62 @@ def test_published_fashion_mnist_stats_match_the_real_files():
     mean, std = kdata.channel_stats(x)
     info = kdata.REGISTRY["fashion_mnist"]
     assert mean == pytest.approx(info.mean, abs=5e-5) and std == pytest.approx(info.std, abs=5e-5)
+
+
+# ---- hostile and corrupt data files (issue #13): each test is a probe that got through before ----
+
+
+def _peak_traced_bytes(fn, *args):
+    """Run fn(*args) and return (its exception or None, the peak of Python/numpy allocations during it)."""
+    tracemalloc.start()
+    try:
+        fn(*args)
+        err = None
+    except Exception as e:  # noqa: BLE001
+        err = e
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return err, peak
+
+
+@pytest.mark.parametrize("split,subset", [("train", 0), ("test", 0), ("train", 5), ("test", 5)])
+def test_empty_split_is_refused(tmp_path, split, subset):
+    """Probe: an empty test split gave acc_teacher 0.0 and exit 0; an empty train split, ZeroDivisionError."""
+    write_fake_idx(tmp_path, n_train=0 if split == "train" else 40, n_test=0 if split == "test" else 10)
+    name = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}[split]
+    sub = f", data.{split}_subset = 5" if subset else ""
+    with pytest.raises(DatasetError, match=rf"/{name} \({split} split{sub}\): holds no images"):
+        prepare_dataset("mnist", str(tmp_path), False, subset if split == "train" else 0,
+                        subset if split == "test" else 0, seed=0)
+
+
+def test_empty_split_is_a_one_line_error_of_the_prepare_stage(tmp_path):
+    from kdprune.params import params_from_dict
+
+    write_fake_idx(tmp_path / "raw", n_train=40, n_test=0)
+    p = params_from_dict({s: {} for s in ("data", "model", "teacher", "prune", "distill")}).to_dict()
+    p["data"].update(name="mnist", root=str(tmp_path / "raw"), download=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    root = kdata.Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)}, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "(test split): holds no images" in r.stderr, r.stderr
+    assert not (tmp_path / "data" / "prepared" / "dataset.pt").exists()
+
+
+def test_constant_train_split_is_refused(tmp_path, monkeypatch):
+    """Probe: constant pixels gave std 0, so normalisation divided by zero and training diverged to NaN."""
+    root = tmp_path / "r"
+    root.mkdir()
+    files = kdata.REGISTRY["mnist"].files
+    for split, n in (("train", 40), ("test", 10)):
+        write_idx(root / f"{files[split + '_images']}.gz", np.full((n, 28, 28), 7, np.uint8))
+        write_idx(root / f"{files[split + '_labels']}.gz", (np.arange(n) % 10).astype(np.uint8))
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte.gz \(train split\): channel 0 has mean 0.027"
+                                           r"\d* and std 0.0: every pixel has the same value"):
+        prepare_dataset("mnist", str(root), False, 0, 0, seed=0)
+    write_fake_idx(root, n_train=40, n_test=10)  # real-looking pixels, but the statistics come out NaN
+    monkeypatch.setattr(kdata, "channel_stats", lambda x: ([float("nan")], [0.3]))
+    with pytest.raises(DatasetError, match=r"channel 0 has mean nan and std 0.3: not finite"):
+        prepare_dataset("mnist", str(root), False, 0, 0, seed=0)
