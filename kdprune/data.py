@@ -22,16 +22,27 @@ Five datasets, each in the format torchvision downloads (``REGISTRY``):
   ``os.system``, is refused before it can run), and the ``.mat`` files with ``scipy.io.loadmat``,
   mapping SVHN's label 10 to digit 0 as torchvision does.
 
+Hostile or corrupt files are refused, with a one-line ``DatasetError``, before they can cost memory:
+every size a file declares (an IDX header, a pickled array, a .mat variable header) is checked, in
+Python ints, against the file's own size, the published file's image count (``DatasetInfo.max_images``)
+and ``MEMORY_BUDGET`` before anything is allocated, and compressed data is never decompressed past
+its declared size. An empty split or a constant (zero-std) train split is refused too.
+
 Search order (``locate_raw``): an explicit ``data.root`` only; otherwise the Debian package's
 directory (Fashion-MNIST has one), then ``data/raw/``, then torchvision's downloader into
 ``data/raw/`` when ``data.download`` is true.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io as _stdio
+import math
 import os
 import pickle  # only through _RestrictedUnpickler, whose find_class refuses all but numpy arrays
+import pickletools
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +51,7 @@ import numpy as np
 import torch
 
 from kdprune import io
+from kdprune.params import resolves_inside
 
 try:  # numpy >= 2 (the originals, pickled under numpy 1, name numpy.core.multiarray; both map here)
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
@@ -49,6 +61,36 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 class DatasetError(RuntimeError):
     """The dataset is missing, unreadable or not in the expected format."""
+
+
+MEMORY_BUDGET = 2 * 1024 ** 3
+"""The most bytes one raw array may declare: an IDX payload, a CIFAR pickle file, an SVHN .mat variable.
+
+A few bytes of header can declare terabytes (an IDX shape, a .mat variable's dimensions, a gzip or
+zlib bomb), so each declared size is checked against this before anything is allocated. The
+largest real array is SVHN's extra_32x32.mat 'X' (531,131 x 3,072 bytes = 1.63 GB); 2 GiB admits it
+and every other published file, and refuses what this pipeline could not hold anyway (the whole
+prepared split lives in memory). Checked at call time, so tests can lower it."""
+
+_DEFLATE_MAX_RATIO = 1032  # zlib/gzip: deflate expands at most 1032:1 (zlib.net/zlib_tech.html)
+_CHUNK = 1 << 20  # incremental reads and decompression: 1 MiB at a time
+
+
+def _check_declared(path: Path, what: str, nbytes: int, limit: int | None = None, why: str = "") -> None:
+    """Refuse a declared size (Python ints) over the memory budget, or over ``limit`` (``why`` says what that is)."""
+    if nbytes > MEMORY_BUDGET:
+        raise DatasetError(f"{path}: {what} declares {nbytes:,} bytes, over the memory budget of {MEMORY_BUDGET:,} "
+                           f"bytes (kdprune.data.MEMORY_BUDGET); the file is corrupted or hostile")
+    if limit is not None and nbytes > limit:
+        raise DatasetError(f"{path}: {what} declares {nbytes:,} bytes, more than {why} ({limit:,} bytes); the file "
+                           f"is corrupted or hostile")
+
+
+def _check_count(path: Path, n: int, limit: int) -> None:
+    """Refuse a file that declares more images than the published one holds (the format's known limit)."""
+    if n > limit:
+        raise DatasetError(f"{path}: declares {n:,} images; the published file holds {limit:,}, so this one is "
+                           f"corrupted or hostile")
 
 
 @dataclass(frozen=True)
@@ -75,6 +117,7 @@ class DatasetInfo:
     debian_dir: str | None = None
     optional: tuple[str, ...] = ()  # roles read only on request (svhn: extra)
     pickle_keys: tuple[str, str] | None = None  # cifar: (labels key in a batch, names key in meta)
+    max_images: dict[str, int] | None = None  # role -> images in the published file: the most a file may declare
 
 
 _IDX_FILES = {
@@ -83,6 +126,7 @@ _IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+_IDX_MAX_IMAGES = {"train_images": 60000, "train_labels": 60000, "test_images": 10000, "test_labels": 10000}
 _DIGITS = tuple(str(i) for i in range(10))
 _CIFAR100_CLASSES = tuple("""
 apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel
@@ -102,6 +146,7 @@ REGISTRY: dict[str, DatasetInfo] = {
         channels=1, image_size=(28, 28), mean=(0.2860,), std=(0.3530,),
         hflip=True,
         format="idx", files=_IDX_FILES, subdirs=("", "FashionMNIST/raw"), torchvision_class="FashionMNIST",
+        max_images=_IDX_MAX_IMAGES,
         debian_package="dataset-fashion-mnist",
         debian_dir="/usr/share/datasets/fashion-mnist",
     ),
@@ -110,6 +155,7 @@ REGISTRY: dict[str, DatasetInfo] = {
         channels=1, image_size=(28, 28), mean=(0.1307,), std=(0.3081,),
         hflip=False,
         format="idx", files=_IDX_FILES, subdirs=("", "MNIST/raw"), torchvision_class="MNIST",
+        max_images=_IDX_MAX_IMAGES,
     ),
     "cifar10": DatasetInfo(
         name="cifar10",
@@ -121,6 +167,7 @@ REGISTRY: dict[str, DatasetInfo] = {
                "meta": "batches.meta"},
         subdirs=("cifar-10-batches-py", ""), torchvision_class="CIFAR10",
         pickle_keys=("labels", "label_names"),
+        max_images={**{f"train_{i}": 10000 for i in range(1, 6)}, "test": 10000},
     ),
     "cifar100": DatasetInfo(
         name="cifar100", classes=_CIFAR100_CLASSES,
@@ -128,7 +175,7 @@ REGISTRY: dict[str, DatasetInfo] = {
         hflip=True,
         format="cifar", files={"train": "train", "test": "test", "meta": "meta"},
         subdirs=("cifar-100-python", ""), torchvision_class="CIFAR100",
-        pickle_keys=("fine_labels", "fine_label_names"),
+        pickle_keys=("fine_labels", "fine_label_names"), max_images={"train": 50000, "test": 10000},
     ),
     "svhn": DatasetInfo(
         name="svhn", classes=_DIGITS,
@@ -136,6 +183,7 @@ REGISTRY: dict[str, DatasetInfo] = {
         hflip=False,
         format="svhn", files={"train": "train_32x32.mat", "test": "test_32x32.mat", "extra": "extra_32x32.mat"},
         subdirs=("",), torchvision_class="SVHN", optional=("extra",),
+        max_images={"train": 73257, "test": 26032, "extra": 531131},
     ),
 }
 
@@ -147,31 +195,63 @@ FOLDER_DATASETS = ("imagefolder",)
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (optionally gzip-compressed) into a numpy array of its declared shape."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+@contextlib.contextmanager
+def _open_idx(path: Path, max_len: int | None = None) -> Iterator[tuple[object, tuple[int, ...], np.dtype]]:
+    """Open an IDX file (gzipped if its name ends in .gz) and check its header before anything is allocated:
+    yields (file positioned at the payload, shape, dtype). The declared size, in Python ints (``np.prod``
+    would wrap: 65536^4 is 0 in int64), must fit ``MEMORY_BUDGET`` and the file: equal to the payload
+    uncompressed, at most what deflate can expand the file to gzipped. ``max_len``: the most items (first
+    dimension) it may declare. Read errors anywhere in the ``with`` body become a ``DatasetError``."""
+    compressed = path.suffix == ".gz"
     try:
-        with opener(path, "rb") as fh:
-            data = fh.read()
-    except (OSError, EOFError) as e:
+        size = path.stat().st_size
+        with (gzip.open if compressed else open)(path, "rb") as fh:
+            head = fh.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0:
+                raise DatasetError(f"{path}: not an IDX file (bad magic number)")
+            code, ndim = head[2], head[3]
+            if code not in _IDX_DTYPES:
+                raise DatasetError(f"{path}: unknown IDX element type 0x{code:02x}")
+            dims = fh.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise DatasetError(f"{path}: truncated IDX header")
+            shape = struct.unpack(f">{ndim}I", dims)
+            dtype = np.dtype(_IDX_DTYPES[code])
+            header, nbytes = 4 + 4 * ndim, math.prod(shape) * dtype.itemsize
+            if max_len is not None and ndim:
+                _check_count(path, shape[0], max_len)
+            if compressed:
+                _check_declared(path, f"the IDX header (shape {shape})", header + nbytes, _DEFLATE_MAX_RATIO * size,
+                                f"a gzip file of {size:,} bytes can expand to (deflate: at most {_DEFLATE_MAX_RATIO}:1)")
+            else:
+                _check_declared(path, f"the IDX header (shape {shape})", nbytes)
+                if header + nbytes != size:
+                    raise DatasetError(
+                        f"{path}: IDX payload is {size - header} bytes but the header declares shape {shape} "
+                        f"({nbytes} bytes); the file is truncated or corrupted")
+            yield fh, shape, dtype
+    except (OSError, EOFError, zlib.error) as e:
         raise DatasetError(f"{path}: cannot read ({e}); the file is corrupted or truncated") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DatasetError(f"{path}: not an IDX file (bad magic number)")
-    code, ndim = data[2], data[3]
-    if code not in _IDX_DTYPES:
-        raise DatasetError(f"{path}: unknown IDX element type 0x{code:02x}")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DatasetError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = np.dtype(_IDX_DTYPES[code])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - header != expected:
+
+
+def read_idx(path: str | os.PathLike, max_len: int | None = None) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed) into a numpy array of its declared shape.
+
+    The header is checked first (``_open_idx``); the payload is then read, and decompressed,
+    incrementally into an array of the declared size and never past it: a gzip bomb stops there."""
+    path = Path(path)
+    with _open_idx(path, max_len) as (fh, shape, dtype):
+        nbytes = math.prod(shape) * dtype.itemsize
+        buf = np.empty(nbytes, np.uint8)
+        view, got = memoryview(buf), 0
+        while got < nbytes and (n := fh.readinto(view[got:got + _CHUNK])):
+            got += n
+        longer = bool(fh.read(1))
+    if got < nbytes or longer:
         raise DatasetError(
-            f"{path}: IDX payload is {len(data) - header} bytes but the header declares shape {shape} "
-            f"({expected} bytes); the file is truncated or corrupted")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+            f"{path}: IDX payload is {f'more than {nbytes}' if longer else got} bytes but the header declares "
+            f"shape {shape} ({nbytes} bytes); the file is truncated or corrupted")
+    return buf.view(dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -196,13 +276,20 @@ class _RestrictedUnpickler(pickle.Unpickler):
     its numpy 1 and numpy 2 module names, ``ndarray``, ``dtype``) and ``_codecs.encode``, which is
     how Python 3 writes ``bytes`` at protocol 2, narrowed to latin-1 text. Any other global (the way
     a malicious pickle reaches ``os.system``) raises ``DatasetError`` naming the file.
+
+    Even the numpy globals are narrowed to the one way numpy pickles an array:
+    ``_reconstruct(ndarray, (0,), b'b')`` makes an empty array and ``__setstate__`` fills it from bytes
+    in the file, whose length numpy checks against the shape. Anything else could allocate or fake
+    memory the file does not hold: ``_reconstruct`` with a large shape allocates it, and
+    ``ndarray(shape, dtype, buffer, offset, strides)`` with zero strides turns one byte into gigabytes.
     """
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "_reconstruct"): "_reconstruct",
+        ("numpy._core.multiarray", "_reconstruct"): "_reconstruct",
+        ("numpy", "ndarray"): "_ndarray",
+        ("numpy", "dtype"): "_dtype",
+        ("_codecs", "encode"): "_latin1_encode",
     }
 
     def __init__(self, fh, path: Path):
@@ -211,12 +298,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
-            return self._ALLOWED[module, name]
-        if (module, name) == ("_codecs", "encode"):
-            return self._latin1_encode
+            return getattr(self, self._ALLOWED[module, name])
         raise DatasetError(
             f"{self.path}: refusing to unpickle the global '{module}.{name}': a CIFAR batch holds only "
             f"dicts, lists, strings and numpy arrays (this file is not one, or was tampered with)")
+
+    _dtype = staticmethod(np.dtype)
+
+    def _ndarray(self, *args, **kwargs):
+        """What the pickle gets for ``numpy.ndarray``: a token for ``_reconstruct``'s first argument, not callable."""
+        raise DatasetError(f"{self.path}: refusing numpy.ndarray(...) called from a pickle: with a buffer and strides "
+                           f"it declares an array the file does not hold (numpy pickles arrays with _reconstruct)")
+
+    def _reconstruct(self, subtype, shape, dtype):
+        if subtype != self._ndarray or shape != (0,) or dtype not in (b"b", "b"):
+            raise DatasetError(f"{self.path}: refusing numpy _reconstruct with other arguments than numpy's own "
+                               f"(ndarray, (0,), b'b'): it would allocate an array the file does not hold")
+        return _np_reconstruct(np.ndarray, (0,), b"b")
 
     def _latin1_encode(self, text, encoding="utf-8"):
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -225,13 +323,27 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return text.encode("latin1")
 
 
+def _check_pickle_opcodes(raw: bytes, path: Path) -> None:
+    """Walk the pickle's opcodes without running them (``pickletools.genops`` also checks that each length
+    prefix fits the file). The C unpickler grows its memo table to twice the largest memo index it is
+    given, 8 bytes a slot: a 10-byte pickle can ask for 32 GB. A pickler numbers memo entries 0, 1, 2, ...,
+    so an index is never more than the number of opcodes before it; that bounds the table by the file."""
+    for n, (op, arg, _) in enumerate(pickletools.genops(raw)):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and arg > n:
+            raise DatasetError(f"{path}: refusing a pickle memo index of {arg:,} at opcode {n:,}: it would allocate "
+                               f"a memo table of {16 * arg:,} bytes")
+
+
 def read_cifar_pickle(path: str | os.PathLike) -> dict[str, object]:
     """One CIFAR python pickle -> dict with ``str`` keys (the Python 2 originals give ``str``, a Python 3
-    re-pickle gives ``bytes``; both are accepted). Only numpy arrays and plain data are unpickled."""
+    re-pickle gives ``bytes``; both are accepted). Only numpy arrays and plain data are unpickled, from a
+    file no larger than ``MEMORY_BUDGET`` whose opcodes were checked first (``_check_pickle_opcodes``)."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            obj = _RestrictedUnpickler(fh, path).load()
+        _check_declared(path, "the file", path.stat().st_size)
+        raw = path.read_bytes()
+        _check_pickle_opcodes(raw, path)
+        obj = _RestrictedUnpickler(_stdio.BytesIO(raw), path).load()
     except DatasetError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged pickle fails in any of a dozen ways, all meaning the same
@@ -242,6 +354,12 @@ def read_cifar_pickle(path: str | os.PathLike) -> dict[str, object]:
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
+def _keys(d: dict) -> list[str]:
+    """A dict's keys for an error message: only string keys are shown (``str`` of a nested tuple from a pickle
+    can be exponentially long: each level may hold the one below twice)."""
+    return sorted(k if isinstance(k, str) else f"<{type(k).__name__}>" for k in d)
+
+
 def _text(v) -> str:
     return v.decode("latin1") if isinstance(v, bytes) else str(v)
 
@@ -250,11 +368,12 @@ def _read_cifar(info: DatasetInfo, files: dict[str, Path], extra: bool) -> dict:
     labels_key, names_key = info.pickle_keys
     meta = read_cifar_pickle(files["meta"])
     names = meta.get(names_key)
-    if not isinstance(names, list) or len(names) != len(info.classes):
+    if not isinstance(names, list) or len(names) != len(info.classes) \
+            or not all(isinstance(n, str | bytes) for n in names):
         raise DatasetError(
             f"{files['meta']}: expected '{names_key}', a list of {len(info.classes)} class names, got "
-            f"{type(names).__name__ if not isinstance(names, list) else f'{len(names)} names'} "
-            f"(keys: {sorted(map(str, meta))})")
+            f"{type(names).__name__ if not isinstance(names, list) else f'{len(names)} items'} "
+            f"(keys: {_keys(meta)})")
     out = {"classes": [_text(n) for n in names]}
     h, w = info.image_size
     for split in ("train", "test"):
@@ -265,46 +384,127 @@ def _read_cifar(info: DatasetInfo, files: dict[str, Path], extra: bool) -> dict:
             batch = read_cifar_pickle(path)
             data, labels = batch.get("data"), batch.get(labels_key)
             if data is None or labels is None:
-                raise DatasetError(f"{path}: a CIFAR batch needs 'data' and '{labels_key}', it has "
-                                   f"{sorted(map(str, batch))}")
+                raise DatasetError(f"{path}: a CIFAR batch needs 'data' and '{labels_key}', it has {_keys(batch)}")
             if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-                    or data.shape[1] != info.channels * h * w:
-                raise DatasetError(f"{path}: 'data' must be a uint8 array (N, {info.channels * h * w}), got "
-                                   f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
-            labels = np.asarray(labels)
-            if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
-                raise DatasetError(f"{path}: '{labels_key}' must be {len(data)} integers, one per image, got "
-                                   f"{labels.dtype} {labels.shape}")
+                    or data.shape[1] != info.channels * h * w or not data.flags.c_contiguous:
+                raise DatasetError(f"{path}: 'data' must be a contiguous uint8 array (N, {info.channels * h * w}), "
+                                   f"got {getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+            _check_count(path, len(data), info.max_images[role])
             xs.append(data.reshape(-1, info.channels, h, w))  # rows are R(1024) G(1024) B(1024), row-major
-            ys.append(labels.astype(np.int64))
+            ys.append(_int_labels(labels, len(data), path, labels_key))
             _check_labels(ys[-1], len(info.classes), path)
         out[split] = (np.concatenate(xs), np.concatenate(ys), _joined_names(files, roles))
     return out
 
 
-def read_svhn_mat(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def _int_labels(labels, n: int, path: Path, key: str) -> np.ndarray:
+    """Pickled labels -> int64 (n,). Only a list of n ints or an integer array (n,) is converted: np.asarray
+    of nested lists from a pickle could expand exponentially (each level may hold the one below twice)."""
+    if isinstance(labels, list) and len(labels) == n and all(isinstance(v, int) for v in labels) \
+            or isinstance(labels, np.ndarray) and labels.shape == (n,) and np.issubdtype(labels.dtype, np.integer):
+        with contextlib.suppress(OverflowError):  # a Python int beyond int64
+            return np.asarray(labels, dtype=np.int64)
+    got = f"{labels.dtype} {labels.shape}" if isinstance(labels, np.ndarray) else \
+        f"a list of {len(labels)} items" if isinstance(labels, list) else type(labels).__name__
+    raise DatasetError(f"{path}: '{key}' must be {n} integers, one per image, got {got}")
+
+
+# MATLAB 5 numeric classes (mxCLASS) -> (name, bytes per element), and stored data types (miINT8..miUINT64) -> bytes
+_MAT_CLASSES = {6: ("double", 8), 7: ("single", 4), 8: ("int8", 1), 9: ("uint8", 1), 10: ("int16", 2),
+                11: ("uint16", 2), 12: ("int32", 4), 13: ("uint32", 4), 14: ("int64", 8), 15: ("uint64", 8)}
+_MAT_STORED = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4, 7: 4, 9: 8, 12: 8, 13: 8}
+
+
+def _mat_is_complex(fh, start: int, end: int, byte_order: str) -> bool:
+    """The complex flag of the .mat variable at ``start`` (scipy's header does not expose it; a complex
+    variable has a second, imaginary, data element). Its array flags follow the miMATRIX tag, inside the
+    zlib stream if the variable is compressed (miCOMPRESSED, 15): only those bytes are decompressed."""
+    here = fh.tell()
+    fh.seek(start)
+    head = fh.read(min(end - start, 4096))  # ample for a zlib header and its first Huffman tables
+    fh.seek(here)
+    if struct.unpack(f"{byte_order}I", head[:4])[0] == 15:
+        head = zlib.decompressobj().decompress(head[8:], 24)
+    return len(head) < 24 or bool(struct.unpack(f"{byte_order}I", head[16:20])[0] & 0x0800)
+
+
+def _mat_variables(path: Path, names: tuple[str, ...] = ("X", "y")) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (dims, class) of the variables ``names`` in a MATLAB 5 .mat file, read from their headers
+    as ``scipy.io.whosmat`` reads them. (scipy inflates a compressed variable 128 KiB of input at a time,
+    so reading a header may inflate up to ~135 MB, whatever the file declares: bounded, and loadmat does
+    the same.)
+
+    ``loadmat`` allocates what a variable's data element declares and decompresses that much, whatever the
+    dimensions say (then uses a prefix of it), so each variable's data element is checked too: it must hold
+    exactly its dimensions' bytes, which must fit ``MEMORY_BUDGET`` and what its bytes in the file can
+    expand to. Only real numeric variables are accepted (a cell or struct hides further allocations)."""
+    from scipy.io.matlab import _mio5, matfile_version  # _mio5: the reader whosmat uses (scipy is pinned)
+
+    size, found = path.stat().st_size, {}
+    with open(path, "rb") as fh:
+        if (version := matfile_version(fh)) != (1, 0):
+            raise DatasetError(f"{path}: a MATLAB 5 .mat file (SVHN's format) is expected, this one is version "
+                               f"{version}")
+        fh.seek(0)
+        reader = _mio5.MatFile5Reader(fh)
+        reader.initialize_read()
+        reader.read_file_header()
+        while not reader.end_of_stream():
+            start = fh.tell()
+            header, next_pos = reader.read_var_header()
+            name = (header.name or b"").decode("latin1")
+            if next_pos > size:
+                raise DatasetError(f"{path}: variable '{name}' runs past the end of the file; it is truncated")
+            if name in names:
+                dims = tuple(int(d) for d in header.dims)
+                cls, itemsize = _MAT_CLASSES.get(header.mclass, (_mio5.mclass_info.get(header.mclass, "unknown"), 0))
+                if name in found or not itemsize or _mat_is_complex(fh, start, next_pos, reader.byte_order):
+                    raise DatasetError(f"{path}: '{name}' must be one real numeric matrix, got "
+                                       f"{'a second one' if name in found else f'{cls} {dims}'}")
+                mdtype, nbytes = reader._matrix_reader.read_full_tag()
+                if mdtype >> 16:  # a small data element: (bytes << 16 | type) and the data in one 8-byte tag
+                    mdtype, nbytes = mdtype & 0xFFFF, mdtype >> 16
+                if nbytes != math.prod(dims) * _MAT_STORED.get(mdtype, -1):
+                    raise DatasetError(f"{path}: '{name}' is {cls} {dims} but its data element declares {nbytes:,} "
+                                       f"bytes of type {mdtype}; the file is corrupted or hostile")
+                _check_declared(path, f"'{name}' ({cls} {dims})", max(nbytes, math.prod(dims) * itemsize),
+                                _DEFLATE_MAX_RATIO * (next_pos - start),
+                                f"its {next_pos - start:,} bytes in the file can expand to")
+                found[name] = (dims, cls)
+            fh.seek(next_pos)
+    return found
+
+
+def read_svhn_mat(path: str | os.PathLike, max_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One SVHN ``*_32x32.mat`` -> images uint8 (N, 3, 32, 32) and labels int64 in [0, 10).
 
     The file stores X as (32, 32, 3, N) and labels 1..10 with 10 for the digit 0; like torchvision,
-    10 becomes 0."""
+    10 becomes 0. The variables' headers are checked before anything is loaded (``_mat_variables``):
+    X (32, 32, 3, N) uint8, y (N, 1), N at most ``max_images``."""
     import scipy.io
 
     path = Path(path)
     try:
+        declared = _mat_variables(path)
+        missing = [k for k in ("X", "y") if k not in declared]
+        if missing:
+            raise DatasetError(f"{path}: an SVHN .mat file holds the variables 'X' and 'y'; this one lacks {missing}")
+        (x_dims, x_cls), (y_dims, y_cls) = declared["X"], declared["y"]
+        if x_cls != "uint8" or len(x_dims) != 4 or x_dims[:3] != (32, 32, 3):
+            raise DatasetError(f"{path}: 'X' must be uint8 (32, 32, 3, N), got {x_cls} {x_dims}")
+        if max_images is not None:
+            _check_count(path, x_dims[3], max_images)
+        if y_dims != (x_dims[3], 1):
+            raise DatasetError(f"{path}: 'y' must be {x_dims[3]} integer labels (N, 1), got {y_cls} {y_dims}")
         mat = scipy.io.loadmat(path, variable_names=("X", "y"))
+    except DatasetError:
+        raise
     except Exception as e:  # noqa: BLE001 - scipy's parser raises IndexError, ValueError, MatReadError, ...
         raise DatasetError(f"{path}: not a readable MATLAB .mat file ({type(e).__name__}: {e}); "
                            f"the file is corrupted or truncated") from None
-    x, y = mat.get("X"), mat.get("y")
-    if x is None or y is None:
-        raise DatasetError(f"{path}: an SVHN .mat file holds the variables 'X' and 'y'; this one lacks "
-                           f"{[k for k, v in (('X', x), ('y', y)) if v is None]}")
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
-        raise DatasetError(f"{path}: 'X' must be uint8 (32, 32, 3, N), got {x.dtype} {x.shape}")
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1 or len(y) != x.shape[3] or not np.issubdtype(y.dtype, np.integer):
-        raise DatasetError(f"{path}: 'y' must be {x.shape[3]} integer labels (N, 1), got {y.dtype} {y.shape}")
+    x, y = mat["X"], mat["y"][:, 0]
+    if x.dtype != np.uint8 or not np.issubdtype(y.dtype, np.integer):  # loadmat returns the stored types
+        raise DatasetError(f"{path}: 'X' must be stored as uint8 and 'y' as integers, got {x.dtype} and {y.dtype}")
     y = y.astype(np.int64)
     if len(y) and (y.min() < 0 or y.max() > 10):
         raise DatasetError(f"{path}: labels outside [0, 10] (SVHN writes 1..10, 10 for the digit 0): "
@@ -316,7 +516,7 @@ def read_svhn_mat(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 def _read_svhn(info: DatasetInfo, files: dict[str, Path], extra: bool) -> dict:
     out = {}
     for split, roles in (("train", ["train", "extra"] if extra else ["train"]), ("test", ["test"])):
-        parts = [read_svhn_mat(files[r]) for r in roles]
+        parts = [read_svhn_mat(files[r], info.max_images[r]) for r in roles]
         x = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
         y = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
         out[split] = (x, y, _joined_names(files, roles))
@@ -335,20 +535,25 @@ def _torchvision_idx_root(info: DatasetInfo, files: dict[str, Path]) -> Path | N
 
 
 def _read_idx_split(info: DatasetInfo, files: dict[str, Path], split: str) -> tuple[np.ndarray, np.ndarray]:
-    images_path, labels_path = files[f"{split}_images"], files[f"{split}_labels"]
+    roles = (f"{split}_images", f"{split}_labels")
     tv_root = _torchvision_idx_root(info, files)
     if tv_root is not None:
         import torchvision
 
+        for role in roles:  # torchvision reads whole files and checks their sizes with np.prod (which wraps)
+            with _open_idx(files[role], info.max_images[role]):
+                pass
         cls = getattr(torchvision.datasets, info.torchvision_class)
         try:
             ds = cls(str(tv_root), train=split == "train", download=False)
             return ds.data.numpy(), ds.targets.numpy()
         except Exception as e:  # noqa: BLE001 - torchvision asserts; read_idx below says what is wrong
-            read_idx(images_path), read_idx(labels_path)
-            raise DatasetError(f"{images_path.parent}: torchvision.datasets.{info.torchvision_class} cannot read "
+            for role in roles:
+                read_idx(files[role], info.max_images[role])
+            raise DatasetError(f"{files[roles[0]].parent}: torchvision.datasets.{info.torchvision_class} cannot read "
                                f"the {split} files ({type(e).__name__}: {e})") from None
-    return read_idx(images_path), read_idx(labels_path)
+    images, labels = (read_idx(files[role], info.max_images[role]) for role in roles)
+    return images, labels
 
 
 def _read_idx(info: DatasetInfo, files: dict[str, Path], extra: bool) -> dict:
@@ -435,11 +640,14 @@ def locate_raw(name: str, root: str | None, download: bool, download_dir: Path =
         found, base = _find(root_path, info, roles)
         if len(found) == len(roles):
             return found
-        present = sorted(p.name for p in root_path.iterdir())
+        if resolves_inside(root_path):
+            present = sorted(p.name for p in root_path.iterdir())
+            holds = f", but it holds {present[:8]}{' ...' if len(present) > 8 else ''}"
+        else:  # an error message must not list a directory outside the repository
+            holds = " (its contents are not listed: it is outside the repository)"
         raise DatasetError(
             f"data.root = {root!r} is not a '{name}' dataset directory: expected {_expected(info, roles)} "
-            f"{_where(info)}, but it holds {present[:8]}{' ...' if len(present) > 8 else ''}"
-            f"{_partial(info, roles, found, base)}")
+            f"{_where(info)}{holds}{_partial(info, roles, found, base)}")
     tried = []
     candidates = []
     if info.debian_dir:
@@ -554,8 +762,11 @@ def prepare_dataset(name: str, root: str | None, download: bool, train_subset: i
     raw = _READERS[info.format](info, files, svhn_extra)
     out: dict = {"name": name, "classes": raw.get("classes", list(info.classes)), "hflip": info.hflip, "source": {}}
     g = torch.Generator().manual_seed(seed)
+    where = {}
     for split, subset in (("train", train_subset), ("test", test_subset)):
         images, labels, source = raw[split]
+        where[split] = f"{', '.join(str(p) for p in files.values() if p.name in source.split('+'))} " \
+                       f"({split} split{f', data.{split}_subset = {subset}' if subset else ''})"
         if images.shape[1:] != (info.channels, *info.image_size):
             raise DatasetError(f"{source}: '{name}' images are {(info.channels, *info.image_size)} (C, H, W), "
                                f"these are {tuple(images.shape[1:])}")
@@ -564,7 +775,15 @@ def prepare_dataset(name: str, root: str | None, download: bool, train_subset: i
         idx = _stratified_subset(y, subset, g)
         out[f"{split}_x"], out[f"{split}_y"] = x[idx].contiguous(), y[idx].contiguous()
         out["source"][split] = source
+        if not len(idx):  # an empty train split divides by zero in its statistics; an empty test split scores 0
+            raise DatasetError(f"{where[split]}: holds no images; '{name}' needs at least one train and one test image")
     out["mean"], out["std"] = channel_stats(out["train_x"])
+    for c, (m, s) in enumerate(zip(out["mean"], out["std"])):
+        if not (math.isfinite(m) and math.isfinite(s) and s > 0):
+            raise DatasetError(
+                f"{where['train']}: channel {c} has mean {m} and std {s}: "
+                f"{'every pixel has the same value, so normalising divides by zero' if s == 0 else 'not finite'} "
+                f"(training would diverge to NaN); the files are corrupted or not '{name}' images")
     return out
 
 

@@ -62,9 +62,22 @@ def max_threads() -> int:
     return 4 * (os.cpu_count() or 1)
 
 
-def path_stays_inside(path: str) -> bool:
+def resolves_inside(path: str | Path, base: str | Path | None = None) -> bool:
+    """Does ``path`` (relative to ``base``, default the working directory: the repository root, where
+    stages run) lead into ``base`` once symlinks are resolved? A link inside the repository to a
+    directory outside it does not count as inside."""
+    root = Path.cwd() if base is None else Path(base)
+    try:
+        root = root.resolve()
+        return (root / path).resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        return False
+
+
+def path_stays_inside(path: str, base: str | Path | None = None) -> bool:
     """Paths from params: absolute ones are explicit and allowed; relative ones may not climb out of the
-    repository (resolved lexically against the repository root, so it holds wherever the stage runs)."""
+    repository (``base``, default the working directory): neither lexically (no '..' out of it) nor
+    through a symlink (``resolves_inside``)."""
     p = Path(path)
     if p.is_absolute():
         return True
@@ -73,7 +86,7 @@ def path_stays_inside(path: str) -> bool:
         depth += -1 if part == ".." else (0 if part == "." else 1)
         if depth < 0:
             return False
-    return True
+    return resolves_inside(p, base)
 
 
 MAX_SUBSET = 100_000_000  # images: ImageNet-1k has 1.3M, SVHN with extra 604k
@@ -145,7 +158,8 @@ class DataParams:
             _check(len(self.root) <= 4096 and "\x00" not in self.root, f"{p}.root", self.root,
                    "must be a path of at most 4096 characters, without NUL bytes")
             _check(path_stays_inside(self.root), f"{p}.root", self.root,
-                   "a relative path must stay inside the repository (no '..' out of it); "
+                   "a relative path must stay inside the repository (no '..' out of it, no symlink "
+                   "to a directory outside it); "
                    "write an absolute path to use a directory elsewhere")
         for key in ("train_subset", "test_subset"):
             _check(_in(0, getattr(self, key), MAX_SUBSET), f"{p}.{key}", getattr(self, key),

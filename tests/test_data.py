@@ -1,9 +1,18 @@
 import dataclasses
 import gzip
+import math
+import pickle  # tests only: to write hostile files
+import re
+import struct
+import subprocess
+import sys
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from kdprune import data as kdata
 from kdprune.data import DatasetError, TensorLoader, prepare_dataset, read_idx, write_idx
@@ -112,9 +121,10 @@ def test_eval_loader_is_ordered_and_normalised():
 
 
 @pytest.mark.parametrize("layout", ["cifar_pickles", "pngs", "partial_idx"])
-def test_wrong_format_dataset_dir_names_the_problem(tmp_path, layout):
+def test_wrong_format_dataset_dir_names_the_problem(tmp_path, monkeypatch, layout):
     """An explicit data.root in the wrong format is an error naming what is expected and what is there,
     never a silent fall-back to the system copy in /usr/share/datasets."""
+    monkeypatch.chdir(tmp_path)  # the repository: only a directory inside it has its contents listed
     root = tmp_path / "root"
     root.mkdir()
     if layout == "cifar_pickles":
@@ -132,6 +142,22 @@ def test_wrong_format_dataset_dir_names_the_problem(tmp_path, layout):
     msg = str(e.value)
     assert "is not a 'fashion_mnist' dataset directory" in msg and "t10k-labels-idx1-ubyte" in msg, msg
     assert {"cifar_pickles": "cifar-10-batches-py", "pngs": "img0.png", "partial_idx": "t10k-images"}[layout] in msg
+
+
+@pytest.mark.parametrize("how", ["absolute", "symlink"])
+def test_wrong_root_outside_the_repository_is_not_listed(tmp_path, monkeypatch, how):
+    """Probe: data.root = a home directory: the 'not a dataset directory' error listed its file names."""
+    outside = tmp_path / "home"
+    outside.mkdir()
+    (outside / "id_rsa").write_text("secret")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "data").symlink_to(outside)
+    monkeypatch.chdir(repo)
+    with pytest.raises(DatasetError) as e:
+        prepare_dataset("mnist", str(outside) if how == "absolute" else "data", False, 0, 0, seed=0)
+    assert "id_rsa" not in str(e.value) and "its contents are not listed: it is outside the repository" in str(e.value)
+    assert "train-images-idx3-ubyte" in str(e.value)  # what is expected is still said
 
 
 def test_right_names_wrong_content_is_refused(tmp_path):
@@ -374,7 +400,8 @@ def test_download_lands_in_data_raw_and_is_read_from_there(tmp_path, monkeypatch
     assert len(calls) == 1  # the second run finds data/raw and does not download again
 
 
-def test_explicit_root_of_another_dataset_names_what_is_expected(tmp_path):
+def test_explicit_root_of_another_dataset_names_what_is_expected(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the repository: only a directory inside it has its contents listed
     write_fake_idx(tmp_path, n_train=10, n_test=10)
     with pytest.raises(DatasetError) as e:
         prepare_dataset("cifar10", str(tmp_path), True, 0, 0, seed=0)
@@ -448,3 +475,271 @@ def test_published_fashion_mnist_stats_match_the_real_files():
     mean, std = kdata.channel_stats(x)
     info = kdata.REGISTRY["fashion_mnist"]
     assert mean == pytest.approx(info.mean, abs=5e-5) and std == pytest.approx(info.std, abs=5e-5)
+
+
+# ---- hostile and corrupt data files (issue #13): each test is a probe that got through before ----
+
+
+def _peak_traced_bytes(fn, *args):
+    """Run fn(*args) and return (its exception or None, the peak of Python/numpy allocations during it)."""
+    tracemalloc.start()
+    try:
+        fn(*args)
+        err = None
+    except Exception as e:  # noqa: BLE001
+        err = e
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return err, peak
+
+
+@pytest.mark.parametrize("split,subset", [("train", 0), ("test", 0), ("train", 5), ("test", 5)])
+def test_empty_split_is_refused(tmp_path, split, subset):
+    """Probe: an empty test split gave acc_teacher 0.0 and exit 0; an empty train split, ZeroDivisionError."""
+    write_fake_idx(tmp_path, n_train=0 if split == "train" else 40, n_test=0 if split == "test" else 10)
+    name = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}[split]
+    sub = f", data.{split}_subset = 5" if subset else ""
+    with pytest.raises(DatasetError, match=rf"/{name} \({split} split{sub}\): holds no images"):
+        prepare_dataset("mnist", str(tmp_path), False, subset if split == "train" else 0,
+                        subset if split == "test" else 0, seed=0)
+
+
+def test_empty_split_is_a_one_line_error_of_the_prepare_stage(tmp_path):
+    from kdprune.params import params_from_dict
+
+    write_fake_idx(tmp_path / "raw", n_train=40, n_test=0)
+    p = params_from_dict({s: {} for s in ("data", "model", "teacher", "prune", "distill")}).to_dict()
+    p["data"].update(name="mnist", root=str(tmp_path / "raw"), download=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    root = kdata.Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)}, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "(test split): holds no images" in r.stderr, r.stderr
+    assert not (tmp_path / "data" / "prepared" / "dataset.pt").exists()
+
+
+def test_constant_train_split_is_refused(tmp_path, monkeypatch):
+    """Probe: constant pixels gave std 0, so normalisation divided by zero and training diverged to NaN."""
+    root = tmp_path / "r"
+    root.mkdir()
+    files = kdata.REGISTRY["mnist"].files
+    for split, n in (("train", 40), ("test", 10)):
+        write_idx(root / f"{files[split + '_images']}.gz", np.full((n, 28, 28), 7, np.uint8))
+        write_idx(root / f"{files[split + '_labels']}.gz", (np.arange(n) % 10).astype(np.uint8))
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte.gz \(train split\): channel 0 has mean 0.027"
+                                           r"\d* and std 0.0: every pixel has the same value"):
+        prepare_dataset("mnist", str(root), False, 0, 0, seed=0)
+    write_fake_idx(root, n_train=40, n_test=10)  # real-looking pixels, but the statistics come out NaN
+    monkeypatch.setattr(kdata, "channel_stats", lambda x: ([float("nan")], [0.3]))
+    with pytest.raises(DatasetError, match=r"channel 0 has mean nan and std 0.3: not finite"):
+        prepare_dataset("mnist", str(root), False, 0, 0, seed=0)
+
+
+# CIFAR pickles that only use the allowed numpy globals, but not the way numpy writes an array
+def _pickled_batch(data_expr: bytes, n: int) -> bytes:
+    labels = b"](" + b"K\x00" * n + b"e"
+    return b"\x80\x02}(X\x04\x00\x00\x00data" + data_expr + b"X\x06\x00\x00\x00labels" + labels + b"u."
+
+
+def _zero_stride(n: int) -> bytes:  # numpy.ndarray((n, 3072), dtype('u1'), b'\0', 0, (0, 0)): one byte, n images
+    return (b"cnumpy\nndarray\n(J" + struct.pack("<i", n) + b"M\x00\x0c\x86cnumpy\ndtype\nX\x02\x00\x00\x00u1\x85R"
+            b"C\x01\x00K\x00K\x00K\x00\x86tR")
+
+
+def _uninitialised(n: int) -> bytes:  # _reconstruct(ndarray, (n, 3072), 'B') with no __setstate__: np.empty
+    return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ" + struct.pack("<i", n) +
+            b"M\x00\x0c\x86X\x01\x00\x00\x00B\x87R")
+
+
+@pytest.mark.parametrize("make,needle", [(_zero_stride, r"refusing numpy.ndarray\(...\) called from a pickle"),
+                                         (_uninitialised, r"refusing numpy _reconstruct with other arguments")])
+def test_cifar_pickle_cannot_declare_memory_the_file_does_not_hold(tmp_path, make, needle):
+    """Probe: a 147-byte pickle of a zero-stride array became a 1.5 GB dataset.pt (here 10000 images);
+    _reconstruct with a shape and no data gave uninitialised memory as images."""
+    written = write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    (written["dir"] / "data_batch_2").write_bytes(_pickled_batch(make(10000), 10000))
+    with pytest.raises(DatasetError, match=rf"data_batch_2: {needle}"):
+        prepare_dataset("cifar10", str(tmp_path), False, 0, 0, seed=0)
+
+
+def test_cifar_batch_with_more_images_than_the_published_file_is_refused(tmp_path, monkeypatch):
+    info = kdata.REGISTRY["cifar100"]
+    monkeypatch.setitem(kdata.REGISTRY, "cifar100", dataclasses.replace(info, max_images={"train": 19, "test": 10}))
+    write_fake_cifar(tmp_path, "cifar100", n_train=20, n_test=10)
+    with pytest.raises(DatasetError, match=r"cifar-100-python/train: declares 20 images; the published file holds 19"):
+        prepare_dataset("cifar100", str(tmp_path), False, 0, 0, seed=0)
+
+
+def test_pickle_memo_index_cannot_allocate_a_memo_table(tmp_path):
+    """Probe: a 10-byte pickle (LONG_BINPUT 2**25) made the unpickler allocate 512 MB (2**32: 64 GB)."""
+    written = write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    (written["dir"] / "test_batch").write_bytes(b"\x80\x02K\x00r" + struct.pack("<I", 1 << 22) + b".")
+    err, peak = _peak_traced_bytes(prepare_dataset, "cifar10", str(tmp_path), False, 0, 0, 0)
+    assert isinstance(err, DatasetError) and "test_batch: refusing a pickle memo index of 4,194,304" in str(err), err
+    assert peak < 16 << 20
+
+
+def _dag(depth: int, leaf, pair):
+    for _ in range(depth):
+        leaf = pair(leaf)
+    return leaf
+
+
+@pytest.mark.parametrize("where", ["labels", "keys", "names"])
+def test_pickled_shared_structure_is_not_expanded(tmp_path, where):
+    """Probe: nested lists/tuples sharing their halves pickle in a few hundred bytes, but np.asarray (labels) or
+    str() (an error message's dict keys, class names) expands them to 2**depth leaves."""
+    written = write_fake_cifar(tmp_path, "cifar10", n_train=20, n_test=10)
+    deep = _dag(21, 0, lambda x: [x, x]) if where != "keys" else _dag(21, (), lambda x: (x, x))
+    if where == "labels":
+        path, needle = written["dir"] / "data_batch_1", r"'labels' must be 4 integers, one per image, got a list of 2"
+        obj = {b"data": written["train"][0][:4].reshape(4, -1), b"labels": deep}
+    else:
+        path, needle = written["dir"] / "batches.meta", r"expected 'label_names', a list of 10 class names"
+        obj = {deep: 1, b"label_names": [b"a"] * 3} if where == "keys" else {b"label_names": [deep] * 10}
+    path.write_bytes(pickle.dumps(obj, protocol=2))
+    assert path.stat().st_size < 20000  # 2**21 leaves
+    err, peak = _peak_traced_bytes(prepare_dataset, "cifar10", str(tmp_path), False, 0, 0, 0)
+    assert isinstance(err, DatasetError) and re.search(needle, str(err)), err
+    assert len(str(err)) < 1000 and peak < 16 << 20, (len(str(err)), peak)
+
+
+def _gz_idx(path, shape, payload_chunks):
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(bytes([0, 0, 8, len(shape)]) + struct.pack(f">{len(shape)}I", *shape))
+        for chunk in payload_chunks:
+            f.write(chunk)
+
+
+def test_gzip_bomb_idx_is_decompressed_only_to_its_declared_size(tmp_path):
+    """Probe: a gzip bomb behind a small IDX header was decompressed whole (here 64 MB; at scale, MemoryError)."""
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    _gz_idx(path, (40, 28, 28), [bytes(1 << 20)] * 64)
+    assert path.stat().st_size < 1 << 20
+    err, peak = _peak_traced_bytes(read_idx, path)
+    assert isinstance(err, DatasetError) and "IDX payload is more than 31360 bytes" in str(err), err
+    assert peak < 8 << 20, peak
+
+
+def test_gzip_idx_header_declaring_more_than_the_file_can_hold_is_refused(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    _gz_idx(path, (60000, 28, 28), [bytes(100)])
+    with pytest.raises(DatasetError, match=r"declares 47,040,016 bytes, more than a gzip file of \d+ bytes can expand to"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_header_whose_size_overflows_int64_is_refused(tmp_path, gz):
+    """Probe: a header of 65536^4 made np.prod wrap to 0, which 'matched' an empty payload (then ValueError)."""
+    path = tmp_path / f"x-idx4-ubyte{'.gz' if gz else ''}"
+    header = bytes([0, 0, 8, 4]) + struct.pack(">4I", *(65536,) * 4)
+    path.write_bytes(gzip.compress(header) if gz else header)
+    assert math.prod((65536,) * 4) == 2 ** 64 and int(np.prod((65536,) * 4)) == 0
+    with pytest.raises(DatasetError, match=r"declares 18,446,744,073,709,551,6\d\d bytes, over the memory budget of "
+                                           r"2,147,483,648 bytes \(kdprune.data.MEMORY_BUDGET\)"):
+        read_idx(path)
+
+
+def test_idx_limits_apply_to_the_torchvision_layout_too(tmp_path, monkeypatch):
+    raw = tmp_path / "MNIST" / "raw"
+    write_fake_idx(raw, n_train=40, n_test=10, gz=False)
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte: the IDX header \(shape \(40, 28, 28\)\) declares "
+                                           r"31,360 bytes, over the memory budget of 1,000 bytes"):
+        monkeypatch.setattr(kdata, "MEMORY_BUDGET", 1000)
+        prepare_dataset("mnist", str(tmp_path), False, 0, 0, seed=0)
+    monkeypatch.undo()
+    info = kdata.REGISTRY["mnist"]
+    monkeypatch.setitem(kdata.REGISTRY, "mnist", dataclasses.replace(
+        info, max_images={**info.max_images, "test_labels": 9}))
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte: declares 10 images; the published file holds 9"):
+        prepare_dataset("mnist", str(tmp_path), False, 0, 0, seed=0)
+
+
+def _mat5_variable(name: bytes, dims, mclass: int, mdtype: int, nbytes: int, chunks, imaginary: int = 0):
+    """One MATLAB 5 miMATRIX element, as chunks of bytes; ``nbytes`` is what its data element declares."""
+    dims_el = struct.pack(f"<{len(dims)}i", *dims)
+    dims_el = struct.pack("<II", 5, 4 * len(dims)) + dims_el + bytes(-len(dims_el) % 8)
+    flags = struct.pack("<IIII", 6, 8, mclass | (0x0800 if imaginary else 0), 0)
+    name_el = struct.pack("<I", (len(name) << 16) | 1) + name.ljust(4, b"\0")
+    parts = [(nbytes, chunks)] + ([(imaginary, [bytes(imaginary)])] if imaginary else [])
+    body = len(flags) + len(dims_el) + len(name_el) + sum(8 + n + (-n % 8) for n, _ in parts)
+    yield struct.pack("<II", 14, body) + flags + dims_el + name_el
+    for n, data in parts:
+        yield struct.pack("<II", mdtype, n)
+        yield from data
+        yield bytes(-n % 8)
+
+
+def _write_mat5(path, variables):
+    """A MATLAB 5 .mat file of zlib-compressed variables (as SVHN's files are), streamed: a bomb stays small."""
+    with open(path, "wb") as f:
+        f.write(b"MATLAB 5.0 MAT-file, test".ljust(116, b" ") + bytes(8) + struct.pack("<H", 0x0100) + b"IM")
+        for var in variables:
+            c = zlib.compressobj(1)
+            data = b"".join(c.compress(chunk) for chunk in var) + c.flush()
+            f.write(struct.pack("<II", 15, len(data)) + data)
+
+
+def _svhn_x(n, nbytes=None, imaginary=0):
+    nbytes = 3072 * n if nbytes is None else nbytes
+    return _mat5_variable(b"X", (32, 32, 3, n), 9, 2, nbytes, (bytes(min(k, 1 << 20)) for k in
+                                                               range(nbytes, 0, -(1 << 20))), imaginary)
+
+
+def _svhn_y(n):
+    return _mat5_variable(b"y", (n, 1), 9, 2, n, [bytes([1]) * n])
+
+
+@pytest.mark.parametrize("probe", ["too_many_images", "data_element_bomb", "imaginary_part", "cell_labels",
+                                   "labels_mismatch", "budget"])
+def test_svhn_mat_sizes_are_checked_before_loading(tmp_path, monkeypatch, probe):
+    """Probe: a compressed .mat declaring a million zero images became a million-image test split with exit 0
+    (here 30,000: more than the published 26,032); a data element declaring more bytes than the dimensions
+    hold, or an imaginary part, was decompressed in full before the shapes were compared."""
+    import scipy.io
+
+    write_fake_svhn(tmp_path, n_train=20, n_test=10)
+    path = tmp_path / "test_32x32.mat"
+    if probe == "too_many_images":  # through prepare, which knows the published count
+        _write_mat5(path, [_svhn_x(30000), _svhn_y(30000)])
+        with pytest.raises(DatasetError, match="test_32x32.mat: declares 30,000 images; the published file holds 26,032"):
+            prepare_dataset("svhn", str(tmp_path), False, 0, 0, seed=0)
+        return
+    if probe == "data_element_bomb":
+        _write_mat5(path, [_svhn_x(10, nbytes=64 << 20), _svhn_y(10)])
+        needle = r"'X' is uint8 \(32, 32, 3, 10\) but its data element declares 67,108,864 bytes"
+    elif probe == "imaginary_part":
+        _write_mat5(path, [_svhn_x(10, imaginary=64 << 20), _svhn_y(10)])
+        needle = r"'X' must be one real numeric matrix, got uint8 \(32, 32, 3, 10\)"
+    elif probe == "cell_labels":
+        y = np.empty((10, 1), dtype=object)
+        y[:, 0] = [np.ones((2, 2))] * 10
+        scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 10), np.uint8), "y": y}, do_compression=True)
+        needle = r"'y' must be one real numeric matrix, got cell \(10, 1\)"
+    elif probe == "labels_mismatch":
+        _write_mat5(path, [_svhn_x(10), _svhn_y(9)])
+        needle = r"'y' must be 10 integer labels \(N, 1\), got uint8 \(9, 1\)"
+    else:
+        monkeypatch.setattr(kdata, "MEMORY_BUDGET", 30000)
+        needle = r"'X' \(uint8 \(32, 32, 3, 10\)\) declares 30,720 bytes, over the memory budget of 30,000 bytes"
+
+    def no_loadmat(*a, **k):
+        raise AssertionError("loadmat called on a file whose headers should have been refused")
+    monkeypatch.setattr(scipy.io, "loadmat", no_loadmat)
+    with pytest.raises(DatasetError, match=rf"test_32x32.mat: {needle}"):
+        kdata.read_svhn_mat(path)
+
+
+def test_hand_written_mat5_file_reads(tmp_path):
+    """The writer the probes above use makes files that loadmat and the header checks accept."""
+    write_fake_svhn(tmp_path, n_train=20, n_test=10)
+    _write_mat5(tmp_path / "test_32x32.mat", [_svhn_x(10), _svhn_y(10)])
+    d = prepare_dataset("svhn", str(tmp_path), False, 0, 0, seed=0)
+    assert d["test_x"].shape == (10, 3, 32, 32) and d["test_y"].tolist() == [1] * 10
+
+
+def test_every_data_file_has_an_image_limit():
+    for name, info in kdata.REGISTRY.items():
+        assert set(info.max_images) == {r for r in info.files if r != "meta"}, name
+    assert kdata.MEMORY_BUDGET >= 531131 * 3072  # SVHN's extra 'X', the largest real array, fits the budget

@@ -3,6 +3,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for d in ("kdprune", "stages", "benchmarks") for p in (ROOT / d).rglob("*.py"))
 
@@ -97,3 +99,26 @@ def test_readme_mlflow_ui_binds_to_loopback_and_says_why():
         assert "--host 127.0.0.1" in cmd, f"MLflow UI must bind to loopback: {cmd}"
     assert "0.0.0.0" not in readme
     assert re.search(r"127\.0\.0\.1[^.]*\.?[^.]*authentication", readme, re.S), "README must say why (no auth)"
+
+
+def test_relative_data_root_through_a_symlink_out_of_the_repository_is_refused(tmp_path, monkeypatch):
+    """Probe: data.root = 'data/raw', a symlink in the repository to a directory outside it, passed the
+    lexical '..' check. Absolute paths stay allowed: they are explicit."""
+    from kdprune.params import ParamsError, params_from_dict
+
+    def params(root):
+        return params_from_dict({s: {} for s in ("model", "teacher", "prune", "distill")} | {"data": {"root": root}})
+
+    outside, repo = tmp_path / "outside", tmp_path / "repo"
+    outside.mkdir()
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "raw").symlink_to(outside)
+    (repo / "data" / "inside").mkdir()
+    (repo / "data" / "link_inside").symlink_to(repo / "data" / "inside")
+    monkeypatch.chdir(repo)
+    with pytest.raises(ParamsError, match=r"data.root = 'data/raw' is invalid: .*no symlink to a directory outside it"):
+        params("data/raw")
+    with pytest.raises(ParamsError, match="data.root"):
+        params("data/raw/sub")
+    for ok in ("data/inside", "data/link_inside", "data/not_yet_there", str(outside)):
+        assert params(ok).data.root == ok
