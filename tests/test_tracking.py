@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -545,3 +546,18 @@ def test_student_without_onnx_is_logged_as_pytorch_model(tmp_path):
         loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/student-kd")
     with torch.inference_mode():
         assert torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
+def test_a_cached_teachers_training_time_is_labelled_as_such(tmp_path):
+    """Old: teacher_train_seconds was logged on experiments that reused the cached teacher (its log was left in
+    logs/ by the run that trained it). New: only the stages that ran for this result give <stage>_*_seconds."""
+    make_result(tmp_path, wall=600.0)
+    now = time.time()
+    (tmp_path / "logs" / "distill_kd.json").write_text(json.dumps({"wall_seconds": 30.0, "train_seconds": 29.0}))
+    os.utime(tmp_path / "logs" / "teacher.json", (now - 7200, now - 7200))  # trained two hours ago
+    metrics = tracking.collect(tmp_path)["metrics"]
+    assert "cached_teacher_train_seconds" in metrics and "teacher_train_seconds" not in metrics
+    assert metrics["distill_kd_train_seconds"] == 29.0
+    os.utime(tmp_path / "logs" / "teacher.json", (now - 40, now - 40))  # trained just before distill
+    metrics = tracking.collect(tmp_path)["metrics"]
+    assert metrics["teacher_train_seconds"] == 599.0 and "cached_teacher_train_seconds" not in metrics
