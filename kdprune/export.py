@@ -31,13 +31,14 @@ import torch
 import torch.nn as nn
 
 from kdprune import io
+from kdprune.errors import UserError
 
 MAGIC = b"KDPC1\n"
 COMPACT_FORMAT = "kdprune-compact-v1"
 INT_DTYPES = {"int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export could not be written, read back, or does not match the model."""
 
 
@@ -64,7 +65,9 @@ def export_compact(model: nn.Module, path: str | os.PathLike, meta: dict | None 
                 entry.update(encoding="dense")
                 values.append(flat.numpy().tobytes())
         entries.append(entry)
-    header = zlib.compress(json.dumps({"format": COMPACT_FORMAT, "spec": model.spec, "meta": meta or {},
+    from kdprune.models import spec_of
+
+    header = zlib.compress(json.dumps({"format": COMPACT_FORMAT, "spec": spec_of(model), "meta": meta or {},
                                        "tensors": entries}, sort_keys=True).encode(), 9)
     blob = MAGIC + struct.pack("<I", len(header)) + header + b"".join(bits) + b"".join(values)
     with io.atomic_path(path) as tmp:
@@ -72,8 +75,9 @@ def export_compact(model: nn.Module, path: str | os.PathLike, meta: dict | None 
     return len(blob)
 
 
-def load_compact(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Rebuild the model from a compact file. Returns ``(model, meta)``; floats come back as fp32."""
+def load_compact(path: str | os.PathLike, allowed_factory: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model from a compact file. Returns ``(model, meta)``; floats come back as fp32.
+    ``allowed_factory``: as for ``io.load_checkpoint``, the only custom factory that may be imported."""
     from kdprune.models import build_model
 
     path = Path(path)
@@ -120,7 +124,10 @@ def load_compact(path: str | os.PathLike) -> tuple[nn.Module, dict]:
             dense = np.frombuffer(blob, np.float16, n, val_pos).copy()
             val_pos += 2 * n
         state[e["name"]] = torch.from_numpy(dense.astype(np.float32)).reshape(shape)
-    model = build_model(header["spec"])
+    try:
+        model = build_model(header["spec"], allowed_factory=allowed_factory)
+    except io.CheckpointError as e:
+        raise ExportError(f"{path}: {e}") from None
     model.load_state_dict(state, strict=True)
     return model, header.get("meta", {})
 

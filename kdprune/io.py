@@ -18,7 +18,10 @@ if TYPE_CHECKING:  # torch is imported where it is used: stages/validate.py impo
     import torch
 
 
-class CheckpointError(RuntimeError):
+from kdprune.errors import UserError
+
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unsafe, corrupted or does not fit the expected model."""
 
 
@@ -100,31 +103,40 @@ CHECKPOINT_FORMAT = "kdprune-checkpoint-v1"
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, masks: dict | None = None,
                     meta: dict | None = None) -> None:
     """Save the arch spec + state_dict (+ masks, + metadata). Never a pickled module."""
+    from kdprune.models import spec_of
+
     torch_save(path, {
         "format": CHECKPOINT_FORMAT,
-        "spec": model.spec,
+        "spec": spec_of(model),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "masks": {k: v.cpu() for k, v in masks.items()} if masks else None,
         "meta": meta or {},
     })
 
 
-def load_checkpoint(path: str | os.PathLike, expect_classes: int | None = None):
-    """Rebuild the model from a checkpoint. Returns ``(model, masks, meta)``."""
+def load_checkpoint(path: str | os.PathLike, expect_classes: int | None = None, allowed_factory: str | None = None):
+    """Rebuild the model from a checkpoint. Returns ``(model, masks, meta)``.
+
+    ``allowed_factory``: the validated ``model.factory`` of params.yaml; a checkpoint whose spec names another
+    custom factory is refused before anything is imported (kdprune.models.custom)."""
     from kdprune.models import build_model
 
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a kdprune checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    spec = ckpt["spec"]
+    spec = ckpt.get("spec")
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{path}: the checkpoint has no model spec")
     if expect_classes is not None and spec.get("num_classes") != expect_classes:
         raise CheckpointError(
             f"{path}: the model has {spec.get('num_classes')} output classes but the dataset has "
             f"{expect_classes}; it was trained on another dataset (meta: {ckpt.get('meta', {}).get('dataset')})")
     try:
-        model = build_model(spec)
+        model = build_model(spec, allowed_factory=allowed_factory)
         model.load_state_dict(ckpt["state_dict"], strict=True)
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: weights do not match the stored architecture spec: {first}") from None
     masks = ckpt.get("masks")
@@ -134,3 +146,50 @@ def load_checkpoint(path: str | os.PathLike, expect_classes: int | None = None):
         if bad:
             raise CheckpointError(f"{path}: masks do not match the model's parameters: {bad[:3]}")
     return model, masks, ckpt.get("meta", {})
+
+
+def state_dict_of(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights in ``path``: a kdprune checkpoint, or what a plain script writes with
+    ``torch.save(model.state_dict(), path)`` (also inside ``{"state_dict": ...}`` or ``{"model": ...}``, and with
+    DDP's ``module.`` prefix). Loaded with ``weights_only=True``."""
+    import torch
+
+    obj = torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        obj = obj.get("state_dict")
+    elif isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not (isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in obj.items())):
+        raise CheckpointError(f"{path}: neither a kdprune checkpoint nor a state_dict (a mapping of names to "
+                              "tensors, as torch.save(model.state_dict(), path) writes)")
+    if all(k.startswith("module.") for k in obj):  # saved from a DDP- or DataParallel-wrapped model
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _first(names, n: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state)`` with every mismatch named: missing and unexpected keys, then shapes."""
+    own = model.state_dict()
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
+    shapes = [f"{k} {tuple(state[k].shape)} vs the model's {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_first(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:3])})")
+    if problems:
+        raise CheckpointError(f"{source}: the weights do not fit the model of params.yaml: " + ", ".join(problems)
+                              + "; is model.arch / model.name / the data's class count the one it was trained with?")
+    model.load_state_dict(state, strict=True)

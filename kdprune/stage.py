@@ -26,6 +26,12 @@ LOGS = Path("logs")  # timings: not DVC outputs, so model/metric hashes stay det
 CHECKPOINTS = Path("checkpoints")  # resume state of training stages: git-ignored, DVC-ignored, deleted on success
 
 
+def load_model(path: Path, params: Params, expect_classes: int | None = None):
+    """``io.load_checkpoint`` of a model of this project: the only custom factory it may import is params.yaml's
+    ``model.factory`` (None unless ``model.arch: custom``). Returns ``(model, masks, meta)``."""
+    return io.load_checkpoint(path, expect_classes, allowed_factory=params.model.factory)
+
+
 def student_path(variant: str) -> Path:
     return STUDENTS / f"{variant}.pt"
 

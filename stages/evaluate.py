@@ -19,14 +19,14 @@ from kdprune import io, stage  # noqa: E402
 from kdprune.export import (compact_bound_bytes, export_compact, export_onnx, onnx_available,  # noqa: E402
                             onnx_max_abs_diff)
 from kdprune.measure import dense_macs, latency_ms, nonzero_macs, size_report  # noqa: E402
-from kdprune.models import model_name  # noqa: E402
+from kdprune.models import spec_name, spec_of  # noqa: E402
 from kdprune.params import Params  # noqa: E402
 from kdprune.train import setup_runtime, to_runtime  # noqa: E402
 
 EXPORT = Path("models/export")
 ONNX_TOLERANCE = 1e-3  # max |onnxruntime - torch| on the logits, fp32 on CPU
 LATENCY_NOTE = ("CPU forward wall time, fp32, median of evaluate.latency_repeats runs after warm-up. Unstructured "
-                "(magnitude) sparsity does not speed up dense kernels: only structured pruning (l1_filter) can.")
+                "(magnitude) sparsity does not speed up dense kernels: only structured pruning (l1_filter, channel) can.")
 
 
 def plot_accuracy(path, names: list[str], accs: list[float], title: str) -> None:
@@ -81,12 +81,12 @@ def export_student(name: str, model, shape: tuple, dense_path, out: dict, params
 def main(params: Params) -> None:
     setup_runtime(params.runtime, params.seed)
     p = params.prune
-    teacher, _, meta = io.load_checkpoint(stage.TEACHER)
+    teacher, _, meta = stage.load_model(stage.TEACHER, params)
     shape = tuple(meta["input_shape"])
-    pruned_model, pruned_masks, _ = io.load_checkpoint(stage.PRUNED)
+    pruned_model, pruned_masks, _ = stage.load_model(stage.PRUNED, params)
     models = {"teacher": teacher, "pruned": pruned_model}
     for v in params.distill.variants:
-        models[v] = io.load_checkpoint(stage.student_path(v))[0]
+        models[v] = stage.load_model(stage.student_path(v), params)[0]
     accs = measured_accuracies(params.distill.variants)
     out: dict = {"prune_ratio": p.ratio, "prune_method": p.method, "prune_schedule": p.schedule}
     latency: dict = {"note": LATENCY_NOTE, "threads": torch.get_num_threads()}
@@ -117,7 +117,7 @@ def main(params: Params) -> None:
     io.write_json(stage.METRICS / "latency.json", latency)
     names = list(models)
     plot_accuracy(stage.PLOTS / "accuracy.png", names, [out[f"acc_{n}"] for n in names],
-                  f"{meta['dataset']}, {model_name(teacher.spec['arch'], teacher.spec['depth'])}, {p.method} ratio {p.ratio} "
+                  f"{meta['dataset']}, {spec_name(spec_of(teacher))}, {p.method} ratio {p.ratio} "
                   f"({out['compression_ratio']:.1f}x)")
     stage.log("evaluate: " + ", ".join(f"{n} {out[f'acc_{n}']:.2f}%" for n in names)
               + f"; compression {out['compression_ratio']:.2f}x (prunable {out['prunable_compression_ratio']:.2f}x), "
