@@ -152,8 +152,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     x = torch.zeros(1, *input_shape)
     with io.atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation + tracer notices about the (constant) return_features flag
-        torch.onnx.export(model, (x,), str(tmp), dynamo=False, input_names=["x"], output_names=["logits"],
-                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+        try:
+            torch.onnx.export(model, (x,), str(tmp), dynamo=False, input_names=["x"], output_names=["logits"],
+                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+        except Exception as e:  # noqa: BLE001 - the exporter raises many types for operators it cannot express
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"{path}: torch cannot export this model to ONNX at input shape {tuple(input_shape)}: "
+                              f"{first[:300]}; set evaluate.onnx: false to skip ONNX") from None
 
 
 def onnx_max_abs_diff(model: nn.Module, path: str | os.PathLike, x: torch.Tensor) -> float:

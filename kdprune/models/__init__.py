@@ -104,6 +104,8 @@ def spec_of(model: nn.Module) -> dict[str, Any]:
     if isinstance(model, ResNet):
         return zoo.spec_of(model)
     spec = getattr(model, SPEC_ATTR, None)
+    if spec is None:  # a module that carries its spec itself (checkpoints of the first kdprune models)
+        spec = getattr(model, "spec", None)
     if not isinstance(spec, dict):
         raise ValueError(f"{type(model).__name__} was not built by kdprune.models.build_model: it has no spec")
     return copy.deepcopy(spec)
