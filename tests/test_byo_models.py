@@ -390,3 +390,50 @@ def test_pretrained_weights_from_the_cache_load_and_a_new_class_count_needs_trai
     model = _tv()
     assert "new fc" in import_weights(model, teacher_params(tmp_path, init="pretrained", epochs=1), SHAPE)
     assert torch.equal(model.layer1[0].conv1.weight, imagenet.layer1[0].conv1.weight)
+
+
+# --- the stages, end to end on tiny data -----------------------------------------------------------------------
+
+def test_stages_run_a_torchvision_model_with_an_imported_teacher_and_channel_pruning(tmp_path):
+    """prepare -> train_teacher (a plain-script state_dict, epochs 0: measured only) -> prune (channel, taylor, a MAC
+    target) -> distill (kd with attention transfer on a named layer, finetune) -> evaluate (ONNX, compact, latency)."""
+    import shutil
+
+    from tests.conftest import write_fake_dataset
+
+    raw = write_fake_dataset(tmp_path / "raw", n_train=200, n_test=100)
+    repo = tmp_path / "repo"
+    for item in ("kdprune", "stages", "teachers"):
+        shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+    torch.manual_seed(3)
+    user = build_model({"arch": "torchvision", "name": "mobilenet_v3_small", "num_classes": 10, "in_channels": 1})
+    torch.save(user.state_dict(), repo / "teachers" / "mine.pt")  # what the user's own script writes
+    p = default_params()
+    p["data"].update(root=str(raw), download=False)
+    p["model"] = {"arch": "torchvision", "name": "mobilenet_v3_small"}
+    p["runtime"].update(threads=1, bf16=False)
+    p["teacher"].update(init="checkpoint", checkpoint="teachers/mine.pt", epochs=0)
+    p["prune"].update(method="channel", importance="taylor", target_macs_reduction=1.5)
+    p["distill"].update(epochs=1, batch_size=50, variants=["kd", "finetune"], at_beta=10.0, at_layers=["features.3"])
+    p["evaluate"].update(latency_repeats=1)
+    p["mlflow"]["enabled"] = False
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+    env.update(CI="true", OMP_NUM_THREADS="1")
+    for st in ("prepare", "train_teacher", "prune", "distill", "evaluate"):
+        r = subprocess.run([sys.executable, "-m", f"stages.{st}"], cwd=repo, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, f"{st}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    teacher = json.loads((repo / "metrics/teacher.json").read_text())
+    loaded = io.load_checkpoint(repo / "models/teacher.pt")[0]
+    assert teacher["epochs"] == 0 and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                                             user.state_dict().values()))
+    prune = json.loads((repo / "metrics/prune.json").read_text())
+    assert prune["method"] == "channel" and prune["reached_macs_reduction"] >= 1.5
+    assert abs(prune["mac_reduction"] - prune["reached_macs_reduction"]) < 1e-9 and prune["params"] < teacher[
+        "params_teacher"]
+    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert ev["params_kd"] == ev["params_pruned"] < ev["params_teacher"]
+    if onnx_available():
+        assert ev["onnx_max_abs_diff_kd"] <= 1e-3 and (repo / "models/export/kd.onnx").exists()
+    assert load_compact(repo / "models/export/kd.kdc")[0] is not None
