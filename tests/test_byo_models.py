@@ -253,6 +253,33 @@ def test_a_pruning_history_is_checked_before_it_is_replayed(history, match):
         build_model(spec, allowed_factory="tests.custom_models:tiny_net")
 
 
+def test_single_channel_models_keep_torchvisions_state_dict_keys():
+    import torchvision
+
+    ours = build_model({"arch": "torchvision", "name": "resnet18", "num_classes": 10, "in_channels": 1})
+    plain = torchvision.models.resnet18(num_classes=10)
+    assert list(ours.state_dict()) == list(plain.state_dict())
+    ours.load_state_dict(plain.state_dict())  # a user's torch.save(model.state_dict()) loads as it is
+    x = torch.rand(2, 1, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(ours.eval()(x), plain.eval()(x.repeat(1, 3, 1, 1)))
+
+
+def test_channel_pruning_of_a_zoo_model_is_described_by_its_channel_counts():
+    from kdprune.models import resnet_spec
+
+    model = build_model(resnet_spec(8, 8, 1, 10)).eval()
+    result = channel_prune(model, torch.zeros(1, 1, 28, 28), "l2", 0.5)
+    record_pruning(model, result.history, (1, 28, 28))  # the zoo's spec is read from its modules
+    spec = spec_of(model)
+    assert "pruning" not in spec and spec["channels"]["stages"][0] < 8 and model.fc.out_features == 10
+    fresh = build_model(spec)
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.equal(fresh.eval()(x), model(x))
+
+
 def test_channel_pruning_keeps_the_classifier_whole():
     model = build_model({"arch": "torchvision", "name": "resnet18", "num_classes": 7, "in_channels": 3})
     channel_prune(model, torch.zeros(1, 3, 32, 32), "l1", 0.5)
@@ -437,3 +464,11 @@ def test_stages_run_a_torchvision_model_with_an_imported_teacher_and_channel_pru
     if onnx_available():
         assert ev["onnx_max_abs_diff_kd"] <= 1e-3 and (repo / "models/export/kd.onnx").exists()
     assert load_compact(repo / "models/export/kd.kdc")[0] is not None
+
+
+@pytest.mark.parametrize("shape", [[3, 5000, 5000], [1, 16, 16], [3, 16], "3x16x16", [3, 16.0, 16]])
+def test_the_traced_input_shape_of_a_pruning_history_is_bounded(shape):
+    spec = {"arch": "torchvision", "name": "resnet18", "num_classes": 3, "in_channels": 3,
+            "pruning": {"input_shape": shape, "history": []}}
+    with pytest.raises(ValueError, match="pruning.input_shape"):
+        build_model(spec)

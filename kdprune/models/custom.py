@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from typing import Any
 
 import torch.nn as nn
@@ -25,8 +26,6 @@ from kdprune.params import FACTORY_RE, MAX_FACTORY_CHARS, MAX_KWARGS_CHARS, MAX_
 def check(factory: Any, kwargs: Any) -> None:
     if not (isinstance(factory, str) and len(factory) <= MAX_FACTORY_CHARS and FACTORY_RE.fullmatch(factory)):
         raise ValueError(f"custom model factory {str(factory)[:80]!r} is not \"package.module:function\"")
-    import json
-
     if not (isinstance(kwargs, dict) and len(kwargs) <= MAX_KWARGS_ITEMS
             and all(isinstance(k, str) and k.isidentifier() for k in kwargs)
             and all(json_like(v) for v in kwargs.values()) and len(json.dumps(kwargs)) <= MAX_KWARGS_CHARS):

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 MAX_STEPS = 100_000
 MAX_INDICES = 50_000_000  # over all steps: more channel indices than any network has
-MAX_SIDE = 4096
+MAX_SIDE = 1024  # the traced input is built before anything else is checked: bound its size
 MAX_NAME = 500
 
 
