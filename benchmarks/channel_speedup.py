@@ -38,7 +38,8 @@ def run(models=MODELS, side: int = 224, target: float = 2.0, batches=(1, 128), r
         importance: str = "l1") -> dict:
     torch.manual_seed(0)
     shape = (3, side, side)
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+           "cpu": platform.processor() or platform.machine(),
            "input_shape": list(shape), "target_macs_reduction": target, "importance": importance, "models": {}}
     for name in models:
         dense = build_model({"arch": "torchvision", "name": name, "num_classes": classes, "in_channels": 3}).eval()

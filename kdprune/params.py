@@ -203,9 +203,11 @@ class ModelParams:
                    f"{p}.arch custom needs \"package.module:function\" (Python identifiers only, at most "
                    f"{MAX_FACTORY_CHARS} characters), a function that returns an nn.Module")
         else:
-            _check(self.factory is None, f"{p}.factory", self.factory, f"applies to {p}.arch: custom only; set it to null")
+            _check(self.factory is None, f"{p}.factory", self.factory,
+                   f"applies to {p}.arch: custom only; set it to null")
             _check(not self.kwargs, f"{p}.kwargs", self.kwargs, f"applies to {p}.arch: custom only; set it to {{}}")
-        _check(len(self.kwargs) <= MAX_KWARGS_ITEMS and all(isinstance(k, str) and k.isidentifier() for k in self.kwargs)
+        _check(len(self.kwargs) <= MAX_KWARGS_ITEMS
+               and all(isinstance(k, str) and k.isidentifier() for k in self.kwargs)
                and all(json_like(v) for v in self.kwargs.values())
                and len(json.dumps(self.kwargs)) <= MAX_KWARGS_CHARS, f"{p}.kwargs", self.kwargs,
                f"must be a mapping of at most {MAX_KWARGS_ITEMS} identifier keys to null, true/false, numbers, strings "
@@ -295,7 +297,8 @@ class PruneParams:
         _check(0 <= self.ratio < 1, f"{p}.ratio", self.ratio,
                "must be in [0, 1) (magnitude: fraction of prunable weights removed; l1_filter: fraction of filters)")
         _check(self.schedule == "oneshot" or self.method == "magnitude", f"{p}.schedule", self.schedule,
-               f"'agp' needs {p}.method: magnitude (gradual pruning of masks; l1_filter and channel remove channels once)")
+               f"'agp' needs {p}.method: magnitude (gradual pruning of masks; l1_filter and channel remove "
+               "channels once)")
         if self.target_macs_reduction is not None:
             _check(self.method == "channel", f"{p}.target_macs_reduction", self.target_macs_reduction,
                    f"applies to {p}.method: channel only; set it to null")
@@ -331,7 +334,8 @@ class TeacherParams(TrainParams):
             TrainParams.validate(dataclasses.replace(self, epochs=1), p)
         else:
             _check(_in(1, self.epochs, MAX_EPOCHS), f"{p}.epochs", self.epochs,
-                   f"must be in [1, {MAX_EPOCHS}] ({p}.epochs: 0 is allowed only with {p}.init checkpoint or pretrained)")
+                   f"must be in [1, {MAX_EPOCHS}] ({p}.epochs: 0 is allowed only with {p}.init checkpoint or "
+                   "pretrained)")
             super().validate(p)
         if self.init == "checkpoint":
             _check(self.checkpoint is not None, f"{p}.checkpoint", self.checkpoint,
@@ -427,7 +431,8 @@ class Params:
                    "images of every step)")
         if self.teacher.init == "pretrained":
             _check(self.model.arch == "torchvision", "teacher.init", self.teacher.init,
-                   f"'pretrained' needs model.arch: torchvision (torchvision's weights); model.arch is {self.model.arch!r}")
+                   f"'pretrained' needs model.arch: torchvision (torchvision's weights); model.arch is "
+                   f"{self.model.arch!r}")
         if self.distill.at_beta > 0 and self.model.arch not in ARCHS:
             _check(bool(self.distill.at_layers), "distill.at_layers", self.distill.at_layers,
                    f"distill.at_beta > 0 with model.arch {self.model.arch} needs the module names whose outputs "

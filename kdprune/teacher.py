@@ -59,7 +59,8 @@ def import_weights(model: nn.Module, params, input_shape: tuple[int, ...]) -> st
         if mismatched:  # another class count: the classifier starts fresh
             if t.epochs == 0:
                 raise TeacherError(f"teacher.init pretrained: {name}'s weights have {classes} classes and the data "
-                                   f"{own[mismatched[0]].shape[0]}; its classifier must be trained: set teacher.epochs > 0")
+                                   f"{own[mismatched[0]].shape[0]}; its classifier must be trained: set "
+                                   "teacher.epochs > 0")
             state = {**state, **{k: own[k] for k in mismatched}}
         io.load_weights(model, state, f"torchvision {name} DEFAULT weights")
         return f"torchvision's pretrained {name}" + (f" (new {head_name} for the data's classes)" if mismatched else "")

@@ -304,7 +304,8 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
-                if step % DIVERGENCE_CHECK_STEPS == 0 and distributed.world_size() == 1 and not torch.isfinite(loss_sum):
+                if (step % DIVERGENCE_CHECK_STEPS == 0 and distributed.world_size() == 1
+                        and not torch.isfinite(loss_sum)):
                     raise diverged(name, section, epoch, step, cfg, float(loss.detach()))
             loss_sum, correct, seen = distributed.sum_over_ranks(loss_sum, correct, seen)  # DDP: all ranks' shards
             if not torch.isfinite(loss_sum):  # the same sum on every rank: all of them stop here
@@ -321,7 +322,8 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
                 "images_per_second": seen / train_time,
             }
             if prune_schedule is not None:
-                total, nonzero = count_prunable(model, prune_schedule.include_first_conv, prune_schedule.include_last_fc)
+                total, nonzero = count_prunable(model, prune_schedule.include_first_conv,
+                                                prune_schedule.include_last_fc)
                 row["prunable_sparsity"] = 1.0 - nonzero / total
             evaluate_now = epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)
             # DDP: rank 0 measures the unwrapped model (= the saved one) on the whole test split
