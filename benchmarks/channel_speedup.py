@@ -9,7 +9,7 @@ after warm-up; kdprune.measure.latency_ms). Reported: MAC reduction reached, lat
 and speed-up / MAC reduction.
 
   python benchmarks/channel_speedup.py                       # resnet18 mobilenet_v2 efficientnet_b0 vgg11_bn, 224x224
-  python benchmarks/channel_speedup.py --models resnet18 --side 112 --repeats 3 --json out.json
+  python benchmarks/channel_speedup.py --models resnet18 --side 112 --repeats 3 --threads 1 --json out.json
 """
 from __future__ import annotations
 
@@ -94,8 +94,11 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 128])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
     ap.add_argument("--json")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     res = run(a.models, a.side, a.target, tuple(a.batches), a.repeats)
     print(report(res, tuple(a.batches)))
     if a.json:
