@@ -71,7 +71,9 @@ def export_compact(model: nn.Module, path: str | os.PathLike, meta: dict | None 
                 entry.update(encoding="dense")
                 values.append(flat.numpy().tobytes())
         entries.append(entry)
-    header = zlib.compress(json.dumps({"format": COMPACT_FORMAT, "spec": model.spec, "meta": meta or {},
+    from kdprune.models import spec_of
+
+    header = zlib.compress(json.dumps({"format": COMPACT_FORMAT, "spec": spec_of(model), "meta": meta or {},
                                        "tensors": entries}, sort_keys=True).encode(), 9)
     blob = MAGIC + struct.pack("<I", len(header)) + header + b"".join(bits) + b"".join(values)
     if len(header) > MAX_HEADER_BYTES:
@@ -107,13 +109,14 @@ def _is_int(v: Any) -> bool:
     return type(v) is int  # not bool, not float
 
 
-def _check_header(path: Path, header: dict) -> tuple[list[dict], list[int]]:
+def _check_header(path: Path, header: dict, allowed_factory: str | None = None
+                  ) -> tuple[list[dict], list[int], nn.Module | None]:
     """Check every field of the header before any of it is used; returns its tensor entries and their numels.
 
     The spec must be one ``kdprune.models.check_spec`` accepts (which bounds its parameter count), and the
     entries must be exactly the model's state_dict, name for name and shape for shape, so no entry can
     make the loader allocate more than the model it describes."""
-    from kdprune.models import build_model, check_spec
+    from kdprune.models import build_model, check_spec, is_zoo
 
     if header.get("format") != COMPACT_FORMAT:
         raise ExportError(f"{path}: unknown format {header.get('format')!r}, expected {COMPACT_FORMAT!r}")
@@ -126,8 +129,16 @@ def _check_header(path: Path, header: dict) -> tuple[list[dict], list[int]]:
         check_spec(header["spec"])
     except ValueError as e:
         raise ExportError(f"{path}: the header's spec is not one kdprune can build: {e}") from None
-    with torch.device("meta"):  # shapes and dtypes only, nothing allocated
-        want = build_model(header["spec"]).state_dict()
+    model = None
+    if is_zoo(header["spec"]):
+        with torch.device("meta"):  # shapes and dtypes only, nothing allocated
+            want = build_model(header["spec"]).state_dict()
+    else:  # a torchvision builder (allow-listed) or the params' own custom factory: bounded by what it builds
+        try:
+            model = build_model(header["spec"], allowed_factory=allowed_factory)
+        except io.CheckpointError as e:
+            raise ExportError(f"{path}: {e}") from None
+        want = model.state_dict()
     tensors = header["tensors"]
     if not isinstance(tensors, list) or not all(isinstance(e, dict) for e in tensors):
         raise ExportError(f"{path}: the header's tensors must be a list of objects")
@@ -168,11 +179,12 @@ def _check_header(path: Path, header: dict) -> tuple[list[dict], list[int]]:
                 raise ExportError(f"{where}: data do not fit {e['dtype']} (values in [{lo}, {hi}])")
         elif enc == "bitmask" and not (_is_int(e["nnz"]) and 0 <= e["nnz"] <= n):
             raise ExportError(f"{where}: nnz = {e['nnz']!r}, must be an integer in [0, {n}]")
-    return tensors, numels
+    return tensors, numels, model
 
 
-def load_compact(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+def load_compact(path: str | os.PathLike, allowed_factory: str | None = None) -> tuple[nn.Module, dict]:
     """Rebuild the model from a compact file. Returns ``(model, meta)``; floats come back as fp32.
+    ``allowed_factory``: as for ``io.load_checkpoint``, the only custom factory that may be imported.
 
     Every malformed file raises :class:`ExportError` naming the file and what is wrong: the header is
     capped (MAX_HEADER_BYTES, MAX_HEADER_JSON_BYTES) and checked field by field (:func:`_check_header`)
@@ -199,7 +211,7 @@ def load_compact(path: str | os.PathLike) -> tuple[nn.Module, dict]:
             raise ExportError(f"{path}: header length {hlen:,} bytes but the file has {size - len(prefix):,} "
                               "after the prefix; the file is truncated or corrupted")
         header = _inflate(path, fh.read(hlen))
-        tensors, numels = _check_header(path, header)
+        tensors, numels, model = _check_header(path, header, allowed_factory)
         pos = len(prefix) + hlen
         bit_bytes = sum((n + 7) // 8 for e, n in zip(tensors, numels) if e["encoding"] == "bitmask")
         value_bytes = sum(2 * (e["nnz"] if e["encoding"] == "bitmask" else n)
@@ -232,7 +244,8 @@ def load_compact(path: str | os.PathLike) -> tuple[nn.Module, dict]:
             dense = np.frombuffer(blob, np.float16, n, val_pos).copy()
             val_pos += 2 * n
         state[name] = torch.from_numpy(dense.astype(np.float32)).reshape(shape)
-    model = build_model(header["spec"])  # check_spec bounded its size; the state matches it name for name
+    if model is None:  # a zoo model: check_spec bounded its size; the state matches it name for name
+        model = build_model(header["spec"])
     model.load_state_dict(state, strict=True)
     return model, header["meta"]
 
@@ -257,8 +270,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     x = torch.zeros(1, *input_shape)
     with io.atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation + tracer notices about the (constant) return_features flag
-        torch.onnx.export(model, (x,), str(tmp), dynamo=False, input_names=["x"], output_names=["logits"],
-                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+        try:
+            torch.onnx.export(model, (x,), str(tmp), dynamo=False, input_names=["x"], output_names=["logits"],
+                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+        except Exception as e:  # noqa: BLE001 - the exporter raises many types for operators it cannot express
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"{path}: torch cannot export this model to ONNX at input shape {tuple(input_shape)}: "
+                              f"{first[:300]}; set evaluate.onnx: false to skip ONNX") from None
 
 
 def onnx_max_abs_diff(model: nn.Module, path: str | os.PathLike, x: torch.Tensor) -> float:

@@ -20,11 +20,14 @@ if TYPE_CHECKING:  # torch is imported where it is used: stages/validate.py impo
     import torch
 
 
-class CheckpointError(RuntimeError):
+from kdprune.errors import UserError
+
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unsafe, corrupted or does not fit the expected model."""
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """A deployable export (kdprune.export: compact ``.kdc``, ONNX) could not be written, read back, or does
     not match the model. Defined here, beside the other file errors, so that kdprune.stage can list it
     without importing the exporters."""
@@ -157,21 +160,26 @@ CHECKPOINT_FORMAT = "kdprune-checkpoint-v1"
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, masks: dict | None = None,
                     meta: dict | None = None) -> None:
     """Save the arch spec + state_dict (+ masks, + metadata). Never a pickled module."""
+    from kdprune.models import spec_of
+
     torch_save(path, {
         "format": CHECKPOINT_FORMAT,
-        "spec": model.spec,
+        "spec": spec_of(model),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "masks": {k: v.cpu() for k, v in masks.items()} if masks else None,
         "meta": meta or {},
     })
 
 
-def load_checkpoint(path: str | os.PathLike, expect_classes: int | None = None, expect_model=None):
+def load_checkpoint(path: str | os.PathLike, expect_classes: int | None = None, expect_model=None,
+                    allowed_factory: str | None = None):
     """Rebuild the model from a checkpoint. Returns ``(model, masks, meta)``.
 
-    The stored spec is checked (:func:`kdprune.models.check_spec`: a zoo arch, a consistent structure,
-    at most ``MAX_PARAMS`` parameters) before anything is built. ``expect_model`` (``params.model``): the
-    checkpoint must hold that arch, depth and width (:func:`check_spec_matches`)."""
+    The stored spec is checked (:func:`kdprune.models.check_spec`: a known arch, a consistent structure,
+    bounded sizes) before anything is built. ``expect_model`` (``params.model``): the checkpoint must hold
+    that model (:func:`check_spec_matches`). ``allowed_factory``: the validated ``model.factory`` of
+    params.yaml; a checkpoint whose spec names another custom factory is refused before anything is
+    imported (kdprune.models.custom)."""
     import torch
 
     from kdprune.models import build_model, check_spec
@@ -196,9 +204,11 @@ def load_checkpoint(path: str | os.PathLike, expect_classes: int | None = None, 
     if expect_model is not None:
         check_spec_matches(spec, expect_model, path)
     try:
-        model = build_model(spec)
+        model = build_model(spec, allowed_factory=allowed_factory)
         model.load_state_dict(ckpt["state_dict"], strict=True)
-    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: weights do not match the stored architecture spec: {first}") from None
     masks = ckpt.get("masks")
@@ -217,13 +227,68 @@ def check_spec_matches(spec: dict, model_params, path: str | os.PathLike) -> Non
 
     A stage that loads the teacher calls this (via ``load_checkpoint(expect_model=params.model)``): a
     teacher trained for other ``model`` params would otherwise be pruned and distilled silently."""
-    from kdprune.models import spec_width
+    from kdprune.models import is_zoo
+    from kdprune.models.zoo import spec_width
+    from kdprune.params import show
 
-    stored = {"arch": spec["arch"], "depth": spec["depth"], "width": spec_width(spec)}
+    if is_zoo(spec):
+        stored = {"arch": spec["arch"], "depth": spec["depth"], "width": spec_width(spec)}
+        what = f"{spec['arch']} depth {spec['depth']} width {stored['width']}"
+    elif spec["arch"] == "torchvision":
+        stored, what = {"arch": spec["arch"], "name": spec["name"]}, f"torchvision {spec['name']}"
+    else:
+        stored = {"arch": spec["arch"], "factory": spec["factory"], "kwargs": spec["kwargs"]}
+        what = f"custom {spec['factory']}"
     for field, value in stored.items():
         wanted = getattr(model_params, field)
         if value != wanted:
             raise CheckpointError(
-                f"{path} was trained as {spec['arch']} depth {spec['depth']} width {stored['width']}, but "
-                f"model.{field} is {wanted!r} (the file has {value!r}); run `dvc repro` (or `dvc exp run`) "
-                "to retrain it")
+                f"{path} was trained as {what}, but model.{field} is {show(wanted)} (the file has "
+                f"{show(value)}); run `dvc repro` (or `dvc exp run`) to retrain it")
+
+
+def state_dict_of(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights in ``path``: a kdprune checkpoint, or what a plain script writes with
+    ``torch.save(model.state_dict(), path)`` (also inside ``{"state_dict": ...}`` or ``{"model": ...}``, and with
+    DDP's ``module.`` prefix). Loaded with ``weights_only=True``."""
+    import torch
+
+    obj = torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        obj = obj.get("state_dict")
+    elif isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not (isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in obj.items())):
+        raise CheckpointError(f"{path}: neither a kdprune checkpoint nor a state_dict (a mapping of names to "
+                              "tensors, as torch.save(model.state_dict(), path) writes)")
+    if all(k.startswith("module.") for k in obj):  # saved from a DDP- or DataParallel-wrapped model
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _first(names, n: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state)`` with every mismatch named: missing and unexpected keys, then shapes."""
+    own = model.state_dict()
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
+    shapes = [f"{k} {tuple(state[k].shape)} vs the model's {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_first(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:3])})")
+    if problems:
+        raise CheckpointError(f"{source}: the weights do not fit the model of params.yaml: " + ", ".join(problems)
+                              + "; is model.arch / model.name / the data's class count the one it was trained with?")
+    model.load_state_dict(state, strict=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdprune.errors import UserError
+
 
 def kd_loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None,
             alpha: float = 0.0, temperature: float = 1.0, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -31,17 +33,23 @@ def attention_map(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.float().pow(2).mean(1).flatten(1), dim=1)
 
 
-def at_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]) -> torch.Tensor:
+class AttentionTransferError(UserError, ValueError):
+    """Student and teacher maps cannot be compared (different counts or spatial sizes)."""
+
+
+def at_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
+            names: list[str] | None = None) -> torch.Tensor:
     """Attention-transfer term: sum over residual stages of the mean squared difference of the
     normalised attention maps (the paper's ``beta / 2 * sum_j ||Q_s/|Q_s| - Q_t/|Q_t|||``, with the
     beta factor applied by the caller). Zero for identical maps, positive otherwise."""
     if len(student_features) != len(teacher_features):
-        raise ValueError(f"attention transfer: the student has {len(student_features)} residual stages and the "
-                         f"teacher {len(teacher_features)}; they must match stage for stage")
+        raise AttentionTransferError(f"attention transfer: the student has {len(student_features)} residual stages and "
+                                     f"the teacher {len(teacher_features)}; they must match stage for stage")
     total = student_features[0].new_zeros((), dtype=torch.float32)
     for i, (s, t) in enumerate(zip(student_features, teacher_features)):
         if s.shape[-2:] != t.shape[-2:]:
-            raise ValueError(f"attention transfer: stage {i + 1} maps are {tuple(s.shape[-2:])} (student) and "
-                             f"{tuple(t.shape[-2:])} (teacher); spatial sizes must match")
+            where = f"layer {names[i]!r}" if names else f"stage {i + 1}"
+            raise AttentionTransferError(f"attention transfer: {where} maps are {tuple(s.shape[-2:])} (student) and "
+                                         f"{tuple(t.shape[-2:])} (teacher); spatial sizes must match (distill.at_layers)")
         total = total + (attention_map(s) - attention_map(t)).pow(2).mean()
     return total

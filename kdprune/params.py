@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -21,14 +22,39 @@ import yaml
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")  # = kdprune.data.REGISTRY
 # + kdprune.data.FOLDER_DATASETS
-ARCHS = {  # the model zoo (kdprune/models.py): arch -> (what it is, its depths); see stage_blocks
+ARCHS = {  # the model zoo (kdprune/models/zoo.py): arch -> (what it is, its depths); see stage_blocks
     "resnet": ("CIFAR ResNet, BasicBlock, 3 stages", "6n+2: 8, 14, 20, 32, 44, 56, 110, ..."),
     "resnet_bottleneck": ("CIFAR ResNet, Bottleneck, 3 stages", "9n+2: 11, 20, 29, 47, 56, 110, 164, ..."),
     "resnet_imagenet": ("ResNet-50/101/152 layout, Bottleneck, 4 stages, CIFAR 3x3 stem without max-pool",
                         "50, 101 or 152"),
 }
+MODEL_ARCHS = (*ARCHS, "torchvision", "custom")  # the zoo, any torchvision classifier, the user's own factory
+# torchvision.models.list_models(module=torchvision.models) of torchvision 0.29: its classification builders,
+# all of which take num_classes. Listed here so that validation needs no torch (stages/validate.py);
+# tests/test_byo_models.py checks the list against the installed torchvision, and kdprune.models checks
+# every name it builds against torchvision itself.
+TORCHVISION_CLASSIFIERS = (
+    "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny", "densenet121", "densenet161",
+    "densenet169", "densenet201", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
+    "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_l",
+    "efficientnet_v2_m", "efficientnet_v2_s", "googlenet", "inception_v3", "maxvit_t", "mnasnet0_5", "mnasnet0_75",
+    "mnasnet1_0", "mnasnet1_3", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "regnet_x_16gf",
+    "regnet_x_1_6gf", "regnet_x_32gf", "regnet_x_3_2gf", "regnet_x_400mf", "regnet_x_800mf", "regnet_x_8gf",
+    "regnet_y_128gf", "regnet_y_16gf", "regnet_y_1_6gf", "regnet_y_32gf", "regnet_y_3_2gf", "regnet_y_400mf",
+    "regnet_y_800mf", "regnet_y_8gf", "resnet101", "resnet152", "resnet18", "resnet34", "resnet50",
+    "resnext101_32x8d", "resnext101_64x4d", "resnext50_32x4d", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
+    "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "squeezenet1_0", "squeezenet1_1", "swin_b", "swin_s", "swin_t",
+    "swin_v2_b", "swin_v2_s", "swin_v2_t", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19",
+    "vgg19_bn", "vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32", "wide_resnet101_2", "wide_resnet50_2")
+# model.factory: "package.module:function", identifiers only (no paths, no attribute chains after the colon)
+FACTORY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+MAX_FACTORY_CHARS = 200
+MAX_KWARGS_ITEMS, MAX_KWARGS_CHARS = 64, 4096  # model.kwargs: a small mapping of scalars and short lists
 VARIANTS = ("kd", "finetune", "scratch", "scratch_kd")
-PRUNE_METHODS = ("magnitude", "l1_filter")
+PRUNE_METHODS = ("magnitude", "l1_filter", "channel")
+IMPORTANCES = ("l1", "l2", "taylor", "bn_scale")
+TEACHER_DIR = "teachers"  # imported teacher checkpoints live here: a DVC dependency of train_teacher (dvc.yaml)
+MAX_AT_LAYERS = 32
 
 
 class ParamsError(ValueError):
@@ -207,16 +233,55 @@ def widest_factor(arch: str) -> int:
     return {"resnet": 4, "resnet_bottleneck": 16, "resnet_imagenet": 32}[arch]
 
 
+def json_like(value: Any, depth: int = 0) -> bool:
+    """A small JSON-like value: null, bool, int, finite float, str, or a list (nested at most 2 deep) of them."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list) and depth < 2:
+        return all(json_like(v, depth + 1) for v in value)
+    return False
+
+
 @dataclass(frozen=True)
 class ModelParams:
-    arch: Literal["resnet", "resnet_bottleneck", "resnet_imagenet"] = "resnet"
+    arch: Literal["resnet", "resnet_bottleneck", "resnet_imagenet", "torchvision", "custom"] = "resnet"
     depth: int = 8
     # Stage-1 width: the stem and stage 1 have `width` channels (Bottleneck archs: stage-1 mid width; the
     # stage outputs are 4x their mids); each later stage doubles. 16 is the standard for the CIFAR ResNets,
     # 64 for resnet_imagenet (ResNet-50/101/152).
     width: int = 16
+    name: str | None = None  # arch torchvision: the builder, e.g. resnet18 (TORCHVISION_CLASSIFIERS)
+    factory: str | None = None  # arch custom: "package.module:function" returning an nn.Module (runs user code)
+    kwargs: dict = field(default_factory=dict)  # arch custom: keyword arguments of the factory
 
     def validate(self, p: str) -> None:
+        if self.arch == "torchvision":
+            _check(self.name in TORCHVISION_CLASSIFIERS, f"{p}.name", self.name,
+                   f"{p}.arch torchvision needs a classification builder of torchvision.models; one of: "
+                   + ", ".join(TORCHVISION_CLASSIFIERS))
+        else:
+            _check(self.name is None, f"{p}.name", self.name, f"applies to {p}.arch: torchvision only; set it to null")
+        if self.arch == "custom":
+            _check(isinstance(self.factory, str) and len(self.factory) <= MAX_FACTORY_CHARS
+                   and FACTORY_RE.fullmatch(self.factory) is not None, f"{p}.factory", self.factory,
+                   f"{p}.arch custom needs \"package.module:function\" (Python identifiers only, at most "
+                   f"{MAX_FACTORY_CHARS} characters), a function that returns an nn.Module")
+        else:
+            _check(self.factory is None, f"{p}.factory", self.factory,
+                   f"applies to {p}.arch: custom only; set it to null")
+            _check(not self.kwargs, f"{p}.kwargs", self.kwargs, f"applies to {p}.arch: custom only; set it to {{}}")
+        _check(len(self.kwargs) <= MAX_KWARGS_ITEMS
+               and all(isinstance(k, str) and k.isidentifier() for k in self.kwargs)
+               and all(json_like(v) for v in self.kwargs.values())
+               and len(json.dumps(self.kwargs)) <= MAX_KWARGS_CHARS, f"{p}.kwargs", self.kwargs,
+               f"must be a mapping of at most {MAX_KWARGS_ITEMS} identifier keys to null, true/false, numbers, strings "
+               f"or short lists of them ({MAX_KWARGS_CHARS} characters as JSON at most)")
+        _check(not {"num_classes", "in_channels"} & set(self.kwargs), f"{p}.kwargs", self.kwargs,
+               "must not set num_classes or in_channels: kdprune passes them from the data")
+        if self.arch not in ARCHS:
+            return  # depth and width describe the zoo only
         _check(stage_blocks(self.arch, self.depth) is not None, f"{p}.depth", self.depth,
                f"{p}.arch {self.arch!r} needs {depth_rule(self.arch)}. The archs: "
                + "; ".join(f"{a!r}: {depth_rule(a)}" for a in ARCHS))
@@ -283,8 +348,11 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class PruneParams:
-    method: Literal["magnitude", "l1_filter"] = "magnitude"
-    ratio: float = 0.8  # magnitude: fraction of prunable weights removed; l1_filter: fraction of inner filters
+    method: Literal["magnitude", "l1_filter", "channel"] = "magnitude"
+    ratio: float = 0.8  # magnitude: fraction of prunable weights removed; l1_filter: fraction of inner filters;
+    # channel: fraction of the channels of every prunable group removed
+    importance: Literal["l1", "l2", "taylor", "bn_scale"] = "l1"  # channel: how channels are ranked
+    target_macs_reduction: float | None = None  # channel: prune in steps until MACs fall by this factor (not ratio)
     include_first_conv: bool = True  # magnitude only: l1_filter never prunes the stem, residual path or fc
     include_last_fc: bool = True
     schedule: Literal["oneshot", "agp"] = "oneshot"  # agp: reach the ratio gradually during recovery
@@ -295,9 +363,54 @@ class PruneParams:
         _check(0 <= self.ratio < 1, f"{p}.ratio", self.ratio,
                "must be in [0, 1) (magnitude: fraction of prunable weights removed; l1_filter: fraction of filters)")
         _check(self.schedule == "oneshot" or self.method == "magnitude", f"{p}.schedule", self.schedule,
-               f"'agp' needs {p}.method: magnitude (gradual pruning of masks; l1_filter removes channels once)")
+               f"'agp' needs {p}.method: magnitude (gradual pruning of masks; l1_filter and channel remove "
+               "channels once)")
+        if self.target_macs_reduction is not None:
+            _check(self.method == "channel", f"{p}.target_macs_reduction", self.target_macs_reduction,
+                   f"applies to {p}.method: channel only; set it to null")
+            _check(1 < self.target_macs_reduction <= 100, f"{p}.target_macs_reduction", self.target_macs_reduction,
+                   "must be in (1, 100] (the factor by which the MACs fall, e.g. 2.0; null = use prune.ratio)")
         _check(_in(1, self.agp_steps, 10_000), f"{p}.agp_steps", self.agp_steps, "must be in [1, 10000]")
         _check(0 < self.agp_end <= 1, f"{p}.agp_end", self.agp_end, "must be in (0, 1] (fraction of recovery steps)")
+
+
+def teacher_path_problem(path: str) -> str | None:
+    """Why ``path`` is not an allowed ``teacher.checkpoint`` (None when it is): a relative path to a file inside
+    ``teachers/``, also after resolving symbolic links (a link may not lead out of it)."""
+    if not path or len(path) > 4096 or "\x00" in path:
+        return "must be a path of at most 4096 characters, without NUL bytes"
+    p = Path(path)
+    root = Path(TEACHER_DIR).resolve()
+    if p.is_absolute() or not p.parts or p.parts[0] != TEACHER_DIR or ".." in p.parts:
+        return (f"must be a relative path inside {TEACHER_DIR}/ (e.g. {TEACHER_DIR}/model.pt): copy your checkpoint "
+                f"there and `git add` it (or `dvc add` it when large), so it is a DVC dependency of the teacher stage")
+    real = p.resolve()
+    if real == root or not real.is_relative_to(root):
+        return f"resolves to {real}, outside {TEACHER_DIR}/ (a symbolic link may not lead out of it)"
+    return None
+
+
+@dataclass(frozen=True)
+class TeacherParams(TrainParams):
+    init: Literal["scratch", "checkpoint", "pretrained"] = "scratch"  # where the teacher's weights come from
+    checkpoint: str | None = None  # init checkpoint: a file inside teachers/ (state_dict or kdprune checkpoint)
+
+    def validate(self, p: str) -> None:
+        if self.init != "scratch" and self.epochs == 0:  # 0 epochs: measure the imported teacher as it is
+            TrainParams.validate(dataclasses.replace(self, epochs=1), p)
+        else:
+            _check(_in(1, self.epochs, MAX_EPOCHS), f"{p}.epochs", self.epochs,
+                   f"must be in [1, {MAX_EPOCHS}] ({p}.epochs: 0 is allowed only with {p}.init checkpoint or "
+                   "pretrained)")
+            super().validate(p)
+        if self.init == "checkpoint":
+            _check(self.checkpoint is not None, f"{p}.checkpoint", self.checkpoint,
+                   f"{p}.init checkpoint needs the file to load, a path inside {TEACHER_DIR}/")
+            problem = teacher_path_problem(self.checkpoint)
+            _check(problem is None, f"{p}.checkpoint", self.checkpoint, problem or "")
+        else:
+            _check(self.checkpoint is None, f"{p}.checkpoint", self.checkpoint,
+                   f"applies to {p}.init: checkpoint only; set it to null")
 
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 100.0
@@ -314,6 +427,8 @@ class DistillParams(TrainParams):
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the KD term in kd variants; finetune always uses 0
     at_beta: float = 0.0  # attention-transfer weight (Zagoruyko & Komodakis use 1000) in variants with a teacher
+    at_layers: list[str] = field(default_factory=list)  # module names whose outputs attention transfer compares;
+    # [] = the zoo's residual stages (torchvision and custom models must name theirs)
 
     def validate(self, p: str) -> None:
         super().validate(p)
@@ -327,6 +442,11 @@ class DistillParams(TrainParams):
         _check(_in(0, self.alpha, 1), f"{p}.alpha", self.alpha, "must be in [0, 1]")
         _check(_in(0, self.at_beta, MAX_AT_BETA), f"{p}.at_beta", self.at_beta,
                f"must be in [0, {MAX_AT_BETA:.0f}] (0 = no attention transfer; Zagoruyko & Komodakis use 1000)")
+        _check(len(self.at_layers) <= MAX_AT_LAYERS and len(set(self.at_layers)) == len(self.at_layers)
+               and all(0 < len(n) <= 200 and re.fullmatch(r"[A-Za-z0-9_.]+", n) for n in self.at_layers),
+               f"{p}.at_layers", self.at_layers,
+               f"must list at most {MAX_AT_LAYERS} distinct module names (as model.named_modules() spells them, "
+               "e.g. layer3 or features.6)")
 
 
 @dataclass(frozen=True)
@@ -360,7 +480,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
-    teacher: TrainParams = field(default_factory=TrainParams)
+    teacher: TeacherParams = field(default_factory=TeacherParams)
     prune: PruneParams = field(default_factory=PruneParams)
     distill: DistillParams = field(default_factory=DistillParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
@@ -375,6 +495,14 @@ class Params:
             _check(bs % n == 0, f"{section}.batch_size", bs,
                    f"must be divisible by runtime.nproc_per_node = {n} (each process takes batch_size / {n} "
                    "images of every step)")
+        if self.teacher.init == "pretrained":
+            _check(self.model.arch == "torchvision", "teacher.init", self.teacher.init,
+                   f"'pretrained' needs model.arch: torchvision (torchvision's weights); model.arch is "
+                   f"{self.model.arch!r}")
+        if self.distill.at_beta > 0 and self.model.arch not in ARCHS:
+            _check(bool(self.distill.at_layers), "distill.at_layers", self.distill.at_layers,
+                   f"distill.at_beta > 0 with model.arch {self.model.arch} needs the module names whose outputs "
+                   "attention transfer compares (e.g. [layer2, layer3] for torchvision's resnet18)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -429,6 +557,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is str:
         _check(isinstance(value, str), key, value, "must be a string")
+        return value
+    if tp is dict:  # checked by the section's validate (model.kwargs)
+        _check(isinstance(value, dict), key, value, "must be a mapping")
         return value
     if dataclasses.is_dataclass(tp):
         _check(isinstance(value, dict), key, value, "must be a mapping of keys (a section)")

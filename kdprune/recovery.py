@@ -21,13 +21,12 @@ same sparsity; scratch variants, which have no trained weights to rank, keep the
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from kdprune.models import build_model
+from kdprune.models import build_model, spec_of
 from kdprune.pruning import AGPSchedule, Masks, apply_masks
 
 
@@ -42,11 +41,11 @@ VARIANTS = {v.name: v for v in (Variant("kd", kd=True, reinit=False), Variant("f
                                 Variant("scratch", kd=False, reinit=True), Variant("scratch_kd", kd=True, reinit=True))}
 
 
-def reinitialise(pruned: nn.Module, masks: Masks | None, seed: int) -> nn.Module:
+def reinitialise(pruned: nn.Module, masks: Masks | None, seed: int, allowed_factory: str | None = None) -> nn.Module:
     """A freshly initialised model of ``pruned``'s (possibly physically pruned) architecture, with the
     same mask applied: the weights are new, the zeros are where the pruned model's are."""
     torch.manual_seed(seed)
-    model = build_model(copy.deepcopy(pruned.spec))
+    model = build_model(spec_of(pruned), allowed_factory)
     apply_masks(model, masks)
     return model
 
@@ -66,9 +65,9 @@ def starting_point(variant: str, params, pruned: nn.Module, masks: Masks | None,
     alpha = params.distill.alpha if v.kd else 0.0
     at_beta = params.distill.at_beta if v.kd else 0.0
     if v.reinit:
-        return Start(reinitialise(pruned, masks, params.seed), masks, alpha, at_beta, gradual=False)
+        return Start(reinitialise(pruned, masks, params.seed, params.model.factory), masks, alpha, at_beta, gradual=False)
     if params.prune.schedule == "agp":
-        dense = build_model(copy.deepcopy(teacher.spec))
+        dense = build_model(spec_of(teacher), params.model.factory)
         dense.load_state_dict(teacher.state_dict())
         return Start(dense, {}, alpha, at_beta, gradual=True)
     return Start(pruned, masks, alpha, at_beta, gradual=False)

@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{excluded} runs differ from params.yaml in more than prune.ratio/seed; try --all)", file=sys.stderr)
         return 2
     table, paired = summarise(runs)
-    from kdprune.models import model_name  # torch: only when a report is written
+    from kdprune.models import params_name  # torch: only when a report is written
 
     out = args.out
     files = [out / "metrics" / "report.csv", out / "metrics" / "report_runs.csv", out / "metrics" / "report.md",
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     io.write_text(files[1], runs_table(runs).to_csv(index=False))
     md = markdown(table, paired, len(runs), excluded)
     io.write_text(files[2], md)
-    plot(table, files[3], f"{params.data.name}, {model_name(params.model.arch, params.model.depth)}: accuracy vs compression "
+    plot(table, files[3], f"{params.data.name}, {params_name(params.model)}: accuracy vs compression "
                           f"({plural(runs['seed'].nunique(), 'seed')})")
     print(md)
     if not args.no_mlflow_summary:

@@ -27,6 +27,15 @@ LOGS = Path("logs")  # timings: not DVC outputs, so model/metric hashes stay det
 CHECKPOINTS = Path("checkpoints")  # resume state of training stages: git-ignored, DVC-ignored, deleted on success
 
 
+def load_model(path: Path, params: Params, expect_classes: int | None = None):
+    """``io.load_checkpoint`` of a model of this project: the only custom factory it may import is params.yaml's
+    ``model.factory`` (None unless ``model.arch: custom``). Returns ``(model, masks, meta)``."""
+    # the teacher must be of params.yaml's model (another arch/depth/width/name is refused, not pruned silently);
+    # a pruned model's spec has its own channel counts
+    expect_model = params.model if Path(path) == TEACHER else None
+    return io.load_checkpoint(path, expect_classes, expect_model=expect_model, allowed_factory=params.model.factory)
+
+
 def student_path(variant: str) -> Path:
     return STUDENTS / f"{variant}.pt"
 

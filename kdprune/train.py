@@ -32,8 +32,10 @@ import torch.nn as nn
 
 from kdprune import distributed, io
 from kdprune.errors import UserError
+from kdprune.features import LayerTap, check_layers, default_layers
 from kdprune.losses import at_loss, kd_loss
 from kdprune.measure import accuracy
+from kdprune.models import spec_of
 from kdprune.pruning import AGPSchedule, Masks, apply_masks, count_prunable, mask_grads
 
 
@@ -164,15 +166,24 @@ def _hash_tensor(h, t: torch.Tensor) -> None:
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
+def _spec(model: nn.Module | None) -> dict | None:
+    """The model's spec (kdprune.models), None for a module built elsewhere."""
+    try:
+        return spec_of(model) if model is not None else None
+    except ValueError:
+        return None
+
+
 def run_fingerprint(model: nn.Module, train_loader, test_loader, cfg, runtime, teacher, alpha: float,
                     temperature: float, masks: Masks | None, at_beta: float = 0.0,
-                    prune_schedule: AGPSchedule | None = None) -> str:
+                    prune_schedule: AGPSchedule | None = None, at_layers: list[str] | None = None) -> str:
     """Identity of everything a training run depends on; a resume checkpoint is only used when it matches."""
     h = hashlib.sha256()
     cfg_d = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_every"}
+    extra = {"at_layers": at_layers} if at_beta > 0 else {}
     h.update(json.dumps({"cfg": cfg_d, "runtime": dataclasses.asdict(runtime), "alpha": alpha,
-                         "temperature": temperature, "spec": getattr(model, "spec", None),
-                         "teacher_spec": getattr(teacher, "spec", None) if alpha > 0 or at_beta > 0 else None,
+                         "temperature": temperature, "spec": _spec(model), **extra,
+                         "teacher_spec": _spec(teacher) if alpha > 0 or at_beta > 0 else None,
                          "at_beta": at_beta, "agp": prune_schedule.config() if prune_schedule else None,
                          "loader": [getattr(train_loader, a, None) for a in ("batch_size", "pad", "hflip")],
                          "device": next(model.parameters()).device.type, "world_size": distributed.world_size()},
@@ -237,12 +248,12 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
         alpha: float = 0.0, temperature: float = 1.0, masks: Masks | None = None, name: str = "train",
         log: Callable[[str], None] = print, checkpoint: str | os.PathLike | None = None, at_beta: float = 0.0,
         prune_schedule: AGPSchedule | None = None, section: str | None = None,
-        heartbeat: Heartbeat | None = None) -> list[dict]:
+        heartbeat: Heartbeat | None = None, at_layers: list[str] | None = None) -> list[dict]:
     """Train ``model`` in place for ``cfg.epochs``; return the per-epoch curve (list of dicts).
 
     ``checkpoint``: resume file (see the module docstring); used when ``cfg.checkpoint_every > 0``.
-    ``at_beta``: weight of the attention-transfer term (``at_beta / 2 * losses.at_loss``) on the residual
-    stages' outputs; needs a teacher.
+    ``at_beta``: weight of the attention-transfer term (``at_beta / 2 * losses.at_loss``) on the outputs of the
+    modules ``at_layers`` (default: the zoo's residual stages; kdprune.features); needs a teacher.
     ``prune_schedule``: gradual pruning (AGP). ``masks`` must then be a dict that ``fit`` updates *in place*
     at the schedule's steps, so the caller holds the final masks afterwards.
     ``section``: the params section of ``cfg`` (teacher, distill), named in errors; default ``name``.
@@ -257,9 +268,12 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
         raise ValueError(f"{name}: alpha = {alpha}, at_beta = {at_beta} need a teacher")
     if prune_schedule is not None and masks is None:
         raise ValueError(f"{name}: gradual pruning needs a masks dict to update in place (pass {{}})")
+    if at_beta > 0:
+        at_layers = list(at_layers) if at_layers else default_layers(model)
+        check_layers(at_layers, model, teacher)
     every = getattr(cfg, "checkpoint_every", 0) if checkpoint is not None else 0
     fingerprint = (run_fingerprint(model, train_loader, test_loader, cfg, runtime, teacher, alpha, temperature,
-                                   masks, at_beta, prune_schedule) if every else "")
+                                   masks, at_beta, prune_schedule, at_layers) if every else "")
     device = next(model.parameters()).device  # train where the model is (the stage put it on its device)
     to_runtime(model, runtime)
     if teacher is not None:
@@ -287,88 +301,91 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
         start, history = int(state["epoch"]), list(state["history"])
         log(f"{name}: resuming from {checkpoint} at epoch {start}/{cfg.epochs}")
     net = distributed.wrap(model)  # DDP under torchrun, else the model itself; read and save `model`
-    show = progress_enabled()
-    if show:
-        from tqdm import tqdm
-    elif distributed.is_main():
-        heartbeat = heartbeat or Heartbeat()
-    else:
-        heartbeat = None
-    n_batches = len(train_loader)
-    step = start * len(train_loader)
-    for epoch in range(start + 1, cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
-        batches = tqdm(train_loader, desc=f"{name} {epoch}/{cfg.epochs}", leave=False) if show else train_loader
-        for batch, (x, y) in enumerate(batches, 1):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.bf16):
-                if at_beta > 0:
-                    logits, feats = net(x, return_features=True)
-                else:
+    taps = (LayerTap(model, at_layers), LayerTap(teacher, at_layers)) if at_beta > 0 else None
+    try:
+        show = progress_enabled()
+        if show:
+            from tqdm import tqdm
+        elif distributed.is_main():
+            heartbeat = heartbeat or Heartbeat()
+        else:
+            heartbeat = None
+        n_batches = len(train_loader)
+        step = start * len(train_loader)
+        for epoch in range(start + 1, cfg.epochs + 1):
+            model.train()
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            seen = 0
+            batches = tqdm(train_loader, desc=f"{name} {epoch}/{cfg.epochs}", leave=False) if show else train_loader
+            for batch, (x, y) in enumerate(batches, 1):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.bf16):
                     logits = net(x)
-                t_logits = None
-                if use_teacher:
-                    with torch.inference_mode():
-                        t_out = teacher(x, return_features=at_beta > 0)
-                    # leave inference mode: clones are usable in autograd
-                    if at_beta > 0:
-                        t_logits, t_feats = t_out[0].clone(), [f.clone() for f in t_out[1]]
-                    else:
-                        t_logits = t_out.clone()
-            loss = kd_loss(logits, y, t_logits if alpha > 0 else None, alpha, temperature, cfg.label_smoothing)
-            if at_beta > 0:
-                loss = loss + (at_beta / 2) * at_loss(feats, t_feats)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            mask_grads(model, masks)
-            opt.step()
-            step += 1
+                    feats = taps[0].take() if taps else None
+                    t_logits = None
+                    if use_teacher:
+                        with torch.inference_mode():
+                            t_out = teacher(x)
+                            t_maps = taps[1].take() if taps else []
+                        # leave inference mode: clones are usable in autograd
+                        t_logits, t_feats = t_out.clone(), [f.clone() for f in t_maps]
+                loss = kd_loss(logits, y, t_logits if alpha > 0 else None, alpha, temperature, cfg.label_smoothing)
+                if at_beta > 0:
+                    loss = loss + (at_beta / 2) * at_loss(feats, t_feats, at_layers)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                mask_grads(model, masks)
+                opt.step()
+                step += 1
+                if prune_schedule is not None:
+                    new = prune_schedule.masks_at(model, step)
+                    if new is not None:
+                        masks.clear()
+                        masks.update(new)
+                apply_masks(model, masks)
+                sched.step()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+                if (step % DIVERGENCE_CHECK_STEPS == 0 and distributed.world_size() == 1
+                        and not torch.isfinite(loss_sum)):
+                    raise diverged(name, section, epoch, step, cfg, float(loss.detach()))
+                if heartbeat is not None and heartbeat.due():  # this rank's running figures; syncs a GPU once
+                    log(f"{name} epoch {epoch}/{cfg.epochs} batch {batch}/{n_batches} "
+                        f"loss {float(loss_sum) / seen:.4f} {seen / max(time.perf_counter() - t0, 1e-9):.0f} img/s")
+            loss_sum, correct, seen = distributed.sum_over_ranks(loss_sum, correct, seen)  # DDP: all ranks' shards
+            if not torch.isfinite(loss_sum):  # the same sum on every rank: all of them stop here
+                raise diverged(name, section, epoch, step, cfg, float(loss_sum) / max(seen, 1))
+            if loss_sum.is_cuda:
+                torch.cuda.synchronize(loss_sum.device)  # CUDA runs asynchronously: time the work, not its queueing
+            train_time = time.perf_counter() - t0
+            row = {
+                "epoch": epoch,
+                "lr": opt.param_groups[0]["lr"],
+                "train_loss": float(loss_sum) / seen,
+                "train_acc": 100.0 * float(correct) / seen,
+                "epoch_seconds": train_time,
+                "images_per_second": seen / train_time,
+            }
             if prune_schedule is not None:
-                new = prune_schedule.masks_at(model, step)
-                if new is not None:
-                    masks.clear()
-                    masks.update(new)
-            apply_masks(model, masks)
-            sched.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-            if step % DIVERGENCE_CHECK_STEPS == 0 and distributed.world_size() == 1 and not torch.isfinite(loss_sum):
-                raise diverged(name, section, epoch, step, cfg, float(loss.detach()))
-            if heartbeat is not None and heartbeat.due():  # this rank's running figures; syncs a GPU once
-                log(f"{name} epoch {epoch}/{cfg.epochs} batch {batch}/{n_batches} loss {float(loss_sum) / seen:.4f} "
-                    f"{seen / max(time.perf_counter() - t0, 1e-9):.0f} img/s")
-        loss_sum, correct, seen = distributed.sum_over_ranks(loss_sum, correct, seen)  # DDP: all ranks' shards
-        if not torch.isfinite(loss_sum):  # the same sum on every rank: all of them stop here
-            raise diverged(name, section, epoch, step, cfg, float(loss_sum) / max(seen, 1))
-        if loss_sum.is_cuda:
-            torch.cuda.synchronize(loss_sum.device)  # CUDA runs asynchronously: time the work, not its queueing
-        train_time = time.perf_counter() - t0
-        row = {
-            "epoch": epoch,
-            "lr": opt.param_groups[0]["lr"],
-            "train_loss": float(loss_sum) / seen,
-            "train_acc": 100.0 * float(correct) / seen,
-            "epoch_seconds": train_time,
-            "images_per_second": seen / train_time,
-        }
-        if prune_schedule is not None:
-            total, nonzero = count_prunable(model, prune_schedule.include_first_conv, prune_schedule.include_last_fc)
-            row["prunable_sparsity"] = 1.0 - nonzero / total
-        evaluate_now = epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)
-        # DDP: rank 0 measures the unwrapped model (= the saved one) on the whole test split
-        row["test_acc"] = accuracy(model, test_loader) if evaluate_now and distributed.is_main() else float("nan")
-        history.append(row)
-        if every and (epoch % every == 0 or epoch == cfg.epochs) and distributed.is_main():
-            io.torch_save(checkpoint, {
-                "format": RESUME_FORMAT, "fingerprint": fingerprint, "epoch": epoch, "epochs": cfg.epochs,
-                "history": history, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": _rng_state(train_loader),
-                "masks": {k: v.cpu() for k, v in masks.items()} if masks else None})
-        test = f"{row['test_acc']:.2f}%" if evaluate_now else "-"
-        log(f"{name} epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} train {row['train_acc']:.2f}% "
-            f"test {test} lr {row['lr']:.4f} {train_time:.1f}s ({row['images_per_second']:.0f} img/s)")
-    return history
+                total, nonzero = count_prunable(model, prune_schedule.include_first_conv,
+                                                prune_schedule.include_last_fc)
+                row["prunable_sparsity"] = 1.0 - nonzero / total
+            evaluate_now = epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)
+            # DDP: rank 0 measures the unwrapped model (= the saved one) on the whole test split
+            row["test_acc"] = accuracy(model, test_loader) if evaluate_now and distributed.is_main() else float("nan")
+            history.append(row)
+            if every and (epoch % every == 0 or epoch == cfg.epochs) and distributed.is_main():
+                io.torch_save(checkpoint, {
+                    "format": RESUME_FORMAT, "fingerprint": fingerprint, "epoch": epoch, "epochs": cfg.epochs,
+                    "history": history, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": _rng_state(train_loader),
+                    "masks": {k: v.cpu() for k, v in masks.items()} if masks else None})
+            test = f"{row['test_acc']:.2f}%" if evaluate_now else "-"
+            log(f"{name} epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} train {row['train_acc']:.2f}% "
+                f"test {test} lr {row['lr']:.4f} {train_time:.1f}s ({row['images_per_second']:.0f} img/s)")
+        return history
+    finally:
+        for tap in taps or ():
+            tap.remove()

@@ -24,8 +24,8 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
     order, so it draws the same random numbers as in a process of its own."""
     seed_everything(params.seed)
     n_classes = len(data["classes"])
-    pruned, pruned_masks, meta = io.load_checkpoint(stage.PRUNED, expect_classes=n_classes)
-    teacher = io.load_checkpoint(stage.TEACHER, expect_classes=n_classes, expect_model=params.model)[0]
+    pruned, pruned_masks, meta = stage.load_model(stage.PRUNED, params, expect_classes=n_classes)
+    teacher = stage.load_model(stage.TEACHER, params, expect_classes=n_classes)[0]
     start = starting_point(variant, params, pruned, pruned_masks, teacher)
     student, masks = start.student.to(device), start.masks
     uses_teacher = start.alpha > 0 or start.at_beta > 0
@@ -36,7 +36,7 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
                   params.distill, runtime=params.runtime, teacher=teacher if uses_teacher else None,
                   alpha=start.alpha, temperature=params.distill.temperature, masks=masks, name=variant,
                   section="distill", log=stage.log, checkpoint=stage.resume_path(f"distill_{variant}"),
-                  at_beta=start.at_beta,
+                  at_beta=start.at_beta, at_layers=params.distill.at_layers or None,
                   prune_schedule=agp_schedule(params, params.distill.epochs * len(loader)) if start.gradual else None)
     _, nz_after = count_prunable(student)
     if masks and nz_after > nz_before:  # the loop's invariant; never ship a student whose mask leaked

@@ -23,14 +23,14 @@ from kdprune.export import (compact_bound_bytes, export_compact, export_onnx, on
                             onnx_max_abs_diff)
 from kdprune.measure import (BUSY_WARNING, cpu_busy_fraction, dense_macs, latency_ms, nonzero_macs,  # noqa: E402
                              size_report)
-from kdprune.models import model_name  # noqa: E402
+from kdprune.models import spec_name, spec_of  # noqa: E402
 from kdprune.params import Params  # noqa: E402
 from kdprune.train import setup_runtime, to_runtime  # noqa: E402
 
 EXPORT = Path("models/export")
 ONNX_TOLERANCE = 1e-3  # max |onnxruntime - torch| on the logits, fp32 on CPU
 LATENCY_NOTE = ("CPU forward wall time, fp32, median of evaluate.latency_repeats runs after warm-up. Unstructured "
-                "(magnitude) sparsity does not speed up dense kernels: only structured pruning (l1_filter) can.")
+                "(magnitude) sparsity does not speed up dense kernels: only structured pruning (l1_filter, channel) can.")
 
 
 ACC_YLIM = (0.0, 108.0)  # the same axis on every run (room above 100 % for the bars' labels)
@@ -96,12 +96,12 @@ def export_student(name: str, model, shape: tuple, dense_path, out: dict, params
 def main(params: Params) -> None:
     setup_runtime(params.runtime, params.seed, log=stage.log)
     p = params.prune
-    teacher, _, meta = io.load_checkpoint(stage.TEACHER, expect_model=params.model)
+    teacher, _, meta = stage.load_model(stage.TEACHER, params)
     shape = tuple(meta["input_shape"])
-    pruned_model, pruned_masks, _ = io.load_checkpoint(stage.PRUNED)
+    pruned_model, pruned_masks, _ = stage.load_model(stage.PRUNED, params)
     models = {"teacher": teacher, "pruned": pruned_model}
     for v in params.distill.variants:
-        models[v] = io.load_checkpoint(stage.student_path(v))[0]
+        models[v] = stage.load_model(stage.student_path(v), params)[0]
     accs = measured_accuracies(params.distill.variants)
     pruned_metrics = io.read_json(stage.METRICS / "prune.json")
     # metrics only, each in one file (kdprune/metrics.py): the teacher's and the pruned model's are in
@@ -141,7 +141,7 @@ def main(params: Params) -> None:
     io.write_json(stage.PLOTS / "compression.json", [
         {"model": n, "compression_ratio": 1.0 if n == "teacher" else ratio, "accuracy": accs[n]} for n in names])
     plot_accuracy(stage.PLOTS / "accuracy.png", names, [accs[n] for n in names],
-                  f"{meta['dataset']}, {model_name(teacher.spec['arch'], teacher.spec['depth'])}, {p.method} ratio {p.ratio} "
+                  f"{meta['dataset']}, {spec_name(spec_of(teacher))}, {p.method} ratio {p.ratio} "
                   f"({ratio:.1f}x)")
     stage.log("evaluate: " + ", ".join(f"{n} {accs[n]:.2f}%" for n in names)
               + f"; compression {ratio:.2f}x (prunable {pruned_metrics['prunable_compression_ratio']:.2f}x), "

@@ -1,23 +1,38 @@
-"""Stage train_teacher: train the unpruned teacher -> models/teacher.pt, metrics/teacher.json."""
+"""Stage train_teacher: the unpruned teacher -> models/teacher.pt, metrics/teacher.json.
+
+``teacher.init`` says where its weights start (kdprune/teacher.py): scratch, an imported checkpoint in
+teachers/, or torchvision's pretrained weights. ``teacher.epochs: 0`` only measures an imported teacher.
+"""
 import time
 
 from kdprune import distributed, io, stage
-from kdprune.measure import dense_macs
-from kdprune.models import build_model, spec_from_params
+from kdprune.measure import accuracy, dense_macs
+from kdprune.models import build_model, params_name, spec_from_params
 from kdprune.params import Params
 from kdprune.pruning import count_params
-from kdprune.train import fit, setup_runtime
+from kdprune.teacher import check_runs, import_weights
+from kdprune.train import fit, setup_runtime, to_runtime
 
 
 def main(params: Params) -> None:
     device = setup_runtime(params.runtime, params.seed, log=stage.log)
     data = stage.load_data(params)
-    spec = spec_from_params(params.model, data["train_x"].shape[1], len(data["classes"]))
-    model = build_model(spec).to(device)
+    shape = tuple(data["train_x"].shape[1:])
+    spec = spec_from_params(params.model, shape[0], len(data["classes"]))
+    model = build_model(spec, params.model.factory)
+    check_runs(model, shape, params_name(params.model))
+    origin = import_weights(model, params, shape)
+    model = model.to(device)
+    stage.log(f"teacher: {params_name(params.model)}, {origin}")
     t0 = time.perf_counter()
-    history = fit(model, stage.train_loader(params, data, params.teacher, device),
-                  stage.test_loader(params, data, device), params.teacher, runtime=params.runtime, name="teacher",
-                  log=stage.log, checkpoint=stage.resume_path("teacher"))
+    if params.teacher.epochs > 0:
+        history = fit(model, stage.train_loader(params, data, params.teacher, device),
+                      stage.test_loader(params, data, device), params.teacher, runtime=params.runtime, name="teacher",
+                      log=stage.log, checkpoint=stage.resume_path("teacher"))
+    else:  # the imported teacher as it is
+        history = [{"epoch": 0, "test_acc": accuracy(to_runtime(model, params.runtime),
+                                                     stage.test_loader(params, data, device))}]
+        stage.log(f"teacher: teacher.epochs 0: measured only, test {history[0]['test_acc']:.2f}%")
     if not distributed.is_main():  # DDP: rank 0 writes the outputs
         return
     io.save_checkpoint(stage.TEACHER, model, meta=stage.data_meta(data))
@@ -25,10 +40,11 @@ def main(params: Params) -> None:
     io.write_json(stage.METRICS / "teacher.json", {
         "acc_teacher": history[-1]["test_acc"],
         "params_teacher": total,
-        "macs_teacher": dense_macs(model, tuple(data["train_x"].shape[1:])),
+        "macs_teacher": dense_macs(model, shape),
     })  # metrics only, each in one file (kdprune/metrics.py): teacher.epochs is a param
     stage.write_curve(stage.PLOTS / "teacher.csv", history)
-    stage.write_timing("teacher", history, wall_seconds=round(time.perf_counter() - t0, 3))
+    stage.write_timing("teacher", history if params.teacher.epochs > 0 else None,
+                       wall_seconds=round(time.perf_counter() - t0, 3))
     stage.finished("teacher")
 
 

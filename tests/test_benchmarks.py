@@ -73,3 +73,14 @@ def test_imagefolder_benchmark_runs_tiny(tmp_path):
     assert mem["loader"] == "stream" and mem["decoded_mb"] > mem["budget_mb"] and mem["vmhwm_main_mb"] > 0
     text = mod.report({"machine": "x", "torch": "y", "throughput": res, "memory": [mem]})
     assert "ratio" in text and "-> stream" in text
+
+
+def test_channel_speedup_benchmark_runs_tiny():
+    spec = importlib.util.spec_from_file_location("channel_speedup", ROOT / "benchmarks" / "channel_speedup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.run(models=["mobilenet_v3_small"], side=32, target=1.5, batches=(1, 2), repeats=1, classes=10)
+    rec = res["models"]["mobilenet_v3_small"]
+    assert rec["mac_reduction"] >= 1.5 and rec["params_pruned"] < rec["params_dense"]
+    assert rec["b1_dense_ms"] > 0 and rec["b2_speedup"] > 0
+    assert "| mobilenet_v3_small |" in mod.report(res, (1, 2))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from kdprune import io
 from kdprune.models import build_model, check_spec, model_spec, resnet_spec, spec_from_params, spec_of
-from kdprune.params import ARCHS, IMAGENET_LAYOUTS, ModelParams, ParamsError
+from kdprune.params import ARCHS, IMAGENET_LAYOUTS, MODEL_ARCHS, ModelParams, ParamsError
 
 
 def expected_params(depth: int, width: int, in_ch: int, classes: int) -> int:
@@ -400,7 +400,7 @@ def test_a_resnet_spec_has_no_stem_entry():
 
 
 def test_params_and_models_agree_on_the_zoo():
-    assert typing.get_args(typing.get_type_hints(ModelParams)["arch"]) == tuple(ARCHS)
+    assert typing.get_args(typing.get_type_hints(ModelParams)["arch"]) == MODEL_ARCHS == (*ARCHS, "torchvision", "custom")
     for arch in ARCHS:
         width = 64 if arch == "resnet_imagenet" else 16
         for depth in range(1, 200):

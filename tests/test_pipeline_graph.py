@@ -14,22 +14,36 @@ PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 GATE = "data/params.valid"
 
 
+def module_files(name: str) -> list[str]:
+    """The repository files that ``import name`` runs: each package's ``__init__.py`` below ``kdprune`` (importing
+    ``kdprune.models.zoo`` runs ``kdprune/models/__init__.py`` first) and the module itself."""
+    parts, files = name.split("."), []
+    for i in range(2, len(parts) + 1):
+        mod = "/".join(parts[:i])
+        if (ROOT / f"{mod}.py").exists():
+            files.append(f"{mod}.py")
+        elif (ROOT / mod / "__init__.py").exists():
+            files.append(f"{mod}/__init__.py")
+    return files
+
+
 def module_imports(path: Path, seen: set[str] | None = None) -> set[str]:
-    """kdprune modules that ``path`` imports at module level, transitively, as repository paths."""
+    """kdprune modules that ``path`` imports at module level, transitively, as repository paths.
+    ``from kdprune.models import zoo`` is the module kdprune/models/zoo.py; ``from kdprune.models import build_model``
+    is the package's kdprune/models/__init__.py."""
     seen = set() if seen is None else seen
     for node in ast.parse(path.read_text()).body:
         names: list[str] = []
-        if isinstance(node, ast.ImportFrom) and node.module == "kdprune":
-            names = [f"kdprune.{a.name}" for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kdprune."):
-            names = [node.module]
+        if isinstance(node, ast.ImportFrom) and node.module and (node.module == "kdprune"
+                                                                 or node.module.startswith("kdprune.")):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names if a.name.startswith("kdprune.")]
         for name in names:
-            rel = name.replace(".", "/") + ".py"
-            if (ROOT / rel).exists() and rel not in seen:
-                seen.add(rel)
-                module_imports(ROOT / rel, seen)
+            for rel in module_files(name):
+                if rel not in seen:
+                    seen.add(rel)
+                    module_imports(ROOT / rel, seen)
     return seen
 
 

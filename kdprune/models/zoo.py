@@ -1,7 +1,8 @@
 """The model zoo: ResNets for 32x32 (CIFAR-style) inputs, all with a 3x3 stride-1 stem, no max-pool,
 stages whose first block halves the resolution (except stage 1), global average pooling and one fc.
 
-``model.arch`` (params.yaml) picks the family, ``model.depth`` the member (kdprune.params.ARCHS):
+``model.arch`` (params.yaml) picks the family, ``model.depth`` the member (kdprune.params.ARCHS; torchvision
+and custom models: kdprune/models/__init__.py):
 
 - ``resnet``: BasicBlock (two 3x3 convs), three stages of widths w, 2w, 4w, depth 6n+2
   (He et al. 2016, section 4.2: ResNet-20/32/44/56/110). The stem has w channels and is coupled to

@@ -1,0 +1,67 @@
+"""Where the teacher's weights come from (``teacher.init``):
+
+  scratch     a fresh model, trained for ``teacher.epochs``
+  checkpoint  ``teacher.checkpoint``, a file inside ``teachers/`` (a DVC dependency of the teacher stage):
+              what a plain script writes with ``torch.save(model.state_dict(), path)``, or a kdprune
+              checkpoint; loaded with ``weights_only=True``, every mismatched key named
+  pretrained  torchvision's DEFAULT weights of ``model.name`` (its weights enum), from torch's hub cache;
+              with a class count other than the weights' (1000 for ImageNet) the classifier starts fresh
+              and needs ``teacher.epochs > 0``
+
+``teacher.epochs: 0`` (checkpoint or pretrained only) uses the imported teacher as it is: the stage only
+measures it. More epochs fine-tune it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from kdprune import io
+from kdprune.errors import UserError
+from kdprune.models import torchvision as tvmodels
+from kdprune.structured import output_layer
+
+
+class TeacherError(UserError, ValueError):
+    """The teacher cannot be built or imported as params.yaml asks."""
+
+
+def check_runs(model: nn.Module, input_shape: tuple[int, ...], what: str) -> None:
+    """One forward pass of a zero batch; a model that cannot take the data's input size fails here, in one line."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape, device=next(model.parameters()).device))
+    except Exception as e:  # noqa: BLE001 - whatever the architecture raises, say which model and which input
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TeacherError(f"{what} cannot run on inputs of shape {tuple(input_shape)}: {first[:300]}") from None
+    finally:
+        model.train(was_training)
+    if not (isinstance(out, torch.Tensor) and out.ndim == 2):
+        raise TeacherError(f"{what} must return logits of shape (batch, classes), got "
+                           f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+
+
+def import_weights(model: nn.Module, params, input_shape: tuple[int, ...]) -> str:
+    """Load the weights ``teacher.init`` names into ``model``; returns a line saying what was loaded."""
+    t = params.teacher
+    if t.init == "checkpoint":
+        io.load_weights(model, io.state_dict_of(t.checkpoint), t.checkpoint)
+        return f"imported {t.checkpoint}"
+    if t.init == "pretrained":
+        name = params.model.name
+        state, classes = tvmodels.pretrained_state_dict(name)
+        head = output_layer(model.eval(), torch.zeros(1, *input_shape))
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        own = model.state_dict()
+        mismatched = [k for k in state if k.startswith(f"{head_name}.") and k in own and state[k].shape != own[k].shape]
+        if mismatched:  # another class count: the classifier starts fresh
+            if t.epochs == 0:
+                raise TeacherError(f"teacher.init pretrained: {name}'s weights have {classes} classes and the data "
+                                   f"{own[mismatched[0]].shape[0]}; its classifier must be trained: set "
+                                   "teacher.epochs > 0")
+            state = {**state, **{k: own[k] for k in mismatched}}
+        io.load_weights(model, state, f"torchvision {name} DEFAULT weights")
+        return f"torchvision's pretrained {name}" + (f" (new {head_name} for the data's classes)" if mismatched else "")
+    return "trained from scratch"
