@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.push:
         done = [nm for nm in names.values() if status.get(nm) == "Success"]
         print(f"sweep: dvc push --run-cache; dvc exp push {args.git_remote} ({len(done)} experiments)", flush=True)
-        dvc("push", "--run-cache")
-        if done:
+        if done:  # pushes each experiment's cached outputs too: `push --run-cache` copies only the run records
             dvc("exp", "push", args.git_remote, *done)
+        dvc("push", "--run-cache")
     if args.report:
         from kdprune import report
 

@@ -91,13 +91,16 @@ def test_run_cache_and_experiments_travel_between_clones(tmp_path, venv_bin):
     assert "Running stage 'train_teacher'" in out
     git(a, env, "add", "-A")
     git(a, env, "commit", "-qm", "baseline")
+    dvc(a, env, "push", "--run-cache")  # the workspace's outputs (the baseline's dvc.lock) + the run records
     git(a, env, "push", "-q", "origin", "main")
     # an experiment with another seed: a teacher that is in no committed dvc.lock, only in the run-cache
     out = dvc(a, env, "exp", "run", "--name", "exp-a", "-S", "seed=1")
     assert "Running stage 'train_teacher'" in out
     seed1_teacher = lock_md5(a, "train_teacher", "models/teacher.pt")
-    dvc(a, env, "push", "--run-cache")
+    # `push --run-cache` copies run records, not the outputs they name (dvc/stage/cache.py transfer): those
+    # travel with the experiment (`exp push` pushes its cached outputs) or a `dvc push` of a workspace
     dvc(a, env, "exp", "push", "origin", "exp-a")
+    dvc(a, env, "push", "--run-cache")
 
     b, env_b = clone(tmp_path, env, origin, "b")
     dvc(b, env_b, "pull", "--run-cache")
