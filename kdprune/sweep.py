@@ -12,9 +12,9 @@ What it does, in DVC terms:
      its DVC experiment name) and reports any that failed or are missing;
   4. with ``--report``, runs ``python -m kdprune.report``.
 Over several machines (clones sharing a DVC remote, a git remote and an MLflow server), each runs
-``--shard K/N`` (its slice of the grid, see :func:`shard`), ``--pull`` first (``dvc pull --run-cache``: the
-teachers other workers trained are restored, not retrained) and ``--push`` last (``dvc push --run-cache``
-and ``dvc exp push origin <its experiments>``).
+``--shard K/N`` (its slice of the grid, see :func:`shard`), ``--pull`` first (the run-cache, records and
+outputs, see kdprune/runcache.py: the teachers other workers trained are restored, not retrained) and
+``--push`` last (``dvc exp push origin <its experiments>``, then the run-cache).
 Each method (distill.variants) runs inside every experiment, so KD and fine-tune always share
 the teacher, mask and batch order of their (ratio, seed).
 """
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from kdprune import tracking
+from kdprune import runcache, tracking
 
 
 def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -127,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-S", "--set-param", action="append", default=[], help="extra override for every experiment")
     ap.add_argument("--report", action="store_true", help="run python -m kdprune.report afterwards")
     ap.add_argument("--shard", default="1/1", help="K/N: run only the K-th of N slices of the grid (one per machine)")
-    ap.add_argument("--pull", action="store_true", help="first `dvc pull --run-cache` (reuse other workers' stages)")
+    ap.add_argument("--pull", action="store_true",
+                    help="first pull the run-cache, records and outputs (reuse other workers' stages)")
     ap.add_argument("--push", action="store_true",
-                    help="last `dvc push --run-cache` and `dvc exp push <--git-remote> <experiments>`")
+                    help="last `dvc exp push <--git-remote> <experiments>`, then push the run-cache")
     ap.add_argument("--git-remote", default="origin", help="git remote for --push (default origin)")
     args = ap.parse_args(argv)
     k, n = parse_shard(args.shard)
@@ -147,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep: shard {k}/{n}: {len(grid)} of {len(seeds) * len(ratios)} experiments: "
               + ", ".join(f"ratio {r:g} seed {s}" for s, r in grid), flush=True)
     if args.pull:
-        print("sweep: dvc pull --run-cache", flush=True)
-        dvc("pull", "--run-cache", "--allow-missing")
+        print(f"sweep: pulled the run-cache ({runcache.pull()} outputs named)", flush=True)
     first_per_seed: dict[int, tuple[int, float]] = {}
     for s, r in grid:
         first_per_seed.setdefault(s, (s, r))
@@ -178,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         print("see `dvc queue logs <name>` for a failed experiment's output", file=sys.stderr)
     if args.push:
         done = [nm for nm in names.values() if status.get(nm) == "Success"]
-        print(f"sweep: dvc push --run-cache; dvc exp push {args.git_remote} ({len(done)} experiments)", flush=True)
-        if done:  # pushes each experiment's cached outputs too: `push --run-cache` copies only the run records
+        if done:
             dvc("exp", "push", args.git_remote, *done)
-        dvc("push", "--run-cache")
+        print(f"sweep: dvc exp push {args.git_remote} ({len(done)} experiments); pushed the run-cache "
+              f"({runcache.push()} outputs named)", flush=True)
     if args.report:
         from kdprune import report
 

@@ -97,13 +97,15 @@ def test_run_cache_and_experiments_travel_between_clones(tmp_path, venv_bin):
     out = dvc(a, env, "exp", "run", "--name", "exp-a", "-S", "seed=1")
     assert "Running stage 'train_teacher'" in out
     seed1_teacher = lock_md5(a, "train_teacher", "models/teacher.pt")
-    # `push --run-cache` copies run records, not the outputs they name (dvc/stage/cache.py transfer): those
-    # travel with the experiment (`exp push` pushes its cached outputs) or a `dvc push` of a workspace
     dvc(a, env, "exp", "push", "origin", "exp-a")
-    dvc(a, env, "push", "--run-cache")
+    # `dvc push --run-cache` copies the records but not the (cache: false) metrics they name: kdprune.runcache
+    # pushes both
+    py = str(venv_bin / "python")
+    subprocess.run([py, "-m", "kdprune.runcache", "push"], cwd=a, env=env, check=True, capture_output=True)
 
     b, env_b = clone(tmp_path, env, origin, "b")
     dvc(b, env_b, "pull", "--run-cache")
+    subprocess.run([py, "-m", "kdprune.runcache", "pull"], cwd=b, env=env_b, check=True, capture_output=True)
     baseline_teacher = lock_md5(b, "train_teacher", "models/teacher.pt")
     assert (b / "models" / "teacher.pt").exists()
     out = dvc(b, env_b, "exp", "run", "-S", "prune.ratio=0.9")
@@ -326,3 +328,13 @@ def test_teacher_on_two_nodes_matches_the_single_process_layout(tmp_path):
     assert checkpoint_shape(writers[0] / stage.TEACHER) == checkpoint_shape(single / stage.TEACHER)
     m1, m2 = (json.loads((r / "metrics/teacher.json").read_text()) for r in (single, writers[0]))
     assert m1.keys() == m2.keys() and m1["params_teacher"] == m2["params_teacher"]
+
+
+def test_runcache_without_a_remote_is_a_one_line_error(tmp_path, venv_bin):
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp_path / "sc"))
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([str(venv_bin / "dvc"), "init", "-q"], cwd=tmp_path, env=env, check=True)
+    r = subprocess.run([str(venv_bin / "python"), "-m", "kdprune.runcache", "push"], cwd=tmp_path, capture_output=True,
+                       text=True, env=dict(env, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert r.returncode == 2 and r.stderr.startswith("error: push of the run-cache failed: ")
+    assert len(r.stderr.strip().splitlines()) == 1 and "remote" in r.stderr, r.stderr
