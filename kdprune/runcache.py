@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from kdprune.errors import UserError
+
 
 def _records(repo) -> list[tuple[str, str]]:
     """The run records in the local cache, as DVC's ``StageCache`` names them: (key, value)."""
@@ -57,6 +59,19 @@ def pull(remote: str | None = None, root: str = ".") -> int:
     return len(objs)
 
 
+class RunCacheError(UserError):
+    """The run-cache could not be pushed or pulled (no remote configured, unreachable, not a DVC repo)."""
+
+
+def sync(cmd: str, remote: str | None = None, root: str = ".") -> int:
+    """``push`` or ``pull``; DVC's failures become one-line :class:`RunCacheError`s."""
+    try:
+        return (push if cmd == "push" else pull)(remote, root)
+    except Exception as e:  # noqa: BLE001 - DVC's errors: no remote configured, unreachable, not a DVC repo
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise RunCacheError(f"{cmd} of the run-cache failed: {first}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kdprune.runcache", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,10 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-r", "--remote", default=None, help="DVC remote (default: the default remote)")
     args = ap.parse_args(argv)
     try:
-        n = (push if args.cmd == "push" else pull)(args.remote)
-    except Exception as e:  # noqa: BLE001 - DVC's errors: no remote configured, unreachable, not a DVC repo
-        print(f"error: {args.cmd} of the run-cache failed: {str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}",
-              file=sys.stderr)
+        n = sync(args.cmd, args.remote)
+    except RunCacheError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"runcache: {args.cmd}ed the run records and the {n} objects they name")
     return 0

@@ -101,6 +101,13 @@ def shard(grid: list[tuple[int, float]], k: int, n: int) -> list[tuple[int, floa
     return points[k - 1::n]
 
 
+def sync_run_cache(cmd: str) -> int:
+    try:
+        return runcache.sync(cmd)
+    except runcache.RunCacheError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def run_names(experiment: str) -> dict[str, int]:
     from mlflow.tracking import MlflowClient
 
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep: shard {k}/{n}: {len(grid)} of {len(seeds) * len(ratios)} experiments: "
               + ", ".join(f"ratio {r:g} seed {s}" for s, r in grid), flush=True)
     if args.pull:
-        print(f"sweep: pulled the run-cache ({runcache.pull()} outputs named)", flush=True)
+        print(f"sweep: pulled the run-cache ({sync_run_cache('pull')} outputs named)", flush=True)
     first_per_seed: dict[int, tuple[int, float]] = {}
     for s, r in grid:
         first_per_seed.setdefault(s, (s, r))
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if done:
             dvc("exp", "push", args.git_remote, *done)
         print(f"sweep: dvc exp push {args.git_remote} ({len(done)} experiments); pushed the run-cache "
-              f"({runcache.push()} outputs named)", flush=True)
+              f"({sync_run_cache('push')} outputs named)", flush=True)
     if args.report:
         from kdprune import report
 
