@@ -6,6 +6,7 @@
   presets   list, show or run the paper presets                         (kdprune.presets)
   relog     log the current metrics/ and plots/ to MLflow again         (kdprune.tracking relog)
   compare   compare runs                                                (kdprune.compare)
+  runcache  push / pull DVC's run-cache with the outputs it names       (kdprune.runcache)
 
 ``python -m kdprune <command> --help`` shows a command's own options. The pipeline's stages are not
 commands here: DVC runs them (``dvc repro``, or ``python -m stages.<name>``).
@@ -24,6 +25,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "presets": ("kdprune.presets", ()),
     "relog": ("kdprune.tracking", ("relog",)),
     "compare": ("kdprune.compare", ()),
+    "runcache": ("kdprune.runcache", ()),
 }
 USAGE = f"usage: python -m kdprune {{{','.join(COMMANDS)}}} [args ...]"
 

@@ -9,7 +9,14 @@ distill) run in N processes with ``DistributedDataParallel``: NCCL and one GPU p
     python -m torch.distributed.run --standalone --nproc_per_node N -m stages.X <its arguments>
 
 so ``dvc exp run -S runtime.nproc_per_node=4`` just works; running that torchrun command by hand is
-the same thing. Under torchrun:
+the same thing. Over several machines, ``runtime.nnodes = M`` and ``runtime.rdzv_endpoint = host:port``
+(the same params on every node) make it
+
+    python -m torch.distributed.run --nnodes M --rdzv-backend c10d --rdzv-endpoint host:port \
+        --nproc_per_node N -m stages.X
+
+on each node (torch's c10d rendezvous assigns the ranks; the endpoint travels as one argument, never
+through a shell). Under torchrun:
 
 - every rank iterates a disjoint shard of each *global* batch of the single-process run: the same
   seeded permutation, the same augmentation, ``batch_size / world_size`` images per rank
@@ -99,11 +106,17 @@ def main_module() -> str | None:
     return spec.name if spec is not None else None
 
 
-def launch_command(nproc: int, argv: list[str], module: str | None) -> list[str]:
+def launch_command(nproc: int, argv: list[str], module: str | None, nnodes: int = 1,
+                   rdzv_endpoint: str = "") -> list[str]:
     """The torchrun command that runs ``module`` (or, when None, the script ``argv[0]``) with the arguments
-    ``argv[1:]`` in ``nproc`` processes."""
+    ``argv[1:]`` in ``nproc`` processes; with ``nnodes > 1``, as one of ``nnodes`` nodes that meet at
+    ``rdzv_endpoint`` (c10d rendezvous: every node runs this same command; the ranks are assigned there)."""
     target = ["-m", module] if module else [argv[0]]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    if nnodes > 1:
+        where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+    else:
+        where = ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}",
             *target, *argv[1:]]
 
 
@@ -113,12 +126,17 @@ def relaunch_if_needed(runtime) -> None:
     ``os.execve``: torchrun takes over the process id, its signals and its exit status, so DVC (or a shell)
     sees exactly torchrun's exit code. The device is checked first, so a bad one fails here, once.
     """
-    if runtime.nproc_per_node <= 1 or under_torchrun():
+    nnodes = runtime.nnodes
+    if (runtime.nproc_per_node <= 1 and nnodes <= 1) or under_torchrun():
         return
+    if nnodes > 1 and not runtime.rdzv_endpoint:
+        raise ParamsError(f"params.yaml: runtime.rdzv_endpoint = '' is invalid: runtime.nnodes = {nnodes} needs the "
+                          "rendezvous 'host:port' that every node reaches (the same on all nodes), or start the "
+                          "stage under torchrun yourself")
     if resolve_device(runtime).type == "cuda" and runtime.nproc_per_node > torch.cuda.device_count():
         raise ParamsError(f"params.yaml: runtime.nproc_per_node = {runtime.nproc_per_node} is invalid: this node has "
                           f"{torch.cuda.device_count()} CUDA GPU(s) and DDP uses one GPU per process")
-    cmd = launch_command(runtime.nproc_per_node, sys.argv, main_module())
+    cmd = launch_command(runtime.nproc_per_node, sys.argv, main_module(), nnodes, runtime.rdzv_endpoint)
     env = dict(os.environ)
     # torchrun would set OMP_NUM_THREADS=1 (with a warning); give each process its share of the cores instead
     env.setdefault("OMP_NUM_THREADS", str(runtime.threads or max(1, (os.cpu_count() or 1) // runtime.nproc_per_node)))
@@ -139,6 +157,7 @@ def process_group(runtime, log=print) -> Iterator[None]:
             f"params.yaml: runtime.nproc_per_node = {runtime.nproc_per_node} is invalid: torchrun started "
             f"{local_world_size()} processes on this node; set runtime.nproc_per_node={local_world_size()} "
             "(or run the stage without torchrun: it launches itself)")
+    check_world(runtime)
     device = resolve_device(runtime)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -152,6 +171,16 @@ def process_group(runtime, log=print) -> Iterator[None]:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def check_world(runtime) -> None:
+    """Under torchrun: its WORLD_SIZE must be runtime.nnodes x runtime.nproc_per_node (the params that DVC
+    records and that the batch-size checks assumed)."""
+    world = os.environ.get("WORLD_SIZE")
+    nnodes = runtime.nnodes
+    if world is not None and world.isdigit() and int(world) != nnodes * runtime.nproc_per_node:
+        raise ParamsError(f"params.yaml: runtime.nnodes = {nnodes} is invalid: torchrun started {world} processes "
+                          f"in all ({runtime.nproc_per_node} per node); set runtime.nnodes to the number of nodes")
 
 
 def check_batch_size(batch_size: int, key: str) -> None:

@@ -298,6 +298,9 @@ class RuntimeParams:
     channels_last: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch.cuda.is_available(), else cpu
     nproc_per_node: int = 1  # > 1: teacher and distill train with DDP in this many processes (torchrun)
+    # --- multi-node DDP (torchrun's c10d rendezvous; kdprune/distributed.py) ---
+    nnodes: int = 1  # machines in one training job, each running the stage with the same params
+    rdzv_endpoint: str = ""  # "host:port" every node reaches (e.g. node 0); "" = torchrun's env or one node
 
     def validate(self, p: str) -> None:
         top = max_threads()
@@ -306,6 +309,29 @@ class RuntimeParams:
                "more threads only contend, and thousands stall the machine)")
         _check(1 <= self.nproc_per_node <= 1024, f"{p}.nproc_per_node", self.nproc_per_node,
                "must be in [1, 1024] (1 = one process, no DDP)")
+        # 1024 nodes x 1024 processes bounds the world size (and the batch-size divisibility check) at 2^20
+        _check(1 <= self.nnodes <= MAX_NODES, f"{p}.nnodes", self.nnodes,
+               f"must be in [1, {MAX_NODES}] (1 = this machine only)")
+        _check(self.rdzv_endpoint == "" or valid_endpoint(self.rdzv_endpoint), f"{p}.rdzv_endpoint",
+               self.rdzv_endpoint, "must be '' or 'host:port': a hostname (letters, digits, '-', '.'), an IPv4 address "
+               "or a bracketed IPv6 address, and a port in [1, 65535]")
+
+    @property
+    def world(self) -> int:
+        """DDP processes over all nodes (Python ints: at most 2^20)."""
+        return int(self.nnodes) * int(self.nproc_per_node)
+
+
+MAX_NODES = 1024
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_ENDPOINT = re.compile(rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[[0-9A-Fa-f:.]{{2,45}}\]):([0-9]{{1,5}})")
+
+
+def valid_endpoint(text: str) -> bool:
+    """``host:port`` for torchrun's ``--rdzv-endpoint``: it travels as one argv item (never through a shell),
+    and this keeps it to a hostname / IP and a port in [1, 65535]."""
+    m = _ENDPOINT.fullmatch(text) if isinstance(text, str) and len(text) <= 260 and text.isascii() else None
+    return m is not None and 1 <= int(m.group(1)) <= 65535
 
 
 MAX_EPOCHS = 10_000
@@ -489,12 +515,13 @@ class Params:
     def validate(self, p: str = "") -> None:
         _check(_in(0, self.seed, MAX_SEED), "seed", self.seed,
                f"must be an integer in [0, {MAX_SEED}] (numpy's seed range: 2^32 - 1)")
-        n = self.runtime.nproc_per_node
+        n = self.runtime.world
+        what = (f"runtime.nproc_per_node = {n}" if self.runtime.nnodes == 1 else
+                f"runtime.nnodes x runtime.nproc_per_node = {n}")
         for section in ("teacher", "distill"):  # DDP splits every global batch evenly over the processes
             bs = getattr(self, section).batch_size
             _check(bs % n == 0, f"{section}.batch_size", bs,
-                   f"must be divisible by runtime.nproc_per_node = {n} (each process takes batch_size / {n} "
-                   "images of every step)")
+                   f"must be divisible by {what} (each process takes batch_size / {n} images of every step)")
         if self.teacher.init == "pretrained":
             _check(self.model.arch == "torchvision", "teacher.init", self.teacher.init,
                    f"'pretrained' needs model.arch: torchvision (torchvision's weights); model.arch is "

@@ -1,6 +1,7 @@
 """One-command sweeps over prune ratio x seed through DVC's own experiment queue.
 
   python -m kdprune.sweep --ratios 0.5,0.8,0.9,0.95,0.98 --seeds 0,1 [-j 2] [-S distill.epochs=3] [--report]
+  python -m kdprune.sweep --ratios ... --seeds ... --shard K/N --pull --push   # worker K of N machines
 
 What it does, in DVC terms:
   1. ``dvc exp run --queue -S prune.ratio=R -S seed=S [-S ...]`` for every (R, S);
@@ -11,6 +12,10 @@ What it does, in DVC terms:
      (matched by its DVC experiment name; a run left RUNNING by a killed `track` does not count) and
      reports any that failed or are missing;
   4. with ``--report``, runs ``python -m kdprune.report``.
+Over several machines (clones sharing a DVC remote, a git remote and an MLflow server), each runs
+``--shard K/N`` (its slice of the grid, see :func:`shard`), ``--pull`` first (the run-cache, records and
+outputs, see kdprune/runcache.py: the teachers other workers trained are restored, not retrained) and
+``--push`` last (``dvc exp push origin <its experiments>``, then the run-cache).
 Each method (distill.variants) runs inside every experiment, so KD and fine-tune always share
 the teacher, mask and batch order of their (ratio, seed).
 """
@@ -22,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from kdprune import tracking
+from kdprune import runcache, tracking
 
 
 def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -66,6 +71,44 @@ def parse_list(text: str, cast) -> list:
         raise SystemExit(f"error: cannot parse {text!r} as a comma-separated list of {cast.__name__}") from None
 
 
+SHARD_MAX = 1000  # more workers than any team's machines; bounds the slice arithmetic
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> (K, N) with 1 <= K <= N <= SHARD_MAX, else a one-line error."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 4 for p in parts):
+        raise SystemExit(f"error: --shard {text!r} is invalid: use K/N with integers 1 <= K <= N <= {SHARD_MAX} "
+                         "(e.g. 2/4 = the second of four workers)")
+    k, n = int(parts[0]), int(parts[1])
+    if not 1 <= k <= n <= SHARD_MAX:
+        raise SystemExit(f"error: --shard {text!r} is invalid: use K/N with integers 1 <= K <= N <= {SHARD_MAX} "
+                         "(e.g. 2/4 = the second of four workers)")
+    return k, n
+
+
+def shard(grid: list[tuple[int, float]], k: int, n: int) -> list[tuple[int, float]]:
+    """The K-th of N deterministic, disjoint slices of the (seed, ratio) grid; together they are the grid.
+
+    With at least N seeds, whole seeds go round-robin (sorted) to the shards, so a seed's teacher is needed
+    on one worker only. With fewer seeds than workers, the sorted grid points go round-robin: a seed's
+    experiments then span workers, and the later ones restore its teacher from the pulled run-cache
+    (``--pull``) when the worker that trained it has pushed (``--push``)."""
+    points = sorted(set(grid))
+    seeds = sorted({s for s, _ in points})
+    if len(seeds) >= n:
+        mine = set(seeds[k - 1::n])
+        return [g for g in points if g[0] in mine]
+    return points[k - 1::n]
+
+
+def sync_run_cache(cmd: str) -> int:
+    try:
+        return runcache.sync(cmd)
+    except runcache.RunCacheError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def run_names(experiment: str) -> dict[str, int]:
     from mlflow.tracking import MlflowClient
 
@@ -90,15 +133,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-j", "--jobs", type=int, default=1, help="parallel queue workers (default 1)")
     ap.add_argument("-S", "--set-param", action="append", default=[], help="extra override for every experiment")
     ap.add_argument("--report", action="store_true", help="run python -m kdprune.report afterwards")
+    ap.add_argument("--shard", default="1/1", help="K/N: run only the K-th of N slices of the grid (one per machine)")
+    ap.add_argument("--pull", action="store_true",
+                    help="first pull the run-cache, records and outputs (reuse other workers' stages)")
+    ap.add_argument("--push", action="store_true",
+                    help="last `dvc exp push <--git-remote> <experiments>`, then push the run-cache")
+    ap.add_argument("--git-remote", default="origin", help="git remote for --push (default origin)")
     args = ap.parse_args(argv)
+    k, n = parse_shard(args.shard)
     ratios = parse_list(args.ratios, float)
     seeds = parse_list(args.seeds, int)
     from kdprune.params import load_params
 
     experiment = load_params().mlflow.experiment
     extra = [a for s in args.set_param for a in ("-S", s)]
-    grid = [(s, r) for s in seeds for r in ratios]
-    first_per_seed = {s: (s, ratios[0]) for s in seeds}
+    grid = shard([(s, r) for s in seeds for r in ratios], k, n)
+    if not grid:
+        print(f"sweep: shard {k}/{n} of a {len(seeds)} x {len(ratios)} grid is empty; nothing to run")
+        return 0
+    if n > 1:
+        print(f"sweep: shard {k}/{n}: {len(grid)} of {len(seeds) * len(ratios)} experiments: "
+              + ", ".join(f"ratio {r:g} seed {s}" for s, r in grid), flush=True)
+    if args.pull:
+        print(f"sweep: pulled the run-cache ({sync_run_cache('pull')} outputs named)", flush=True)
+    first_per_seed: dict[int, tuple[int, float]] = {}
+    for s, r in grid:
+        first_per_seed.setdefault(s, (s, r))
     phases = [list(first_per_seed.values()), [g for g in grid if g not in first_per_seed.values()]]
     names: dict[tuple[int, float], str] = {}
     t0 = time.time()
@@ -123,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
           f"missing: {missing or 'none'}; duplicated: {dup or 'none'}")
     if failed:
         print("see `dvc queue logs <name>` for a failed experiment's output", file=sys.stderr)
+    if args.push:
+        done = [nm for nm in names.values() if status.get(nm) == "Success"]
+        if done:
+            dvc("exp", "push", args.git_remote, *done)
+        print(f"sweep: dvc exp push {args.git_remote} ({len(done)} experiments); pushed the run-cache "
+              f"({sync_run_cache('push')} outputs named)", flush=True)
     if args.report:
         from kdprune import report
 

@@ -77,7 +77,17 @@ def tracking_uri(env: Mapping[str, str] | None = None) -> str:
     return f"sqlite:///{repo_root(env) / 'mlflow.db'}"
 
 
-def artifact_location(env: Mapping[str, str] | None = None) -> str:
+def is_server_uri(uri: str) -> bool:
+    """A tracking server (``http(s)://host:port``), not a store on this machine's disk."""
+    return uri.lower().startswith(("http://", "https://"))
+
+
+def artifact_location(env: Mapping[str, str] | None = None) -> str | None:
+    """Where a new experiment keeps its artifacts: ``<repo root>/mlartifacts`` for a local store. None for a
+    tracking server: the server picks (``mlflow-artifacts:/`` under ``--serve-artifacts``, so every client
+    uploads over HTTP, with no shared filesystem), not a path on whichever client created the experiment."""
+    if is_server_uri(tracking_uri(env)):
+        return None
     return (repo_root(env) / "mlartifacts").as_uri()
 
 

@@ -16,7 +16,7 @@ from kdprune.params import RuntimeParams, TrainParams
 from tests.conftest import ROOT
 
 STAGES = sorted(f"stages.{p.stem}" for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__")
-TOOLS = ["kdprune", "kdprune.sweep", "kdprune.report", "kdprune.presets", "kdprune.tracking"]
+TOOLS = ["kdprune", "kdprune.sweep", "kdprune.report", "kdprune.presets", "kdprune.tracking", "kdprune.runcache"]
 
 
 def env(**extra):
@@ -54,7 +54,7 @@ def test_dispatcher_help_lists_every_command():
     r = subprocess.run([sys.executable, "-m", "kdprune", "--help"], cwd=ROOT, env=env(), capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0
-    for command in ("sweep", "report", "frontier", "presets", "relog", "compare"):
+    for command in ("sweep", "report", "frontier", "presets", "relog", "compare", "runcache"):
         assert command in r.stdout
     r = subprocess.run([sys.executable, "-m", "kdprune", "presets", "list"], cwd=ROOT, env=env(),
                        capture_output=True, text=True, timeout=60)

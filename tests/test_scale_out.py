@@ -1,0 +1,344 @@
+"""Beyond one machine (issue #12), with clones on this box standing in for machines: a shared local-directory
+DVC remote and run-cache, experiments carried through a bare git remote (`dvc exp push/pull`), a real
+`mlflow server` with --serve-artifacts, and sweeps sharded over two workers.
+
+Slow (real `dvc repro`, queued experiments and an mlflow server on tiny data); each test's measured cost on
+the 2-core dev box under load is in its docstring."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdprune import sweep
+from tests.test_e2e import dvc, free_port, git, lock_md5, make_repo
+
+@pytest.mark.parametrize("bad", ["", "1", "0/2", "3/2", "1/1001", "-1/2", "1/2/3", "a/b", "1.0/2", " 1/2", "１/2",
+                                 "1/99999"])
+def test_shard_must_be_k_of_n(bad, capsys):
+    with pytest.raises(SystemExit, match=r"^error: --shard .* is invalid: use K/N with integers 1 <= K <= N <= 1000"):
+        sweep.parse_shard(bad)
+    assert sweep.parse_shard("2/3") == (2, 3) and sweep.parse_shard("1000/1000") == (1000, 1000)
+
+
+@pytest.mark.parametrize("n_seeds,n", [(1, 2), (2, 2), (3, 2), (5, 3), (2, 4), (1, 1)])
+def test_shards_are_disjoint_deterministic_and_cover_the_grid(n_seeds, n):
+    grid = [(s, r) for s in range(n_seeds) for r in (0.9, 0.5, 0.8)]
+    parts = [sweep.shard(grid, k, n) for k in range(1, n + 1)]
+    assert sorted(g for p in parts for g in p) == sorted(grid)  # every point once
+    assert parts == [sweep.shard(list(reversed(grid)), k, n) for k in range(1, n + 1)]  # order-free
+    if n_seeds >= n:  # each seed on one worker: its teacher is trained once without sharing
+        owners = {s: {k for k, p in enumerate(parts) for ss, _ in p if ss == s} for s in range(n_seeds)}
+        assert all(len(o) == 1 for o in owners.values())
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= (3 if n_seeds >= n else 1)  # balanced (by seeds, or by points)
+
+
+# what DVC 3.67 prints when the run-cache restores a stage (dvc/stage/cache.py StageCache.restore)
+RESTORED = "Stage 'train_teacher' is cached - skipping run, checking out outputs"
+
+
+def with_remote(tmp_path: Path, venv_bin: Path) -> tuple[Path, dict, Path]:
+    """Clone A: make_repo + a local-directory DVC remote (committed in .dvc/config) + a bare git `origin`."""
+    repo, env = make_repo(tmp_path, venv_bin)
+    p = yaml.safe_load((repo / "params.yaml").read_text())  # smaller still: several pipelines per test
+    p["data"].update(train_subset=100, test_subset=50)
+    p["runtime"].update(threads=1)
+    p["teacher"].update(epochs=1)
+    p["evaluate"].update(latency_repeats=0, onnx=False)
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    store, origin = tmp_path / "dvc-store", tmp_path / "origin.git"
+    dvc(repo, env, "remote", "add", "-d", "store", str(store))
+    git(repo, env, "add", ".dvc/config", "params.yaml")
+    git(repo, env, "commit", "-qm", "dvc remote")
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True, capture_output=True)
+    git(repo, env, "remote", "add", "origin", str(origin))
+    git(repo, env, "push", "-q", "origin", "main")
+    return repo, env, origin
+
+
+def clone(tmp_path: Path, env: dict, origin: Path, name: str) -> tuple[Path, dict]:
+    """A fresh `git clone` of origin: another machine (its own DVC cache, site cache and tmp dirs)."""
+    path = tmp_path / name
+    subprocess.run(["git", "clone", "-q", str(origin), str(path)], env=env, check=True, capture_output=True)
+    return path, dict(env, DVC_SITE_CACHE_DIR=str(tmp_path / f"site-cache-{name}"))
+
+
+def exp_show(repo: Path, env: dict) -> dict[str, dict]:
+    """`dvc exp show --json` -> {experiment name: its metrics merged over files}."""
+    rows = json.loads(dvc(repo, env, "exp", "show", "--json", "-A"))
+    out = {}
+    for commit in rows:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                merged = {}
+                for f in (data.get("metrics") or {}).values():
+                    merged.update(f.get("data") or {})
+                out[rev.get("name") or exp.get("name")] = merged
+    return out
+
+
+@pytest.mark.slow
+def test_run_cache_and_experiments_travel_between_clones(tmp_path, venv_bin):
+    """Clone A reproduces and pushes (data, run-cache, an experiment); a fresh clone B pulls them: its
+    `dvc exp run` trains no teacher (the baseline's and seed 1's both come from the remote) and B's
+    `dvc exp show` lists A's experiment with its metrics."""
+    a, env, origin = with_remote(tmp_path, venv_bin)
+    out = dvc(a, env, "repro")
+    assert "Running stage 'train_teacher'" in out
+    git(a, env, "add", "-A")
+    git(a, env, "commit", "-qm", "baseline")
+    dvc(a, env, "push", "--run-cache")  # the workspace's outputs (the baseline's dvc.lock) + the run records
+    git(a, env, "push", "-q", "origin", "main")
+    # an experiment with another seed: a teacher that is in no committed dvc.lock, only in the run-cache
+    out = dvc(a, env, "exp", "run", "--name", "exp-a", "-S", "seed=1")
+    assert "Running stage 'train_teacher'" in out
+    seed1_teacher = lock_md5(a, "train_teacher", "models/teacher.pt")
+    dvc(a, env, "exp", "push", "origin", "exp-a")
+    # `dvc push --run-cache` copies the records but not the (cache: false) metrics they name: kdprune.runcache
+    # pushes both
+    py = str(venv_bin / "python")
+    subprocess.run([py, "-m", "kdprune.runcache", "push"], cwd=a, env=env, check=True, capture_output=True)
+
+    b, env_b = clone(tmp_path, env, origin, "b")
+    dvc(b, env_b, "pull", "--run-cache")
+    subprocess.run([py, "-m", "kdprune.runcache", "pull"], cwd=b, env=env_b, check=True, capture_output=True)
+    baseline_teacher = lock_md5(b, "train_teacher", "models/teacher.pt")
+    assert (b / "models" / "teacher.pt").exists()
+    out = dvc(b, env_b, "exp", "run", "-S", "prune.ratio=0.9")
+    assert "Stage 'train_teacher' didn't change" in out and "Running stage 'train_teacher'" not in out
+    assert "Running stage 'prune'" in out
+    assert lock_md5(b, "train_teacher", "models/teacher.pt") == baseline_teacher
+    # seed 1: B never had this teacher in a dvc.lock; DVC's run-cache (pulled from A's pushes) restores it
+    out = dvc(b, env_b, "exp", "run", "-S", "seed=1", "-S", "prune.ratio=0.9")
+    assert RESTORED in out and "Running stage 'train_teacher'" not in out
+    assert lock_md5(b, "train_teacher", "models/teacher.pt") == seed1_teacher
+
+    assert "exp-a" not in exp_show(b, env_b)
+    dvc(b, env_b, "exp", "pull", "origin", "exp-a")
+    shown = exp_show(b, env_b)
+    assert "exp-a" in shown, sorted(shown)
+    assert {"acc_teacher", "acc_kd", "acc_finetune", "compression_ratio"} <= set(shown["exp-a"])
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store and --serve-artifacts; stop() and start() again
+    on the same port and store stand in for an outage."""
+
+    def __init__(self, tmp_path: Path, venv_bin: Path, env: dict, *extra: str):
+        self.db, self.artifacts = tmp_path / "server" / "mlflow.db", tmp_path / "server" / "artifacts"
+        self.db.parent.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.cmd = [str(venv_bin / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.db}",
+                    "--artifacts-destination", str(self.artifacts), "--serve-artifacts", "--host", "127.0.0.1",
+                    "--port", str(self.port), "--workers", "1", *extra]
+        self.env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
+        self.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        self.log = tmp_path / "server" / "server.log"
+        self.proc = None
+
+    def start(self, timeout: float = 120) -> "MlflowServer":
+        with open(self.log, "a") as fh:
+            self.proc = subprocess.Popen(self.cmd, cwd=self.db.parent, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return self
+            except OSError:
+                assert self.proc.poll() is None, f"mlflow server exited:\n{self.log.read_text()[-3000:]}"
+                assert time.time() < deadline, "mlflow server did not come up"
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, venv_bin):
+    server = MlflowServer(tmp_path, venv_bin, dict(os.environ))
+    yield server
+    server.stop()
+
+
+def pipeline_runs(uri: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("kdprune")
+    return client.search_runs([exp.experiment_id], filter_string="tags.`kdprune.kind` = 'pipeline'")
+
+
+def queue_logs(repos: list[tuple[Path, dict]], name: str) -> str:
+    """`dvc queue logs <name>` from whichever clone ran that experiment."""
+    for repo, env in repos:
+        r = subprocess.run(["dvc", "queue", "logs", name], cwd=repo, env=env, capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.strip():
+            return r.stdout
+    raise AssertionError(f"no clone has queue logs for {name}")
+
+
+@pytest.mark.slow
+def test_sweep_sharded_over_two_workers_with_a_shared_remote_and_mlflow_server(tmp_path, venv_bin, mlflow_server):
+    """Two clones run `kdprune.sweep --shard 1/2` and `--shard 2/2` (--pull --push) one after the other against
+    one DVC remote, one git remote and one `mlflow server`: every grid point is logged once, the seed's
+    teacher is trained once in total, artifacts travel over HTTP into the server's --artifacts-destination,
+    and `kdprune.report` on either clone sees the whole grid. Then an outage: with the server down, `dvc
+    repro`'s track stage fails and the results stay in metrics/; with it back (same port, same store),
+    `kdprune.tracking relog` logs exactly one run."""
+    a, env, origin = with_remote(tmp_path, venv_bin)
+    server = mlflow_server.start()
+    env = dict(env, MLFLOW_TRACKING_URI=server.uri)
+    b, env_b = clone(tmp_path, env, origin, "b")
+    py = str(venv_bin / "python")
+    for repo, e, k in ((a, env, 1), (b, env_b, 2)):
+        r = subprocess.run([py, "-m", "kdprune.sweep", "--ratios", "0.6,0.7", "--seeds", "0", "--shard", f"{k}/2",
+                            "--pull", "--push"], cwd=repo, env=e, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"shard {k}/2: 1 of 2 experiments" in r.stdout
+        assert "failed: none; missing: none; duplicated: none" in r.stdout, r.stdout
+
+    runs = pipeline_runs(server.uri)
+    assert sorted((r.data.params["prune.ratio"], r.data.params["seed"]) for r in runs) == [("0.6", "0"), ("0.7", "0")]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    logs = [queue_logs([(a, env), (b, env_b)], r.data.tags["dvc_exp_name"]) for r in runs]
+    assert sum(log.count("Running stage 'train_teacher'") for log in logs) == 1  # one teacher in total
+    assert sum(RESTORED in log for log in logs) == 1
+    for run in runs:  # over HTTP into the server's store; no client keeps a local MLflow store
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
+        exp_id = run.info.experiment_id
+        assert (server.artifacts / exp_id / run.info.run_id / "artifacts" / "metrics" / "evaluate.json").is_file()
+    for repo in (a, b):
+        assert not (repo / "mlartifacts").exists() and not (repo / "mlflow.db").exists()
+    refs = subprocess.run(["git", "ls-remote", str(origin), "refs/exps/*"], capture_output=True, text=True).stdout
+    assert len(refs.splitlines()) == 2, refs  # both workers pushed their experiment
+
+    rep = subprocess.run([py, "-m", "kdprune.report", "--no-mlflow-summary"], cwd=b, env=env_b, capture_output=True,
+                         text=True, timeout=300)
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    assert len((b / "metrics" / "report_runs.csv").read_text().splitlines()) == 1 + 2
+
+    # outage: the server is down while `dvc repro` (ratio 0.5, seed 0: a new grid point) runs its track stage
+    server.stop()
+    r = subprocess.run(["dvc", "repro"], cwd=b, env=env_b, capture_output=True, text=True, timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "could not log to MLflow" in out, out[-3000:]
+    assert RESTORED in out and "Running stage 'train_teacher'" not in out
+    assert (b / "metrics" / "evaluate.json").is_file()
+    server.start()
+    relog = subprocess.run([py, "-m", "kdprune.tracking", "relog"], cwd=b, env=env_b, capture_output=True, text=True,
+                           timeout=300)
+    assert relog.returncode == 0 and "logged run" in relog.stdout, relog.stdout + relog.stderr
+    relog = subprocess.run([py, "-m", "kdprune.tracking", "relog"], cwd=b, env=env_b, capture_output=True, text=True,
+                           timeout=300)
+    assert relog.returncode == 0 and "already logged" in relog.stdout, relog.stdout + relog.stderr
+    runs = pipeline_runs(server.uri)
+    assert sorted((r.data.params["prune.ratio"], r.data.params["seed"]) for r in runs) == [
+        ("0.5", "0"), ("0.6", "0"), ("0.7", "0")]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+# ---- multi-node DDP: 2 local "nodes" x 1 process, gloo, torchrun's c10d rendezvous on 127.0.0.1 ----------------
+
+def test_multi_node_params_and_launch_command():
+    from kdprune import distributed
+    from kdprune.params import ParamsError, RuntimeParams, params_from_dict
+    from tests.conftest import default_params
+
+    cmd = distributed.launch_command(2, ["stages/train_teacher.py"], "stages.train_teacher", nnodes=3,
+                                     rdzv_endpoint="node-0.cluster:29400")
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--nnodes=3", "--rdzv-backend=c10d",
+                       "--rdzv-endpoint=node-0.cluster:29400", "--nproc_per_node=2", "-m", "stages.train_teacher"]
+    assert "--standalone" in distributed.launch_command(2, ["x.py"], None)
+    raw = default_params()
+    for key, bad, msg in (("nnodes", 0, r"runtime.nnodes = 0 is invalid: must be in \[1, 1024\]"),
+                          ("nnodes", 1025, r"runtime.nnodes = 1025 is invalid"),
+                          ("rdzv_endpoint", "h:1;touch x", r"runtime.rdzv_endpoint = 'h:1;touch x' is invalid: must be"),
+                          ("rdzv_endpoint", "$(id):80", r"runtime.rdzv_endpoint = '\$\(id\):80' is invalid"),
+                          ("rdzv_endpoint", "host:0", "is invalid"), ("rdzv_endpoint", "host:65536", "is invalid"),
+                          ("rdzv_endpoint", "host", "is invalid"), ("rdzv_endpoint", "-host:80", "is invalid")):
+        p = default_params()
+        p["runtime"][key] = bad
+        with pytest.raises(ParamsError, match=msg):
+            params_from_dict(p)
+    raw["runtime"].update(nnodes=3, rdzv_endpoint="10.0.0.1:29400")
+    raw["teacher"]["batch_size"] = 100  # 3 nodes x 1 process: the global batch must split in 3
+    with pytest.raises(ParamsError, match=r"teacher.batch_size = 100 is invalid: must be divisible by runtime.nnodes x "
+                                          r"runtime.nproc_per_node = 3"):
+        params_from_dict(raw)
+    raw["teacher"]["batch_size"] = raw["distill"]["batch_size"] = 96
+    assert params_from_dict(raw).runtime.world == 3
+    with pytest.raises(ParamsError, match=r"runtime.rdzv_endpoint = '' is invalid: runtime.nnodes = 2 needs"):
+        distributed.relaunch_if_needed(RuntimeParams(nnodes=2))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU (gloo) path")
+def test_teacher_on_two_nodes_matches_the_single_process_layout(tmp_path):
+    """Two "nodes" (two repos, as two machines would each have a clone) run the same `python -m
+    stages.train_teacher` with runtime.nnodes = 2 and one rendezvous endpoint: each relaunches itself under
+    torchrun --nnodes 2 --rdzv-backend c10d, and exactly one of them (global rank 0) writes the outputs, with
+    the layout, shapes and metrics keys of the single-process run."""
+    from kdprune import stage
+    from tests.conftest import write_fake_dataset
+    from tests.test_ddp import TORCHRUN_VARS, checkpoint_shape, files, make_repo as ddp_repo, run_stage
+
+    raw = write_fake_dataset(tmp_path / "raw", n_train=120, n_test=40)
+    single = ddp_repo(tmp_path / "single", raw, 1, None)
+    run_stage(single, "stages.prepare")
+    run_stage(single, "stages.train_teacher")
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = []
+    for i in range(2):
+        node = ddp_repo(tmp_path / f"node{i}", raw, 1, single / stage.PREPARED)
+        p = yaml.safe_load((node / "params.yaml").read_text())
+        p["runtime"].update(nnodes=2, rdzv_endpoint=endpoint)
+        (node / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+        nodes.append(node)
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith(("DVC_", "MLFLOW_"))}
+    env.update(CI="true", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    procs = [subprocess.Popen([sys.executable, "-m", "stages.train_teacher"], cwd=n, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for n in nodes]
+    outs = []
+    for proc in procs:
+        try:
+            outs.append(proc.communicate(timeout=400)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    assert all(p.returncode == 0 for p in procs), "\n----\n".join(o[-3000:] for o in outs)
+    assert sum(o.count("DDP: 2 processes, backend gloo, device cpu") for o in outs) == 1
+    writers = [n for n in nodes if files(n)]
+    assert len(writers) == 1, [files(n) for n in nodes]  # only global rank 0 writes, on its own node
+    assert files(writers[0]) == files(single) == {"models/teacher.pt", "metrics/teacher.json", "plots/teacher.csv",
+                                                 "logs/teacher.json"}
+    assert checkpoint_shape(writers[0] / stage.TEACHER) == checkpoint_shape(single / stage.TEACHER)
+    m1, m2 = (json.loads((r / "metrics/teacher.json").read_text()) for r in (single, writers[0]))
+    assert m1.keys() == m2.keys() and m1["params_teacher"] == m2["params_teacher"]
+
+
+def test_runcache_without_a_remote_is_a_one_line_error(tmp_path, venv_bin):
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp_path / "sc"))
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([str(venv_bin / "dvc"), "init", "-q"], cwd=tmp_path, env=env, check=True)
+    r = subprocess.run([str(venv_bin / "python"), "-m", "kdprune.runcache", "push"], cwd=tmp_path, capture_output=True,
+                       text=True, env=dict(env, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert r.returncode == 2 and r.stderr.startswith("error: push of the run-cache failed: ")
+    assert len(r.stderr.strip().splitlines()) == 1 and "remote" in r.stderr, r.stderr
