@@ -13,7 +13,7 @@ from kdprune import metrics
 from tests.conftest import default_params, write_fake_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["kdprune", "stages", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]  # params.yaml: tiny_params
+COPY = ["kdprune", "stages", "teachers", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]  # params.yaml: tiny_params
 
 
 def tiny_params(raw_root: Path) -> dict:
