@@ -78,6 +78,9 @@ SVHN_EXTRA_IMAGES = 531_131
 CPU_GFLOPS_PER_CORE = 173.2 / 2
 
 
+IMAGENET_TRAIN_IMAGES, IMAGENET_CLASSES = 1_281_167, 1000  # the projection for an image folder of unknown size
+
+
 def cpu_seconds(params: Params, cores: int) -> float:
     """A rough projection of the whole pipeline's training time on ``cores`` CPU cores.
 
@@ -91,11 +94,16 @@ def cpu_seconds(params: Params, cores: int) -> float:
     from kdprune.models import build_model, spec_from_params
 
     d = params.data
-    images = d.train_subset or TRAIN_IMAGES[d.name] + (SVHN_EXTRA_IMAGES if d.svhn_extra else 0)
-    info = REGISTRY[d.name]
+    if d.name in REGISTRY:
+        info = REGISTRY[d.name]
+        images = d.train_subset or TRAIN_IMAGES[d.name] + (SVHN_EXTRA_IMAGES if d.svhn_extra else 0)
+        channels, classes, size = info.channels, len(info.classes), tuple(info.image_size)
+    else:  # an image folder: its size is unknown until prepare reads it; project an ImageNet-sized one
+        images = d.train_subset or IMAGENET_TRAIN_IMAGES
+        channels, classes, size = 3, IMAGENET_CLASSES, (d.image_size or 224,) * 2
     with torch.device("meta"):  # shapes only: no memory for the weights
-        model = build_model(spec_from_params(params.model, info.channels, len(info.classes)))
-    forward = 2 * dense_macs(model, (info.channels, *info.image_size))
+        model = build_model(spec_from_params(params.model, channels, classes))
+    forward = 2 * dense_macs(model, (channels, *size))
     passes = 3 * params.teacher.epochs  # forward + backward = 3 forwards
     passes += sum((3 + (1 if v.endswith("kd") else 0)) * params.distill.epochs for v in params.distill.variants)
     return passes * images * forward / (CPU_GFLOPS_PER_CORE * 1e9 * max(1, cores))
