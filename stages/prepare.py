@@ -2,6 +2,7 @@
 stream path, the file index)."""
 from kdprune import imagefolder, io, stage
 from kdprune.data import REGISTRY, prepare_dataset
+from kdprune.models.torchvision import weights_of
 from kdprune.params import Params
 from kdprune.preprocessing import folder_settings, override_stats
 
@@ -32,7 +33,11 @@ def main(params: Params) -> None:
 
 def prepare_folder(params: Params) -> None:
     d = params.data
-    out = imagefolder.prepare(d.root, **folder_settings(d), loader=d.loader, memory_budget_mb=d.memory_budget_mb,
+    # a pretrained teacher keeps its accuracy only on its own preprocessing: its weights' transforms are the
+    # default (every data.* key that is set still wins)
+    pretrained = params.teacher.init == "pretrained" and params.model.arch == "torchvision"
+    weights = weights_of(params.model.name) if pretrained else None
+    out = imagefolder.prepare(d.root, **folder_settings(d, weights), loader=d.loader, memory_budget_mb=d.memory_budget_mb,
                               train_subset=d.train_subset, test_subset=d.test_subset, seed=params.seed,
                               num_workers=d.num_workers)
     io.torch_save(stage.PREPARED, out)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from kdprune import imagefolder, stage, streaming
@@ -550,3 +551,24 @@ def test_prepare_stage_applies_data_mean_std_to_a_builtin_dataset(tmp_path, monk
     assert code == 2 and err.strip() == ("error: params.yaml: data.mean = [0.5, 0.5, 0.5] is invalid: the prepared "
                                          "images have 1 channel, so it needs 1 value (or null: computed from the "
                                          "train split)")
+
+
+def test_a_pretrained_teachers_own_preprocessing_is_the_default(tmp_path, monkeypatch, rgb_folder):
+    """teacher.init: pretrained -> the weights' transforms (resnet18: resize 256, crop 224, ImageNet mean/std)
+    unless a data.* key says otherwise; no download, the enum carries them."""
+    import copy
+
+    import stages.prepare
+    from kdprune import stage
+
+    p = copy.deepcopy(default_params())
+    p["data"].update(name="imagefolder", root=str(rgb_folder), loader="tensor")
+    p["model"].update(arch="torchvision", name="resnet18")
+    p["teacher"].update(init="pretrained", epochs=0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    monkeypatch.chdir(tmp_path)
+    stage.run(stages.prepare.main)
+    out = torch.load(tmp_path / stage.PREPARED, weights_only=True)
+    assert out["preprocessing"]["image_size"] == 224 and out["preprocessing"]["resize_size"] == 256
+    assert out["mean"] == pytest.approx([0.485, 0.456, 0.406]) and out["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert tuple(out["train_x"].shape[1:]) == (3, 224, 224)
