@@ -1,7 +1,7 @@
 """Image folders: the streaming path's throughput against a plain torchvision pipeline, and its peak memory.
 
 Measures, in one run, on a generated folder of JPEGs of 200-320 px (ImageFolder layout, ImageNet-like sizes):
-  (a) images/s through kdprune's streaming loader (``kdprune.streaming.StreamLoader``: decode + resize + centre
+  (a) images/s through kdprune's streaming loader (``kdprune.data.streaming.StreamLoader``: decode + resize + centre
       crop in DataLoader workers, pad-and-random-crop + flip, normalised float batches), train split, one epoch
       after the workers have started, at num_workers 0, 1, 2, 4;
   (b) images/s of a plain torchvision ``ImageFolder`` + ``DataLoader`` with the same transforms as PIL transforms
@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdprune import imagefolder, streaming  # noqa: E402
+from kdprune.data import imagefolder, streaming  # noqa: E402
 
 IMAGE_SIZE, RESIZE, PAD, BATCH = 112, 128, 4, 64
 

@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from kdprune import distributed, io, streaming
-from kdprune.data import DatasetError, TensorLoader, load_prepared
+from kdprune import distributed, io
+from kdprune.data import DatasetError, TensorLoader, load_prepared, streaming
 from kdprune.errors import UserError
 from kdprune.io import CheckpointError, ExportError, OutputError
 from kdprune.params import Params, ParamsError, load_params

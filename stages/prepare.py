@@ -1,10 +1,10 @@
 """Stage prepare: raw dataset -> data/prepared/dataset.pt (uint8 tensors + metadata; for an image folder on the
 stream path, the file index)."""
-from kdprune import imagefolder, io, stage
-from kdprune.data import REGISTRY, prepare_dataset
+from kdprune import io, stage
+from kdprune.data import REGISTRY, imagefolder, prepare_dataset
 from kdprune.models.torchvision import weights_of
 from kdprune.params import Params
-from kdprune.preprocessing import folder_settings, override_stats
+from kdprune.data.preprocessing import folder_settings, override_stats
 
 
 def main(params: Params) -> None:

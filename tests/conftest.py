@@ -173,7 +173,7 @@ def no_dataset_downloads(monkeypatch):
     """No test reaches the network: torchvision's downloader is replaced by a failure, as when offline."""
     def offline(name, *args, **kwargs):
         raise ConnectionError(f"tests never download (asked for '{name}')")
-    monkeypatch.setattr(kdata, "_torchvision_download", offline)
+    monkeypatch.setattr(kdata.registry, "_torchvision_download", offline)
 
 
 @pytest.fixture(scope="session")

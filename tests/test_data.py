@@ -10,6 +10,8 @@ import tracemalloc
 import zlib
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -207,7 +209,7 @@ def test_torchvision_layout_is_read_by_torchvision_and_agrees_with_read_idx(tmp_
 
     def no_read_idx(path):
         raise AssertionError(f"read_idx({path}) called for a layout torchvision reads")
-    monkeypatch.setattr(kdata, "read_idx", no_read_idx)
+    monkeypatch.setattr(kdata.idx, "read_idx", no_read_idx)
     theirs = prepare_dataset("mnist", str(tmp_path / "tv"), False, 0, 0, seed=0)
     for k in ("train_x", "train_y", "test_x", "test_y"):
         assert torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype, k
@@ -360,11 +362,11 @@ def test_missing_files_and_no_network_is_a_clear_error(tmp_path, monkeypatch, na
     def offline(*args):
         calls.append(args)
         raise ConnectionError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setattr(kdata, "_torchvision_download", offline)
+    monkeypatch.setattr(kdata.registry, "_torchvision_download", offline)
     with pytest.raises(DatasetError) as e:
         prepare_dataset(name, None, True, 0, 0, seed=0)
     msg = str(e.value)
-    assert calls == [(name, kdata.Path("data/raw"), False)]
+    assert calls == [(name, Path("data/raw"), False)]
     assert f"dataset '{name}' not found" in msg and "'data/raw'" in msg
     assert "download to data/raw (failed: ConnectionError: [Errno -3] Temporary failure" in msg
     first = {"mnist": "t10k-images-idx3-ubyte", "fashion_mnist": "t10k-images-idx3-ubyte", "cifar10": "data_batch_5",
@@ -391,10 +393,10 @@ def _fake_torchvision_download(name, download_dir, svhn_extra=False):
 def test_download_lands_in_data_raw_and_is_read_from_there(tmp_path, monkeypatch, name):
     _no_debian_dirs(monkeypatch, tmp_path)
     calls = []
-    monkeypatch.setattr(kdata, "_torchvision_download", lambda *a: (calls.append(a), _fake_torchvision_download(*a)))
+    monkeypatch.setattr(kdata.registry, "_torchvision_download", lambda *a: (calls.append(a), _fake_torchvision_download(*a)))
     extra = name == "svhn"
     d = prepare_dataset(name, None, True, 0, 0, seed=0, svhn_extra=extra)
-    assert calls == [(name, kdata.Path("data/raw"), extra)]
+    assert calls == [(name, Path("data/raw"), extra)]
     assert d["train_x"].shape[0] == (40 if extra else 30) and d["test_x"].shape[0] == 10
     prepare_dataset(name, None, True, 0, 0, seed=0, svhn_extra=extra)
     assert len(calls) == 1  # the second run finds data/raw and does not download again
@@ -468,7 +470,7 @@ def test_channel_stats_are_exact():
     assert kdata.channel_stats(torch.full((4, 1, 2, 2), 51, dtype=torch.uint8)) == (f32, [0.0])
 
 
-@pytest.mark.skipif(not kdata.Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
                     reason="needs the dataset-fashion-mnist package")
 def test_published_fashion_mnist_stats_match_the_real_files():
     x = torch.from_numpy(read_idx("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")).unsqueeze(1)
@@ -511,7 +513,7 @@ def test_empty_split_is_a_one_line_error_of_the_prepare_stage(tmp_path):
     p = params_from_dict({s: {} for s in ("data", "model", "teacher", "prune", "distill")}).to_dict()
     p["data"].update(name="mnist", root=str(tmp_path / "raw"), download=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
-    root = kdata.Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)}, timeout=120)
     assert r.returncode == 2, r.stderr
@@ -531,7 +533,7 @@ def test_constant_train_split_is_refused(tmp_path, monkeypatch):
                                            r"\d* and std 0.0: every pixel has the same value"):
         prepare_dataset("mnist", str(root), False, 0, 0, seed=0)
     write_fake_idx(root, n_train=40, n_test=10)  # real-looking pixels, but the statistics come out NaN
-    monkeypatch.setattr(kdata, "channel_stats", lambda x: ([float("nan")], [0.3]))
+    monkeypatch.setattr(kdata.prepare, "channel_stats", lambda x: ([float("nan")], [0.3]))
     with pytest.raises(DatasetError, match=r"channel 0 has mean nan and std 0.3: not finite"):
         prepare_dataset("mnist", str(root), False, 0, 0, seed=0)
 
@@ -646,7 +648,7 @@ def test_idx_limits_apply_to_the_torchvision_layout_too(tmp_path, monkeypatch):
     write_fake_idx(raw, n_train=40, n_test=10, gz=False)
     with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte: the IDX header \(shape \(40, 28, 28\)\) declares "
                                            r"31,360 bytes, over the memory budget of 1,000 bytes"):
-        monkeypatch.setattr(kdata, "MEMORY_BUDGET", 1000)
+        monkeypatch.setattr(kdata.limits, "MEMORY_BUDGET", 1000)
         prepare_dataset("mnist", str(tmp_path), False, 0, 0, seed=0)
     monkeypatch.undo()
     info = kdata.REGISTRY["mnist"]
@@ -721,7 +723,7 @@ def test_svhn_mat_sizes_are_checked_before_loading(tmp_path, monkeypatch, probe)
         _write_mat5(path, [_svhn_x(10), _svhn_y(9)])
         needle = r"'y' must be 10 integer labels \(N, 1\), got uint8 \(9, 1\)"
     else:
-        monkeypatch.setattr(kdata, "MEMORY_BUDGET", 30000)
+        monkeypatch.setattr(kdata.limits, "MEMORY_BUDGET", 30000)
         needle = r"'X' \(uint8 \(32, 32, 3, 10\)\) declares 30,720 bytes, over the memory budget of 30,000 bytes"
 
     def no_loadmat(*a, **k):

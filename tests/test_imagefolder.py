@@ -14,10 +14,11 @@ import torch
 import yaml
 from PIL import Image
 
-from kdprune import imagefolder, stage, streaming
+from kdprune import stage
+from kdprune.data import imagefolder, streaming
 from kdprune.data import DatasetError, TensorLoader, channel_stats, read_idx
 from kdprune.params import ParamsError, params_from_dict
-from kdprune.preprocessing import folder_settings, override_stats, pretrained_interpolation, pretrained_preprocessing
+from kdprune.data.preprocessing import folder_settings, override_stats, pretrained_interpolation, pretrained_preprocessing
 from tests.conftest import default_params, make_fake_images
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ uint8 pixels are identical to what such a script feeds its model:
 
 Two data paths (``data.loader``): ``tensor`` decodes every image once here and stores uint8 (N, C, H, W)
 tensors in ``data/prepared/dataset.pt``, like the built-in datasets; ``stream`` stores only an index (the
-files, their sizes and labels) and training decodes in DataLoader workers (``kdprune.streaming``). ``auto``
+files, their sizes and labels) and training decodes in DataLoader workers (``kdprune.data.streaming``). ``auto``
 takes ``tensor`` when the decoded train + val images fit ``data.memory_budget_mb``. On the stream path the
 tensors ``train_x``/``test_x`` of the prepared dict are *meta* tensors: they carry the shape (N, C, H, W) that
 the stages read, and any attempt to read a pixel from them fails loudly.
@@ -39,8 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdprune.data import DatasetError, _stratified_subset, channel_stats
-from kdprune.preprocessing import override_stats
+from kdprune.data.limits import DatasetError
+from kdprune.data.prepare import _stratified_subset, channel_stats
+from kdprune.data.preprocessing import override_stats
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 SPLITS = (("train", "train"), ("test", "val"))  # prepared-dict split -> directory under data.root
@@ -450,7 +451,7 @@ def prepare(root: str, *, image_size: int, resize_size: int | None = None, inter
             x = torch.empty((n[split], *shape), dtype=torch.uint8)
             _decode_into(x, batches_for(files, out["preprocessing"]), torch.arange(n[split]), num_workers)
             out[f"{split}_x"] = x
-        else:  # the shape only: the pixels are decoded while training (kdprune.streaming)
+        else:  # the shape only: the pixels are decoded while training (kdprune.data.streaming)
             out[f"{split}_x"] = torch.empty((n[split], *shape), dtype=torch.uint8, device="meta")
     if path == "tensor":
         computed = channel_stats(out["train_x"])

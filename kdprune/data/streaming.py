@@ -23,8 +23,8 @@ from typing import Iterator
 
 import torch
 
-from kdprune.data import DatasetError
-from kdprune.imagefolder import FileIndex, batches_for, checked, worker_loader
+from kdprune.data.limits import DatasetError
+from kdprune.data.imagefolder import FileIndex, batches_for, checked, worker_loader
 
 
 class _EpochSpecs:
