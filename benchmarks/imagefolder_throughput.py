@@ -134,13 +134,13 @@ class MemoryMonitor(threading.Thread):
 def rss_child(root: Path, budget_mb: int, steps: int, workers: int, batch: int = BATCH) -> dict:
     """In a fresh process: prepare with data.loader auto and a low budget, then train ``steps`` steps."""
     from kdprune import stage
-    from kdprune.params import DataParams, Params, RuntimeParams, TrainParams
+    from kdprune.params import DataParams, Params, RuntimeParams, TeacherParams
 
     monitor = MemoryMonitor()
     monitor.start()
     params = Params(data=DataParams(name="imagefolder", root=str(root), image_size=IMAGE_SIZE, resize_size=RESIZE,
                                     memory_budget_mb=budget_mb, num_workers=workers, loader="auto", crop_padding=PAD),
-                    teacher=TrainParams(batch_size=batch), runtime=RuntimeParams(channels_last=False))
+                    teacher=TeacherParams(batch_size=batch), runtime=RuntimeParams(channels_last=False))
     params.validate()
     params.data.validate("data")
     d = params.data

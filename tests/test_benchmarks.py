@@ -19,7 +19,7 @@ def load_bench():
 def test_throughput_benchmark_runs_tiny(fake_root):
     bench = load_bench()
     data = prepare_dataset("fashion_mnist", str(fake_root), False, 0, 0, seed=0)
-    res = bench.run(n_images=300, workers=(0,), data=data)
+    res = bench.run(n_images=300, workers=(0,), data=data, peak_sizes=(128,))
     for key in ("a_ours_img_s", "b_naive_img_s", "b_datapath_img_s", "fp32_peak_gflops", "c_achieved_gflops"):
         assert res[key] > 0, key
     # a ResNet-8 training step is ~3x the forward FLOPs; the forward is ~9.3 MMAC = 18.7 MFLOP at 28x28
