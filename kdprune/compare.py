@@ -21,6 +21,8 @@ import subprocess
 import sys
 from typing import Any, Iterable, Iterator
 
+from kdprune.params import flatten
+
 # params shown first, in this order: what usually differs between experiments
 PARAM_COLUMNS = {"method": "prune.method", "ratio": "prune.ratio", "schedule": "prune.schedule",
                  "variants": "distill.variants", "epochs": "distill.epochs", "seed": "seed",
@@ -31,17 +33,6 @@ VARIANT_ORDER = ("kd", "finetune", "scratch", "scratch_kd")
 
 class CompareError(RuntimeError):
     pass
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in (d or {}).items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flat(v, key))
-        else:
-            out[key] = v
-    return out
 
 
 def _records(exp_show: list) -> Iterator[tuple[str, str, dict]]:
@@ -61,7 +52,7 @@ def _records(exp_show: list) -> Iterator[tuple[str, str, dict]]:
 
 def row_of(name: str, data: dict) -> dict[str, Any]:
     """One experiment's row: the chosen params and every metric of every metrics file, flattened."""
-    params = _flat(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
+    params = flatten(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
     metrics: dict[str, Any] = {}
     for _path, content in sorted((data.get("metrics") or {}).items()):
         for k, v in ((content or {}).get("data") or {}).items():

@@ -38,6 +38,19 @@ def default_params(root: Path = ROOT) -> dict:
     return yaml.safe_load(committed_params_text(root))
 
 
+def params_with(dotted: str, value, base: dict | None = None) -> dict:
+    """A deep copy of the committed params (or ``base``) with one dotted key set: ``params_with("prune.ratio", 1.2)``."""
+    import copy
+
+    raw = copy.deepcopy(default_params() if base is None else base)
+    *path, last = dotted.split(".")
+    node = raw
+    for k in path:
+        node = node[k]
+    node[last] = value
+    return raw
+
+
 def make_fake_images(n: int, classes: int = 10, size: int = 28, seed: int = 0):
     """Learnable synthetic images: each class lights a different square, plus noise."""
     rng = np.random.default_rng(seed)

@@ -18,19 +18,13 @@ from kdprune.params import (MAX_PARAMS_BYTES, DistillParams, ParamsError, Runtim
                             max_threads, params_from_dict)
 from kdprune.pruning import PruningError, global_magnitude_masks, l1_filter_prune
 from kdprune.train import TrainingDiverged, fit
-from tests.conftest import committed_params_text, default_params, write_fake_dataset
+from tests.conftest import params_with, committed_params_text, default_params, write_fake_dataset
 
 BASE = default_params()
 
 
 def with_value(dotted: str, value) -> dict:
-    raw = copy.deepcopy(BASE)
-    *path, last = dotted.split(".")
-    node = raw
-    for k in path:
-        node = node[k]
-    node[last] = value
-    return raw
+    return params_with(dotted, value, BASE)
 
 
 # --- unbounded params (old: accepted, then a segfault, a stalled machine, a traceback or NaN) ---------------
@@ -290,3 +284,15 @@ def test_shell_payload_in_a_param_never_runs_and_failed_experiments_keep_outputs
     out = fails("exp", "run", "-S", "prune.ratio=1.2")
     assert "params.yaml: prune.ratio = 1.2 is invalid" in out and "Running stage 'prune'" not in out
     assert "changed" not in dvc(repo, env, "status")  # the workspace is as it was: nothing to rerun
+
+
+def test_narrow_models_stay_nchw_on_the_cpu():
+    """torch 2.14.1's oneDNN fp32 channels-last backward aborted the process (double free) for ResNet-8 widths 2-7
+    on this CPU; such models now keep NCHW weights, wider ones still go channels-last."""
+    from kdprune.train import nhwc_safe, to_runtime
+
+    rt = RuntimeParams(channels_last=True)
+    narrow, wide = build_model(resnet_spec(8, 4, 1, 10)), build_model(resnet_spec(8, 8, 1, 10))
+    assert not nhwc_safe(narrow) and nhwc_safe(wide)
+    assert to_runtime(narrow, rt).conv1.weight.is_contiguous()  # NCHW
+    assert to_runtime(wide, rt).layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)

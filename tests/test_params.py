@@ -7,20 +7,14 @@ import pytest
 import yaml
 
 from kdprune.params import ParamsError, flatten, load_params, params_from_dict
-from tests.conftest import committed_params_text, default_params
+from tests.conftest import params_with, committed_params_text, default_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = default_params()
 
 
-def with_value(dotted: str, value):
-    raw = copy.deepcopy(BASE)
-    *path, last = dotted.split(".")
-    node = raw
-    for k in path:
-        node = node[k]
-    node[last] = value
-    return raw
+def with_value(dotted: str, value) -> dict:
+    return params_with(dotted, value, BASE)
 
 
 def test_repo_params_are_valid(tmp_path):
