@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from kdprune import metrics
@@ -33,7 +32,6 @@ def write_folder(root: Path, per_class=(30, 10)) -> Path:
     return root
 
 
-@pytest.mark.slow
 def test_torchvision_model_imported_teacher_image_folder_channel_pruning(tmp_path, venv_bin):
     repo, env = make_repo(tmp_path, venv_bin)
     folder = write_folder(tmp_path / "images")
