@@ -71,7 +71,7 @@ def test_sigkill_during_teacher_training_resumes(tmp_path):
     model, _, meta = io.load_checkpoint(work / "models" / "teacher.pt", expect_classes=10)
     assert meta["dataset"] == "fashion_mnist" and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     metrics = json.loads((work / "metrics" / "teacher.json").read_text())
-    assert metrics["epochs"] == 5 and 0 <= metrics["acc_teacher"] <= 100
+    assert set(metrics) == {"acc_teacher", "macs_teacher", "params_teacher"} and 0 <= metrics["acc_teacher"] <= 100
     curve = (work / "plots" / "teacher.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in curve[1:]] == ["1", "2", "3", "4", "5"]  # the whole curve survived
     assert not ckpt.exists()  # deleted once the outputs were written
