@@ -47,9 +47,10 @@ def load_preset(name: str) -> dict[str, Any]:
         raise PresetError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict):
         raise PresetError(f"{path}: needs a 'params' mapping of overrides (and a 'description')")
-    extra = set(raw) - {"description", "params"}
+    extra = set(raw) - {"description", "params", "study"}
     if extra:
-        raise PresetError(f"{path}: unknown top-level keys {sorted(extra)}; allowed: description, params")
+        raise PresetError(f"{path}: unknown top-level keys {sorted(extra)}; allowed: description, params, study "
+                          "(a study's plan, read by python -m kdprune study)")
     return raw
 
 

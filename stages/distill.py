@@ -6,17 +6,54 @@ kdprune/recovery.py says where each one starts and which loss it uses. They run 
 this one stage, each from the same seed, so each gives exactly what it gave in a process of its own.
 The stage's command names no variant: a param value never reaches the shell (dvc.yaml).
 
+Besides test accuracy, each variant's accuracy on a fixed subset of the training split (at most
+TRAIN_EVAL images, evenly spaced, no augmentation) is written as ``train_acc_<variant>``: a number a
+study may select settings on (for example KD's alpha and temperature) without looking at the test split.
+
 Resume: each variant keeps its resume checkpoint (checkpoints/distill_<variant>.pt) until the whole
 stage has finished, so a rerun after a kill skips the variants that had finished and resumes the one
 that was running.
 """
 import time
 
+import torch
+
 from kdprune import distributed, io, stage
+from kdprune.data.imagefolder import FileIndex
+from kdprune.data.loader import TensorLoader
+from kdprune.data.streaming import StreamLoader, split_files
+from kdprune.measure import accuracy
 from kdprune.params import Params
 from kdprune.pruning import count_params, count_prunable
 from kdprune.recovery import agp_schedule, starting_point
 from kdprune.train import fit, seed_everything, setup_runtime
+
+
+TRAIN_EVAL = 10_000  # training images scored per variant (train_acc_<variant>): ~1/6 of a test pass per 10k
+
+
+def train_eval_indices(n: int, limit: int = TRAIN_EVAL) -> torch.Tensor:
+    """``min(n, limit)`` evenly spaced indices into a split of ``n`` (the same for every seed and variant;
+    splits are stored class by class or shuffled, and even spacing covers every class either way)."""
+    k = min(n, limit)
+    return torch.div(torch.arange(k, dtype=torch.int64) * n, k, rounding_mode="floor") if k else torch.zeros(0, dtype=torch.int64)
+
+
+def train_eval_loader(params: Params, data: dict, device):
+    """Unaugmented batches of the fixed training subset (train_eval_indices), on the tensor or stream path."""
+    y = data["train_y"]
+    idx = train_eval_indices(len(y))
+    common = dict(batch_size=params.evaluate.batch_size, train=False, device=device,
+                  channels_last=params.runtime.channels_last)
+    if data.get("loader") == "stream":
+        files = split_files(data, "train")
+        rel = [files.blob[files.offsets[i]:files.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+               for i in idx.tolist()]
+        sub = FileIndex.pack(files.root, rel, files.sizes[idx.numpy()])
+        return StreamLoader(sub, data["preprocessing"], y[idx], data["mean"], data["std"],
+                            num_workers=params.data.num_workers, **common)
+    return TensorLoader(stage.to_device(data["train_x"][idx], device), stage.to_device(y[idx], device),
+                        data["mean"], data["std"], **common)
 
 
 def recover(params: Params, variant: str, data: dict, device) -> None:
@@ -50,7 +87,9 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
                        meta={**meta, "variant": variant, "alpha": start.alpha, "at_beta": start.at_beta,
                              "gradual": start.gradual})
     # metrics only, each in one file (kdprune/metrics.py); alpha, at_beta, gradual: in the checkpoint's meta
-    io.write_json(stage.METRICS / "distill" / f"{variant}.json", {f"acc_{variant}": history[-1]["test_acc"]})
+    train_acc = round(accuracy(student, train_eval_loader(params, data, device)), 2)
+    io.write_json(stage.METRICS / "distill" / f"{variant}.json",
+                  {f"acc_{variant}": history[-1]["test_acc"], f"train_acc_{variant}": train_acc})
     columns = ("epoch", "lr", "train_loss", "train_acc", "test_acc") + (("prunable_sparsity",) if start.gradual else ())
     stage.write_curve(stage.PLOTS / "distill" / f"{variant}.csv", history, columns)
     stage.write_timing(f"distill_{variant}", history, wall_seconds=round(time.perf_counter() - t0, 3))
