@@ -322,13 +322,14 @@ def reports_experiment(experiment: str) -> str:
     return f"{experiment}-reports"
 
 
-def log_summary(uri: str, experiment: str, files: list[Path], n_runs: int) -> str:
+def log_summary(uri: str, experiment: str, files: list[Path], n_runs: int, kind: str = "report") -> str:
+    """A summary run (``kind``: report, frontier, study) in ``<experiment>-reports`` holding ``files``."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp_id = tracking.ensure_experiment(client, reports_experiment(experiment), tracking.artifact_location())
-    name = f"report ({plural(n_runs, 'run')} of {experiment})"
-    tags = {tracking.KIND_TAG: "report", "kdprune.experiment": experiment}
+    name = f"{kind} ({plural(n_runs, 'run')} of {experiment})"
+    tags = {tracking.KIND_TAG: kind, "kdprune.experiment": experiment}
     run = tracking.retry(lambda: client.create_run(exp_id, run_name=name, tags=tags), "create run")
     for f in files:
         tracking.retry(lambda: client.log_artifact(run.info.run_id, str(f)), "log artifact")

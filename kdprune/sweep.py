@@ -125,6 +125,39 @@ def run_names(experiment: str) -> dict[str, int]:
     return counts
 
 
+def run_grid(grid: list[tuple], extra: list[str], jobs: int, prefix: str, experiment: str,
+             log=lambda m: print(m, flush=True)) -> tuple[dict, dict[str, str], dict[str, int], float]:
+    """Queue one DVC experiment per grid point and run the queue; return (point -> experiment name,
+    experiment name -> queue status, experiment name -> number of FINISHED MLflow runs, seconds).
+
+    A point is ``(seed, ratio)`` or ``(seed, ratio, sets)`` with ``sets`` a tuple of ``key=value`` overrides
+    of that point alone (``extra`` applies to every point). Two phases: first one experiment per seed
+    (each trains that seed's teacher), then the rest, which restore their teacher from the run-cache."""
+    first_per_seed: dict[int, tuple] = {}
+    for g in grid:
+        first_per_seed.setdefault(g[0], g)
+    phases = [list(first_per_seed.values()), [g for g in grid if g not in first_per_seed.values()]]
+    names: dict[tuple, str] = {}
+    t0 = time.time()
+    for i, phase in enumerate(phases, 1):
+        if not phase:
+            continue
+        for point in phase:
+            seed, ratio, sets = point[0], point[1], (point[2] if len(point) > 2 else ())
+            name = f"{prefix}-r{ratio:g}-s{seed}-{int(t0)}".replace(".", "p")
+            if len(grid) > len({g[:2] for g in grid}):  # several points share (seed, ratio): number them
+                name += f"-{grid.index(point)}"
+            dvc("exp", "run", "--queue", "--name", name, "-S", f"prune.ratio={ratio}", "-S", f"seed={seed}",
+                *extra, *(a for s in sets for a in ("-S", s)))
+            names[point] = name
+        n_jobs = min(jobs, len(phase))
+        log(f"phase {i}: {len(phase)} experiments queued, starting {n_jobs} worker(s)")
+        start_workers(n_jobs)
+        wait_for_queue()
+    status = {s.get("name"): str(s.get("status")) for s in queue_status()}
+    return names, status, run_names(experiment), time.time() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kdprune.sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,29 +189,11 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"ratio {r:g} seed {s}" for s, r in grid), flush=True)
     if args.pull:
         print(f"sweep: pulled the run-cache ({sync_run_cache('pull')} outputs named)", flush=True)
-    first_per_seed: dict[int, tuple[int, float]] = {}
-    for s, r in grid:
-        first_per_seed.setdefault(s, (s, r))
-    phases = [list(first_per_seed.values()), [g for g in grid if g not in first_per_seed.values()]]
-    names: dict[tuple[int, float], str] = {}
-    t0 = time.time()
-    for i, phase in enumerate(phases, 1):
-        if not phase:
-            continue
-        for seed, ratio in phase:
-            name = f"sweep-r{ratio:g}-s{seed}-{int(t0)}".replace(".", "p")
-            dvc("exp", "run", "--queue", "--name", name, "-S", f"prune.ratio={ratio}", "-S", f"seed={seed}", *extra)
-            names[(seed, ratio)] = name
-        jobs = min(args.jobs, len(phase))
-        print(f"phase {i}: {len(phase)} experiments queued, starting {jobs} worker(s)", flush=True)
-        start_workers(jobs)
-        wait_for_queue()
-    status = {s.get("name"): str(s.get("status")) for s in queue_status()}
-    counts = run_names(experiment)
+    names, status, counts, seconds = run_grid(grid, extra, args.jobs, "sweep", experiment)
     failed = [n for n in names.values() if status.get(n) == "Failed"]
     missing = [n for n in names.values() if counts.get(n, 0) == 0 and n not in failed]
     dup = [n for n in names.values() if counts.get(n, 0) > 1]
-    print(f"sweep: {len(names)} experiments in {time.time() - t0:.0f} s; MLflow runs found for "
+    print(f"sweep: {len(names)} experiments in {seconds:.0f} s; MLflow runs found for "
           f"{sum(1 for n in names.values() if counts.get(n, 0) >= 1)}; failed: {failed or 'none'}; "
           f"missing: {missing or 'none'}; duplicated: {dup or 'none'}")
     if failed:

@@ -1,0 +1,243 @@
+"""kdprune.frontier: the bisection on a fake accuracy curve, the bootstrap bracket, resume from the records
+file alone (a fresh machine), the CLI's and params' errors, and a tiny real search through DVC's queue."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from kdprune import frontier as F
+from kdprune import sweep
+from kdprune.params import flatten
+from tests.conftest import default_params
+
+TEACHER = 93.0
+SLOPE = {"kd": 0.5, "finetune": 0.8}  # points lost per (ln c - ln 5)^2: kd degrades more slowly
+
+
+def fake_acc(method: str, c: float, seed: int) -> float:
+    noise = 0.05 * ((seed * 7919 + int(c * 100)) % 7 - 3)
+    return TEACHER - SLOPE[method] * max(0.0, math.log(c) - math.log(5)) ** 2 + noise
+
+
+def exact_frontier(method: str, budget: float) -> float:
+    return 5 * math.exp(math.sqrt(budget / SLOPE[method]))
+
+
+def fake_probe(ratio: float, seeds: list[int]) -> F.Probe:
+    c = 1 / (1 - ratio)
+    return F.Probe(ratio, list(seeds), {m: np.array([fake_acc(m, c, s) for s in seeds]) for m in SLOPE},
+                   np.full(len(seeds), TEACHER), c, c, [f"run-{ratio}-{s}" for s in seeds])
+
+
+def test_axis_round_trips_and_rounds_ratios():
+    assert F.ratio_of_compression(20) == 0.95 and F.ratio_of_compression(50) == 0.98
+    assert F.ratio_of_u(F.u_of_ratio(0.9)) == 0.9
+    assert math.isclose(math.exp(F.u_of_ratio(0.99)), 100)
+
+
+def test_bisection_finds_the_frontier_of_a_fake_curve_to_the_tolerance():
+    seeds = [0, 1, 2]
+    store: dict[float, F.Probe] = {}
+    batches = []
+
+    def run(ratios):
+        batches.append(list(ratios))
+        for r in ratios:
+            assert r not in store, f"ratio {r} probed twice"
+            store[r] = fake_probe(r, seeds)
+        return sorted(store.values(), key=lambda p: p.ratio)
+
+    probes = F.search(run, [], list(SLOPE), [0.5, 1.0, 2.0], lo=2, hi=200, tolerance=1.1, max_probes=40,
+                      log=lambda m: None)
+    assert batches[0] == [0.5, 0.995]  # the range's ends first
+    for budget in (0.5, 1.0, 2.0):
+        for m in SLOPE:
+            f = F.frontier(probes, m, budget)
+            assert f.lo is not None and f.hi is not None and f.width <= math.log(1.1) + 1e-9
+            assert f.lo.compression <= f.estimate <= f.hi.compression
+            assert abs(math.log(f.estimate / exact_frontier(m, budget))) < math.log(1.1), (m, budget, f.estimate)
+            assert f.interval[0] <= f.estimate <= f.interval[1]
+    # kd's frontier lies further out than finetune's at every budget, as the fake curve says
+    assert all(F.frontier(probes, "kd", b).estimate > F.frontier(probes, "finetune", b).estimate for b in (0.5, 1, 2))
+
+
+def test_search_stops_at_max_probes_and_a_failed_probe_is_an_error():
+    probes = F.search(lambda rs: [fake_probe(r, [0, 1]) for r in rs], [], ["kd"], [1.0], 2, 200, 1.05, 2,
+                      log=lambda m: None)
+    assert [p.ratio for p in probes] == [0.5, 0.995]
+    with pytest.raises(F.FrontierError, match="no complete result"):
+        F.search(lambda rs: [], [], ["kd"], [1.0], 2, 200, 1.05, 8, log=lambda m: None)
+
+
+def test_censored_frontiers_and_nan_is_a_failure():
+    flat = [fake_probe(r, [0, 1]) for r in (0.5, 0.6)]  # within every budget: the frontier is beyond the range
+    f = F.frontier(flat, "kd", 2.0)
+    assert f.censored == ">=" and f.estimate == flat[-1].compression and F.describe(f).startswith(">= ")
+    bad = fake_probe(0.5, [0, 1])
+    bad.acc["kd"] = np.array([float("nan"), 93.0])
+    f = F.frontier([bad, fake_probe(0.6, [0, 1])], "kd", 1.0)
+    assert f.censored == "<" and F.describe(f).startswith("< ")  # a NaN mean never passes
+
+
+def test_bootstrap_bracket_is_seeded_and_widens_with_noise():
+    def probes(noise):
+        out = []
+        for r in (0.9, 0.95, 0.98):
+            p = fake_probe(r, list(range(6)))
+            p.acc["kd"] = p.acc["kd"] + noise * np.array([1, -1, 2, -2, 0.5, -0.5])
+            out.append(p)
+        return out
+    quiet, loud = F.frontier(probes(0.01), "kd", 1.0), F.frontier(probes(1.0), "kd", 1.0)
+    assert F.frontier(probes(1.0), "kd", 1.0).interval == loud.interval  # deterministic
+    assert loud.interval[1] - loud.interval[0] > quiet.interval[1] - quiet.interval[0]
+
+
+@pytest.mark.parametrize("logged,target,same", [
+    ("0.05", 0.05, True), ("5", 5, True), ("2.0", 2, True), ("2", 2.0, True), ("0.5", 0.05, False),
+    ("None", None, True), ("True", True, True), ("False", True, False), ("['kd', 'finetune']", ["kd", "finetune"], True),
+    ("[0.1, 1]", [0.1, 1.0], True), ("{}", {}, True), ("magnitude", "magnitude", True), ("__import__('os')", [1], False),
+])
+def test_same_value_compares_logged_strings_with_yaml_values(logged, target, same):
+    assert F.same_value(logged, target) is same
+
+
+# ----------------------------------------------------------------------------- the CLI, with a fake queue
+def run_row(params: dict, ratio: float, seed: int, t: int) -> dict:
+    flat = {**flatten(params), "prune.ratio": ratio, "seed": seed}
+    c = 1 / (1 - ratio)
+    row = {"run_id": f"fake{t:04d}", "status": "FINISHED", "start_time": str(t), "dvc_exp_name": f"e{t}"}
+    row.update({f"params.{k}": str(v) for k, v in flat.items()})
+    row.update(acc_teacher=TEACHER, acc_pruned=50.0, compression_ratio=c * 0.98, prunable_compression_ratio=c,
+               mac_reduction=c * 0.9, **{f"acc_{m}": fake_acc(m, c, seed) for m in SLOPE})
+    return row
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    params = default_params()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'fresh.db'}")
+    return tmp_path, params
+
+
+def fake_queue(monkeypatch, params, records, calls):
+    def run_grid(grid, extra, jobs, prefix, experiment, log=print):
+        calls.append(sorted(grid))
+        assert "-S" in extra and "distill.variants=[kd,finetune]" in extra and "distill.epochs=3" in extra
+        old = pd.read_csv(records, dtype=str, keep_default_na=False) if records.exists() else pd.DataFrame()
+        p = F.nest({**flatten(params), "distill.epochs": 3, "distill.variants": ["kd", "finetune"]})
+        new = pd.DataFrame([run_row(p, r, s, len(old) + i) for i, (s, r) in enumerate(grid)])
+        pd.concat([old, new.astype(str)]).to_csv(records, index=False)
+        return {g: f"n{i}" for i, g in enumerate(grid)}, {}, {}, 0.0
+    monkeypatch.setattr(sweep, "run_grid", run_grid)
+
+
+def test_cli_searches_then_resumes_from_the_records_alone(workdir, monkeypatch, capsys):
+    tmp, params = workdir
+    records = tmp / "metrics" / "frontier_runs.csv"
+    records.parent.mkdir()
+    calls: list = []
+    fake_queue(monkeypatch, params, records, calls)
+    args = ["--budget", "0.5,1", "--seeds", "0,1", "--set", "distill.epochs=3", "--lo", "4", "--hi", "64",
+            "--tolerance", "1.3", "--no-mlflow-summary"]
+    assert F.main(args + ["--max-probes", "3"]) == 0  # stops early: the ends and one midpoint
+    assert calls[0] == [(0, 0.75), (0, 0.9844), (1, 0.75), (1, 0.9844)] and len(calls) == 2
+    first = {tuple(c) for batch in calls for c in batch}
+    # a fresh machine: an empty MLflow store; only the committed records are left
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'other.db'}")
+    assert F.main(args + ["--max-probes", "30"]) == 0
+    later = [tuple(c) for batch in calls[2:] for c in batch]
+    assert later and not set(later) & first  # nothing trained twice
+    out = capsys.readouterr().out
+    assert "every bracket is within 1.3x" in out and "within 0.5 pt of the teacher (93.00 %): kd reaches" in out
+    table = (tmp / "metrics" / "frontier.csv").read_text()
+    assert "kd_mean" in table and "fake0000" in table and (tmp / "plots" / "frontier.png").stat().st_size > 1000
+    md = (tmp / "metrics" / "frontier.md").read_text()
+    assert "| 1 | kd |" in md and "bootstrap" in md
+    n_calls = len(calls)
+    assert F.main(args + ["--analyse"]) == 0 and len(calls) == n_calls  # --analyse trains nothing
+    # the records hold every run once
+    rec = pd.read_csv(records, dtype=str)
+    assert rec["run_id"].is_unique and len(rec) == 2 * len({r for b in calls for _, r in b})
+
+
+def test_runs_with_other_params_are_not_probes(workdir, monkeypatch):
+    tmp, params = workdir
+    records = tmp / "metrics" / "frontier_runs.csv"
+    records.parent.mkdir()
+    other = F.nest({**flatten(params), "distill.epochs": 1, "distill.variants": ["kd", "finetune"]})
+    pd.DataFrame([run_row(other, r, s, i) for i, (s, r) in enumerate([(0, 0.75), (1, 0.75)])]).to_csv(records, index=False)
+    runs = F.read_records(records)
+    _, target = F.target_params(tmp / "params.yaml", {"distill.epochs": 3}, ["kd", "finetune"])
+    assert F.matching(runs, target, ["kd", "finetune"]).empty
+    _, target = F.target_params(tmp / "params.yaml", {"distill.epochs": 1}, ["kd", "finetune"])
+    assert len(F.probes_from_runs(F.matching(runs, target, ["kd", "finetune"]), ["kd", "finetune"], [0, 1])) == 1
+    assert F.probes_from_runs(F.matching(runs, target, ["kd", "finetune"]), ["kd", "finetune"], [0, 1, 2]) == []
+    assert F.matching(runs, target, ["kd", "scratch"]).empty  # a method the runs did not train
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--budget", "-1"], "--budget -1.0 is out of range"),
+    (["--budget", "nan"], "--budget nan is out of range"),
+    (["--budget", "1;rm"], "not a comma-separated list of numbers"),
+    (["--seeds", "0,0"], "distinct"),
+    (["--seeds", "-1"], "--seeds '-1'"),
+    (["--seeds", "4294967296"], "[0, 2^32)"),
+    (["--methods", "kd,kd$(touch x)"], "--methods"),
+    (["--lo", "10", "--hi", "5"], "--hi 5.0 is out of range"),
+    (["--tolerance", "0.5"], "--tolerance 0.5 is out of range"),
+    (["--max-probes", "1000"], "--max-probes 1000"),
+    (["-j", "0"], "-j 0"),
+    (["--set", "prune.ratio=0.5"], "--set prune.ratio: the search sets it"),
+    (["--set", "teacher.lr=1e30"], "teacher.lr"),
+    (["--set", "teacher.typo=1"], "typo"),
+    (["--set", "noequals"], "use key=value"),
+    (["--set", "distill.epochs=*a"], "--set distill.epochs: cannot read the value"),
+])
+def test_cli_errors_name_the_option(workdir, argv, message, capsys):
+    assert F.main(argv + ["--analyse", "--no-mlflow-summary"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_corrupt_records_file_is_named(workdir, capsys):
+    tmp, _ = workdir
+    bad = tmp / "bad.csv"
+    bad.write_bytes(b"\xff\xfe\x00garbage\n\x00\x01")
+    assert F.main(["--analyse", "--records", str(bad), "--no-mlflow-summary"]) == 2
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_no_matching_runs_is_a_clear_error(workdir, capsys):
+    assert F.main(["--analyse", "--no-mlflow-summary"]) == 2
+    assert "no finished probes match params.yaml" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- a tiny real search
+def test_tiny_real_search_through_the_dvc_queue_then_resume_trains_nothing(tmp_path, venv_bin):
+    from tests.test_e2e import git, make_repo
+
+    repo, env = make_repo(tmp_path, venv_bin)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["teacher"]["epochs"] = 1
+    params["evaluate"]["latency_repeats"] = 0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(repo, env, "add", "-A")
+    git(repo, env, "commit", "-qm", "tiny")
+    cmd = [str(venv_bin / "python"), "-m", "kdprune.frontier", "--budget", "50", "--seeds", "0", "--lo", "2",
+           "--hi", "4", "--tolerance", "10"]
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "frontier: probing ratios 0.5, 0.75" in r.stdout and "failed: none" in r.stdout
+    assert "within 50 pt of the teacher" in r.stdout and "mlflow: frontier logged as run" in r.stdout
+    rec = pd.read_csv(repo / "metrics" / "frontier_runs.csv", dtype=str)
+    assert sorted(rec["params.prune.ratio"]) == ["0.5", "0.75"] and rec["run_id"].is_unique
+    assert (repo / "plots" / "frontier.png").exists()
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "probing" not in r.stdout and "2 finished probes found" in r.stdout, r.stdout
+    assert len(pd.read_csv(repo / "metrics" / "frontier_runs.csv", dtype=str)) == 2
