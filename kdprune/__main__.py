@@ -3,6 +3,7 @@
   sweep     queue prune ratio x seed experiments and wait for them      (kdprune.sweep)
   report    the sweep report: table, paired test, plot                  (kdprune.report)
   frontier  the accuracy / compression frontier                         (kdprune.frontier)
+  study     run (or resume) a preset's study in parts; its analysis     (kdprune.study)
   presets   list, show or run the paper presets                         (kdprune.presets)
   relog     log the current metrics/ and plots/ to MLflow again         (kdprune.tracking relog)
   compare   compare runs                                                (kdprune.compare)
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sweep": ("kdprune.sweep", ()),
     "report": ("kdprune.report", ()),
     "frontier": ("kdprune.frontier", ()),
+    "study": ("kdprune.study", ()),
     "presets": ("kdprune.presets", ()),
     "relog": ("kdprune.tracking", ("relog",)),
     "compare": ("kdprune.compare", ()),

@@ -344,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("."), help="directory that gets metrics/ and plots/")
     ap.add_argument("--no-mlflow-summary", action="store_true", help="don't log the report as an MLflow run")
     ap.add_argument("--methods", action="store_true", help="write the methods table (metrics/methods.md) instead")
+    ap.add_argument("--records", type=Path, action="append", default=[],
+                    help="also read the runs of a per-run records CSV (e.g. metrics/study_runs.csv; repeatable): "
+                         "a clone whose mlflow.db lacks them reports them too")
     args = ap.parse_args(argv)
     params = load_params()
     current = flatten(yaml.safe_load(Path("params.yaml").read_text()))
@@ -351,6 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.methods:
         return methods_main(args.out, current, uri, params.mlflow.experiment, args.all)
     df = fetch_runs(uri, params.mlflow.experiment)
+    if args.records:
+        from kdprune import frontier
+
+        try:
+            df = frontier.merge_runs(df, *(frontier.read_records(p) for p in args.records))
+        except frontier.FrontierError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for c in ("start_time", "end_time"):
+            if c in df:
+                df[c] = pd.to_numeric(df[c], errors="coerce")
     runs, excluded = select_comparable(df, {} if args.all else current)
     if runs.empty:
         print(f"error: no comparable pipeline runs in {uri} (experiment '{params.mlflow.experiment}'; "

@@ -54,7 +54,7 @@ def test_dispatcher_help_lists_every_command():
     r = subprocess.run([sys.executable, "-m", "kdprune", "--help"], cwd=ROOT, env=env(), capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0
-    for command in ("sweep", "report", "frontier", "presets", "relog", "compare", "runcache"):
+    for command in ("sweep", "report", "frontier", "study", "presets", "relog", "compare", "runcache"):
         assert command in r.stdout
     r = subprocess.run([sys.executable, "-m", "kdprune", "presets", "list"], cwd=ROOT, env=env(),
                        capture_output=True, text=True, timeout=60)

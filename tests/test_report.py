@@ -152,6 +152,16 @@ def test_report_traces_every_number_and_logs_to_its_own_experiment(tmp_path, mon
     assert rexp.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
     assert "report_runs.csv" in {a.path for a in client.list_artifacts(summary.info.run_id)}
 
+    # a fresh clone: an empty MLflow store and the committed records give the same report
+    md = (tmp_path / "metrics" / "report.md").read_text()
+    shutil.copy(tmp_path / "metrics" / "report_runs.csv", tmp_path / "records.csv")
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    assert report.main(["--no-mlflow-summary"]) == 2  # nothing in the store
+    assert report.main(["--records", "records.csv", "--no-mlflow-summary"]) == 0
+    assert (tmp_path / "metrics" / "report.md").read_text() == md
+    (tmp_path / "bad.csv").write_text("no,run,ids\n1,2,3\n")
+    assert report.main(["--records", "bad.csv", "--no-mlflow-summary"]) == 2
+
 
 def test_runs_table_has_ids_status_params_and_metrics_not_derived_columns():
     df = pd.DataFrame([{"run_id": "b", "status": "FINISHED", "dvc_exp_name": "e2", "params.seed": "1",

@@ -1,0 +1,506 @@
+"""A study: a preset's planned grid of experiments, run in resumable parts, and its analysis.
+
+  python -m kdprune study [--preset study-fashion] [--part-minutes 80] [-j 1]   # run (or resume) one part
+  python -m kdprune study --analyse                                            # tables and frontier only
+  python -m kdprune study --plan                                               # list the experiments, done or not
+
+The plan is the preset's ``study`` section (presets/study-fashion.yaml): ``records`` (the per-run CSV), and
+``cells``, each with ``ratios``, ``seeds``, optional ``set`` (overrides) and ``grid`` (every combination of
+the listed values), then ``frontier`` (budgets, methods, seeds, tolerance: a bisection between the cells'
+smallest and largest ratio, kdprune/frontier.py). Every experiment is params.yaml + the preset's params +
+its cell's overrides + its ratio and seed; all are validated before anything runs.
+
+Resume: an experiment is done when a finished run with its params is in MLflow or in the records CSV
+(committed after each part, so a fresh clone with an empty ``mlflow.db`` resumes too). A run counts for
+an experiment whose ``distill.variants`` it includes (each variant trains independently from the same
+seed), so a cell never retrains what the core grid already ran. A part runs the missing experiments in
+plan order, one queued DVC experiment at a time, and starts no new one after ``--part-minutes``; the
+records file is rewritten after every experiment. A part killed mid-experiment loses that experiment only.
+
+The analysis (metrics/study.md, metrics/study.csv; metrics/frontier.*, plots/frontier.png) reads the runs
+from MLflow and the records alike.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kdprune import frontier as F
+from kdprune import io
+from kdprune.params import ParamsError, flatten, params_from_dict, safe_load_yaml
+
+MAX_EXPERIMENTS = 2000
+MAX_LIST = 64
+CELL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+FORBIDDEN = ("prune.ratio", "seed")
+
+
+class StudyError(ValueError):
+    """A bad study plan or option; the message names the preset file and key (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    cell: str
+    seed: int
+    ratio: float
+    overrides: tuple[tuple[str, Any], ...]  # flat key -> value, beyond params.yaml (preset params included)
+
+    @property
+    def flat(self) -> dict[str, Any]:
+        return dict(self.overrides)
+
+    def sets(self) -> tuple[str, ...]:
+        from kdprune.presets import _value
+
+        return tuple(f"{k}={_value(v)}" for k, v in self.overrides)
+
+    def describe(self) -> str:
+        own = {k: v for k, v in self.overrides if not k.startswith(("mlflow.", "evaluate."))}
+        return f"{self.cell}: ratio {self.ratio:g} seed {self.seed} " + " ".join(f"{k}={v}" for k, v in own.items())
+
+
+@dataclass
+class Plan:
+    name: str
+    path: Path
+    records: Path
+    experiments: list[Experiment]
+    frontier: dict[str, Any]
+    experiment: str  # the MLflow experiment
+    base: dict[str, Any]  # params.yaml + the preset's params, flat
+    grids: dict[str, list[str]]  # cell -> the keys its grid varies
+
+
+def _list(raw: Any, where: str, cast, check=lambda v: True, allowed: str = "") -> list:
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_LIST:
+        raise StudyError(f"{where}: expected a list of 1 to {MAX_LIST} values, got {str(raw)[:80]!r}")
+    out = []
+    for v in raw:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not check(v):
+            raise StudyError(f"{where}: {str(v)[:40]!r} is not allowed ({allowed})")
+        out.append(cast(v))
+    if len(set(out)) != len(out):
+        raise StudyError(f"{where}: values repeat")
+    return out
+
+
+def load_plan(name: str, params_path: Path = Path("params.yaml")) -> Plan:
+    from kdprune import presets
+
+    try:
+        raw = presets.load_preset(name)
+    except presets.PresetError as e:
+        raise StudyError(str(e)) from None
+    path = presets.PRESETS / f"{name}.yaml"
+    study = raw.get("study")
+    if not isinstance(study, dict):
+        raise StudyError(f"{path}: no 'study' section (a plan of cells); see presets/study-fashion.yaml")
+    extra = set(study) - {"records", "cells", "frontier"}
+    if extra:
+        raise StudyError(f"{path}: study: unknown keys {sorted(extra)}; allowed: records, cells, frontier")
+    records = study.get("records", "metrics/study_runs.csv")
+    if not isinstance(records, str) or not re.fullmatch(r"metrics/[A-Za-z0-9_.-]{1,80}\.csv", records):
+        raise StudyError(f"{path}: study.records {str(records)[:80]!r}: must be metrics/<name>.csv")
+    base_raw = presets.merge(safe_load_yaml(params_path.read_text()), raw["params"])
+    base = flatten(base_raw)
+    preset_flat = flatten(raw["params"])
+    cells = study.get("cells")
+    if not isinstance(cells, list) or not cells:
+        raise StudyError(f"{path}: study.cells must be a non-empty list")
+    experiments: list[Experiment] = []
+    grids: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for i, cell in enumerate(cells):
+        where = f"{path}: study.cells[{i}]"
+        if not isinstance(cell, dict) or set(cell) - {"name", "ratios", "seeds", "set", "grid"}:
+            raise StudyError(f"{where}: a mapping with name, ratios, seeds, and optional set and grid")
+        cname = cell.get("name")
+        if not isinstance(cname, str) or not CELL_NAME.match(cname) or cname in seen:
+            raise StudyError(f"{where}.name {str(cname)[:40]!r}: a unique name of lower-case letters, digits, _")
+        seen.add(cname)
+        ratios = _list(cell.get("ratios"), f"{where}.ratios", float, lambda v: 0 < v < 1, "0 < ratio < 1")
+        seeds = _list(cell.get("seeds"), f"{where}.seeds", int,
+                      lambda v: isinstance(v, int) and 0 <= v < 2 ** 32, "integers in [0, 2^32)")
+        sets = cell.get("set", {}) or {}
+        grid = cell.get("grid", {}) or {}
+        if not isinstance(sets, dict) or not isinstance(grid, dict) or len(sets) + len(grid) > MAX_LIST:
+            raise StudyError(f"{where}: set and grid must be mappings of dotted param keys")
+        for key in [*sets, *grid]:
+            if key in FORBIDDEN or not isinstance(key, str) or key not in base:
+                raise StudyError(f"{where}: key {str(key)[:60]!r} is not allowed (a params.yaml key other than "
+                                 f"{', '.join(FORBIDDEN)}, which ratios and seeds set)")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not 1 <= len(values) <= 16:
+                raise StudyError(f"{where}.grid.{key}: a list of 1 to 16 values")
+        grids[cname] = list(grid)
+        combos = [dict(zip(grid, c)) for c in itertools.product(*grid.values())] or [{}]
+        for seed in seeds:
+            for ratio in ratios:
+                for combo in combos:
+                    over = {**preset_flat, **sets, **combo}
+                    flat = {**base, **over, "prune.ratio": ratio, "seed": seed}
+                    try:
+                        params_from_dict(F.nest(flat))
+                    except ParamsError as e:
+                        raise StudyError(f"{where} (ratio {ratio}, seed {seed}, {combo}): {e}") from None
+                    experiments.append(Experiment(cname, seed, ratio, tuple(sorted(over.items()))))
+                    if len(experiments) > MAX_EXPERIMENTS:
+                        raise StudyError(f"{path}: more than {MAX_EXPERIMENTS} experiments planned")
+    fr = study.get("frontier") or {}
+    if not isinstance(fr, dict) or set(fr) - {"budgets", "methods", "seeds", "tolerance"}:
+        raise StudyError(f"{path}: study.frontier: a mapping with budgets, methods, seeds, tolerance")
+    try:
+        frontier = {"budgets": F.parse_floats(",".join(map(str, fr.get("budgets", [1.0]))), "budgets", 0, 100),
+                    "methods": F.parse_methods(",".join(map(str, fr.get("methods", ["kd", "finetune"])))),
+                    "seeds": F.parse_seeds(",".join(map(str, fr.get("seeds", [0, 1, 2])))),
+                    "tolerance": F.parse_floats(str(fr.get("tolerance", 1.5)), "tolerance", 1, 100)[0]}
+    except F.FrontierError as e:
+        raise StudyError(f"{path}: study.frontier: {e}") from None
+    return Plan(name, path, Path(records), experiments, frontier, str(base.get("mlflow.experiment")), base, grids)
+
+
+# ---------------------------------------------------------------------------------------------- progress
+def target(plan: Plan, e: Experiment) -> tuple[dict[str, Any], list[str]]:
+    flat = {**plan.base, **e.flat, "prune.ratio": e.ratio, "seed": e.seed}
+    return flat, [str(v) for v in flat["distill.variants"]]
+
+
+def run_for(plan: Plan, runs: pd.DataFrame, e: Experiment) -> pd.Series | None:
+    """The newest finished run that covers ``e`` (its params, every variant of it), or None."""
+    flat, variants = target(plan, e)
+    m = F.matching(runs, flat, variants)
+    if m.empty:
+        return None
+    hit = m[(m["ratio"] == round(e.ratio, 6)) & (m["seed"] == e.seed)]
+    return None if hit.empty else hit.iloc[-1]
+
+
+def load(plan: Plan, uri: str | None) -> pd.DataFrame:
+    runs = F.load_runs(plan.records, uri, plan.experiment)
+    F.write_records(plan.records, runs)
+    return runs
+
+
+class PartOver(Exception):
+    pass
+
+
+def clock() -> float:
+    return time.time()
+
+
+def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: print(m, flush=True)) -> bool:
+    """Run missing experiments in plan order until the part's time is up; True when the plan is complete."""
+    from kdprune import sweep
+
+    t0 = clock()
+    runs = load(plan, uri)
+    todo = [e for e in plan.experiments if run_for(plan, runs, e) is None]
+    log(f"study {plan.name}: {len(plan.experiments) - len(todo)} of {len(plan.experiments)} experiments done; "
+        f"this part runs at most {minutes:g} minutes")
+    for e in todo:
+        if clock() - t0 > minutes * 60:
+            log(f"study: the part's {minutes:g} minutes are up; rerun the same command to resume")
+            return False
+        runs = load(plan, uri)
+        if run_for(plan, runs, e) is not None:
+            continue
+        log(f"study: {e.describe()}")
+        names, status, counts, seconds = sweep.run_grid([(e.seed, e.ratio, e.sets())], [], jobs, f"study-{e.cell}",
+                                                        plan.experiment, log)
+        runs = load(plan, uri)
+        ok = run_for(plan, runs, e) is not None
+        log(f"study: {'done' if ok else 'FAILED (see dvc queue logs ' + ', '.join(names.values()) + ')'} "
+            f"in {seconds:.0f} s")
+    # the frontier probes: bisection between the cells' range, on the frontier's seeds
+    fr = plan.frontier
+
+    def run_batch(ratios: list[float]) -> list[F.Probe]:
+        if clock() - t0 > minutes * 60:
+            raise PartOver
+        core = dict(plan.experiments[0].overrides)
+        core["distill.variants"] = fr["methods"]
+        grid = [(s, r, Experiment("frontier", s, r, tuple(sorted(core.items()))).sets())
+                for s in fr["seeds"] for r in ratios]
+        sweep.run_grid(grid, [], jobs, "study-frontier", plan.experiment, log)
+        return study_probes(plan, load(plan, uri))
+
+    lo, hi = frontier_range(plan)
+    try:
+        F.search(run_batch, study_probes(plan, runs), fr["methods"], fr["budgets"], lo, hi, fr["tolerance"],
+                 F.MAX_PROBES, log)
+    except PartOver:
+        log(f"study: the part's {minutes:g} minutes are up during the frontier search; rerun to resume")
+        return False
+    return True
+
+
+def frontier_range(plan: Plan) -> tuple[float, float]:
+    core = [e.ratio for e in plan.experiments if e.cell == plan.experiments[0].cell]
+    return 1 / (1 - min(core)), 1 / (1 - max(core))
+
+
+def study_probes(plan: Plan, runs: pd.DataFrame) -> list[F.Probe]:
+    """Probes of the frontier: runs with the first cell's params (any ratio), on the frontier's seeds."""
+    fr = plan.frontier
+    first = plan.experiments[0]
+    flat = {**plan.base, **first.flat}
+    return F.probes_from_runs(F.matching(runs, flat, fr["methods"]), fr["methods"], fr["seeds"])
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Mean of a - b (paired by seed), its 95 % t interval and the two-sided t-test p-value."""
+    from scipy import stats
+
+    d = np.asarray(a, float) - np.asarray(b, float)
+    n = len(d)
+    out = {"n": n, "diff": float(d.mean()) if n else float("nan"), "lo": float("nan"), "hi": float("nan"),
+           "p": float("nan"), "sd": float("nan")}
+    if n >= 2:
+        sd = float(d.std(ddof=1))
+        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+        out.update(sd=sd, lo=out["diff"] - half, hi=out["diff"] + half,
+                   p=float(stats.ttest_1samp(d, 0.0).pvalue) if sd > 0 else (0.0 if out["diff"] else 1.0))
+    return out
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (NaN stays NaN and does not count as a test)."""
+    idx = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    m = len(idx)
+    order = sorted(idx, key=lambda i: pvalues[i])
+    out = [float("nan")] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def simultaneous(diffs: np.ndarray, m: int) -> tuple[float, float]:
+    """A Bonferroni interval at 95 % family-wise over ``m`` tests (level 1 - 0.05 / m)."""
+    from scipy import stats
+
+    n = len(diffs)
+    if n < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(1 - 0.025 / m, n - 1) * float(np.std(diffs, ddof=1)) / math.sqrt(n)
+    return float(np.mean(diffs)) - half, float(np.mean(diffs)) + half
+
+
+def ms(values) -> str:
+    v = np.asarray(values, float)
+    if len(v) == 0:
+        return "-"
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+
+
+def cell_runs(plan: Plan, runs: pd.DataFrame, cell: str) -> list[tuple[Experiment, pd.Series]]:
+    out = []
+    for e in plan.experiments:
+        if e.cell == cell:
+            r = run_for(plan, runs, e)
+            if r is not None:
+                out.append((e, r))
+    return out
+
+
+def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str, list[Path]]:
+    """metrics/study.md + study.csv (+ the frontier files) from the runs; returns the markdown and the files."""
+    lines = [f"# Study {plan.name}", "", f"Plan: {plan.path.name}; runs read from MLflow and {plan.records}.", ""]
+    rows = []
+    done = [(e, run_for(plan, runs, e)) for e in plan.experiments]
+    got = [(e, r) for e, r in done if r is not None]
+    ids = [r["run_id"] for _, r in got]
+    unique_runs = len(set(ids))
+    lines += [f"Experiments planned: {len(plan.experiments)}; done: {len(got)} ({unique_runs} distinct MLflow runs: "
+              "a run covers several planned experiments when their params coincide, e.g. the core grid's kd at the "
+              "default alpha and temperature); missing: "
+              f"{len(plan.experiments) - len(got)}.", ""]
+    if got:
+        wall = sum((float(r["end_time"]) - float(r["start_time"])) / 1000 for r in
+                   {r["run_id"]: r for _, r in got}.values() if str(r.get("end_time", "")) not in ("", "nan"))
+        lines += [f"Pipeline wall time summed over those runs (MLflow start to end, each the real pipeline time): "
+                  f"{wall / 3600:.2f} h.", ""]
+    core_cell = plan.experiments[0].cell
+    core = cell_runs(plan, runs, core_cell)
+    if core:
+        df = pd.DataFrame([{**r.to_dict(), "ratio": e.ratio, "seed": e.seed} for e, r in core])
+        ratios = sorted(df["ratio"].unique())
+        stats_ = []
+        for ratio in ratios:
+            g = df[df["ratio"] == ratio].sort_values("seed")
+            stats_.append((ratio, g, paired(g["acc_kd"].to_numpy(float), g["acc_finetune"].to_numpy(float))))
+        adj = holm([s[2]["p"] for s in stats_])
+        m = sum(1 for s in stats_ if s[2]["n"] >= 2)
+        teacher = df.drop_duplicates("seed")["acc_teacher"].astype(float)
+        lines += [f"## Core grid: kd vs finetune ({core_cell})", "",
+                  f"Teacher: {ms(teacher)} % over {len(teacher)} seeds (one teacher per seed). Test accuracy %, mean ± "
+                  "std over seeds. KD − FT is paired by seed (same teacher, mask and batch order); the 95 % interval "
+                  f"is Bonferroni-adjusted for the {m} ratios tested (family-wise 95 %), and the p-value (paired t) "
+                  "Holm-adjusted.", "",
+                  "| ratio | compression | MACs / | no recovery | finetune | kd | n | KD − FT (pt) | 95 % CI (adj.) "
+                  "| Holm p | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for (ratio, g, p), ap in zip(stats_, adj):
+            lo, hi = simultaneous(g["acc_kd"].to_numpy(float) - g["acc_finetune"].to_numpy(float), max(m, 1))
+            verdict = ("-" if math.isnan(ap) else "KD better" if ap < 0.05 and p["diff"] > 0 else
+                       "FT better" if ap < 0.05 else "no significant difference")
+            ci = "-" if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
+            mac = g["mac_reduction"].astype(float).mean() if "mac_reduction" in g else float("nan")
+            lines.append(f"| {ratio:g} | {g['compression_ratio'].astype(float).mean():.1f}x | {mac:.1f}x | "
+                         f"{ms(g['acc_pruned'])} | {ms(g['acc_finetune'])} | {ms(g['acc_kd'])} | {p['n']} | "
+                         f"{p['diff']:+.2f} | {ci} | {'-' if math.isnan(ap) else f'{ap:.3g}'} | {verdict} |")
+            rows.append({"section": "core", "ratio": ratio, "n": p["n"], "kd_mean": g["acc_kd"].mean(),
+                         "finetune_mean": g["acc_finetune"].mean(), "kd_minus_finetune": p["diff"],
+                         "ci95_adj_low": lo, "ci95_adj_high": hi, "p": p["p"], "p_holm": ap})
+        lines.append("")
+    for cell in dict.fromkeys(e.cell for e in plan.experiments[1:] if e.cell != core_cell):
+        res = cell_runs(plan, runs, cell)
+        if not res:
+            lines += [f"## {cell}", "", "No finished runs yet.", ""]
+            continue
+        lines += section(plan, cell, res, core, rows)
+    probes = study_probes(plan, runs)
+    files = [out / "metrics" / "study.md", out / "metrics" / "study.csv"]
+    if probes:
+        fr = plan.frontier
+        ffiles, fronts = F.write_outputs(out, probes, fr["methods"], fr["budgets"],
+                                         f"{plan.name}: {len(fr['seeds'])} seeds", prefix="frontier")
+        teacher = float(np.mean([p.teacher.mean() for p in probes]))
+        lines += ["## Frontier", "", *[f"- {F.headline(fronts, teacher, b)}" for b in fr["budgets"]], "",
+                  f"From {len(probes)} probes (metrics/frontier.md has the table, plots/frontier.png the plot; the "
+                  "bracket is a 95 % seed-bootstrap interval).", ""]
+        files += ffiles
+    text = "\n".join(lines) + "\n"
+    io.write_text(files[0], text)
+    io.write_text(files[1], pd.DataFrame(rows).to_csv(index=False))
+    return text, files
+
+
+def section(plan: Plan, cell: str, res, core, rows: list) -> list[str]:
+    """One check cell: a table of every setting it varies (with the core grid's runs at the same ratio as the
+    default setting), per variant, mean ± std, and the paired KD − FT where both ran."""
+    varied = plan.grids.get(cell, [])
+    ratios = {e.ratio for e, _ in res}
+    settings: dict[tuple, list[pd.Series]] = {}
+    for e, r in res:
+        settings.setdefault(tuple(e.flat.get(k) for k in varied), []).append(r)
+    default = tuple({**plan.base, **plan.experiments[0].flat}.get(k) for k in varied)
+    if varied and default not in settings:
+        base_runs = [r for e, r in core if e.ratio in ratios]
+        if base_runs:
+            settings[default] = base_runs
+    variants = [v for v in ("kd", "finetune", "scratch", "scratch_kd")
+                if any(f"acc_{v}" in r and not pd.isna(r.get(f"acc_{v}")) for rs in settings.values() for r in rs)]
+    if cell == "scratch":
+        base_runs = [r for e, r in core if e.ratio in ratios and e.seed in {x.seed for x, _ in res}]
+        variants = ["kd", "finetune", "scratch", "scratch_kd"]
+        merged = {}
+        for r in base_runs + [r for _, r in res]:
+            merged.setdefault(str(r["params.seed"]), {}).update({k: r[k] for k in r.index if str(k).startswith("acc_")
+                                                                 and not pd.isna(r[k])})
+        lines = [f"## {cell} (ratio {', '.join(f'{x:g}' for x in sorted(ratios))})", "",
+                 "Test accuracy %, mean ± std over seeds; kd and finetune from the core grid's runs of the same seeds.",
+                 "", "| " + " | ".join(variants) + " | n |", "|" + "---|" * (len(variants) + 1)]
+        lines.append("| " + " | ".join(ms([m[f"acc_{v}"] for m in merged.values() if f"acc_{v}" in m])
+                                         for v in variants) + f" | {len(merged)} |")
+        for v in variants:
+            vals = [m[f"acc_{v}"] for m in merged.values() if f"acc_{v}" in m]
+            rows.append({"section": cell, "setting": v, "n": len(vals), "mean": float(np.mean(vals)) if vals else None})
+        return lines + [""]
+    has_train = any("train_acc_kd" in r and not pd.isna(r.get("train_acc_kd")) for rs in settings.values() for r in rs)
+    head = [*varied, *variants] + (["train_acc_kd (selection)"] if has_train else []) + (
+        ["KD − FT (95 % CI)"] if {"kd", "finetune"} <= set(variants) else []) + ["n"]
+    lines = [f"## {cell} (ratio {', '.join(f'{x:g}' for x in sorted(ratios))})", "",
+             "Test accuracy %, mean ± std over seeds" + ("; train_acc_kd: accuracy on a fixed 10k subset of the "
+                                                         "training split, the only number the choice looks at" if has_train else "")
+             + ". The row with the core grid's setting uses its runs.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = None
+    for key in sorted(settings, key=lambda k: tuple(float(x) if isinstance(x, (int, float)) else 0 for x in k)):
+        rs = settings[key]
+        cells = [str(x) for x in key]
+        for v in variants:
+            cells.append(ms([r[f"acc_{v}"] for r in rs if not pd.isna(r.get(f"acc_{v}"))]))
+        if has_train:
+            tr = [float(r["train_acc_kd"]) for r in rs if not pd.isna(r.get("train_acc_kd"))]
+            cells.append(ms(tr) if tr else "-")
+            if tr and len(tr) == len(rs) and (best is None or np.mean(tr) > best[1]):
+                best = (key, float(np.mean(tr)), float(np.mean([float(r["acc_kd"]) for r in rs])))
+        if {"kd", "finetune"} <= set(variants):
+            both = [r for r in rs if not pd.isna(r.get("acc_kd")) and not pd.isna(r.get("acc_finetune"))]
+            p = paired(np.array([float(r["acc_kd"]) for r in both]), np.array([float(r["acc_finetune"]) for r in both]))
+            cells.append("-" if math.isnan(p["lo"]) else f"{p['diff']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}]")
+            rows.append({"section": cell, "setting": " ".join(f"{k}={x}" for k, x in zip(varied, key)), "n": p["n"],
+                         "kd_mean": np.mean([float(r["acc_kd"]) for r in both]) if both else None,
+                         "finetune_mean": np.mean([float(r["acc_finetune"]) for r in both]) if both else None,
+                         "kd_minus_finetune": p["diff"], "ci95_low": p["lo"], "ci95_high": p["hi"]})
+        elif "kd" in variants:
+            rows.append({"section": cell, "setting": " ".join(f"{k}={x}" for k, x in zip(varied, key)),
+                         "n": len(rs), "kd_mean": np.mean([float(r["acc_kd"]) for r in rs])})
+        cells.append(str(len(rs)))
+        lines.append("| " + " | ".join(cells) + " |")
+    if best is not None and has_train:
+        lines += ["", f"Chosen on training accuracy: {', '.join(f'{k}={x}' for k, x in zip(varied, best[0]))} "
+                      f"(train_acc_kd {best[1]:.2f} %); its test accuracy: {best[2]:.2f} %."]
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kdprune study", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="study-fashion", help="the preset whose study section is the plan")
+    ap.add_argument("--part-minutes", type=float, default=80.0,
+                    help="start no new experiment after this many minutes (default 80; one may still finish)")
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="parallel queue workers (default 1)")
+    ap.add_argument("--analyse", action="store_true", help="train nothing: write the tables from the runs so far")
+    ap.add_argument("--plan", action="store_true", help="list the planned experiments and which are done")
+    ap.add_argument("--no-mlflow-summary", action="store_true", help="don't log the outputs as an MLflow run")
+    args = ap.parse_args(argv)
+    try:
+        if not (0 < args.part_minutes <= 24 * 60) or math.isnan(args.part_minutes):
+            raise StudyError(f"--part-minutes {args.part_minutes}: allowed (0, 1440]")
+        if not 1 <= args.jobs <= 64:
+            raise StudyError(f"-j {args.jobs}: allowed 1 to 64")
+        plan = load_plan(args.preset)
+        from kdprune import tracking
+
+        uri = tracking.tracking_uri()
+        if args.plan:
+            runs = load(plan, uri)
+            for e in plan.experiments:
+                r = run_for(plan, runs, e)
+                print(f"{'done ' + str(r['run_id'])[:8] if r is not None else 'todo    '}  {e.describe()}")
+            return 0
+        complete = True
+        if not args.analyse:
+            complete = run_part(plan, args.part_minutes, args.jobs, uri)
+        runs = load(plan, uri)
+        text, files = analyse(plan, runs)
+        print(text)
+        if not args.no_mlflow_summary:
+            from kdprune import report
+
+            run_id = report.log_summary(uri, plan.experiment, files + [plan.records], len(runs), kind="study")
+            print(f"mlflow: study logged as run {run_id} (experiment '{report.reports_experiment(plan.experiment)}')")
+        print(f"study {plan.name}: {'complete' if complete else 'not complete yet: rerun to resume'}")
+        return 0
+    except (StudyError, F.FrontierError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""kdprune.study: the committed study plan validates; hostile plans are refused naming the key; parts resume
+from the records alone and stop on time; the analysis (Holm, the check tables, the frontier) on fake runs."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from kdprune import presets, study, sweep
+from kdprune import frontier as F
+from tests.conftest import committed_params_text
+
+
+@pytest.fixture
+def params_path(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(committed_params_text())
+    return p
+
+
+def test_the_committed_study_plan_validates_and_is_sized(params_path):
+    plan = study.load_plan("study-fashion", params_path)
+    cells = [e.cell for e in plan.experiments]
+    assert cells.count("core") == 20 and cells[0] == "core"
+    assert {e.ratio for e in plan.experiments if e.cell == "core"} == {0.9, 0.95, 0.98, 0.99}
+    assert {e.seed for e in plan.experiments if e.cell == "core"} == {0, 1, 2, 3, 4}
+    core = plan.experiments[0].flat
+    assert core["distill.epochs"] >= 5 and core["teacher.epochs"] > 6 and core["distill.variants"] == ["kd", "finetune"]
+    for cell in ("scratch", "kd_settings", "lr", "epochs"):
+        es = [e for e in plan.experiments if e.cell == cell]
+        assert es and {e.ratio for e in es} == {0.98} and len({e.seed for e in es}) >= 3
+    assert {e.flat["distill.lr"] for e in plan.experiments if e.cell == "lr"} | {plan.base["distill.lr"]} == {0.01, 0.05, 0.2}
+    assert {e.flat["distill.epochs"] for e in plan.experiments if e.cell == "epochs"} == {1, 3, 10}
+    assert plan.frontier["budgets"] == [0.5, 1.0, 2.0] and plan.records.as_posix() == "metrics/study_runs.csv"
+    assert study.frontier_range(plan) == pytest.approx((10, 100))
+
+
+def hostile(tmp_path, monkeypatch, mutate):
+    raw = yaml.safe_load((presets.PRESETS / "study-fashion.yaml").read_text())
+    mutate(raw)
+    d = tmp_path / "presets"
+    d.mkdir(exist_ok=True)
+    (d / "evil.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(presets, "PRESETS", d)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda r: r["study"]["cells"][0].update(name="core; rm -rf /"), "study.cells[0].name"),
+    (lambda r: r["study"]["cells"][0].update(ratios=[1.0]), "study.cells[0].ratios: '1.0' is not allowed"),
+    (lambda r: r["study"]["cells"][0].update(ratios=[float("nan")]), "study.cells[0].ratios"),
+    (lambda r: r["study"]["cells"][0].update(seeds=[-1]), "study.cells[0].seeds"),
+    (lambda r: r["study"]["cells"][0].update(seeds=[0, 0]), "values repeat"),
+    (lambda r: r["study"]["cells"][1].update(set={"prune.ratio": 0.5}), "key 'prune.ratio' is not allowed"),
+    (lambda r: r["study"]["cells"][1].update(set={"teacher.typo": 1}), "key 'teacher.typo' is not allowed"),
+    (lambda r: r["study"]["cells"][3].update(grid={"distill.lr": [1e30]}), "distill.lr"),
+    (lambda r: r["study"]["cells"][3].update(grid={"distill.lr": list(range(1, 18))}), "a list of 1 to 16 values"),
+    (lambda r: r["study"].update(records="../../etc/x.csv"), "study.records"),
+    (lambda r: r["study"].update(extra=1), "unknown keys ['extra']"),
+    (lambda r: r["study"]["frontier"].update(budgets=[-1]), "study.frontier"),
+    (lambda r: r["study"]["cells"].extend([{"name": f"c{i}", "ratios": [0.5 + i / 200 for i in range(60)],
+                                            "seeds": list(range(60))} for i in range(2)]), "more than 2000"),
+])
+def test_a_hostile_plan_is_refused_naming_the_key(tmp_path, monkeypatch, params_path, mutate, message):
+    hostile(tmp_path, monkeypatch, mutate)
+    with pytest.raises(study.StudyError, match=None) as e:
+        study.load_plan("evil", params_path)
+    assert message in str(e.value) and "evil.yaml" in str(e.value)
+
+
+def test_holm_adjusts_step_down():
+    assert study.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert study.holm([0.5, float("nan")])[0] == 0.5 and math.isnan(study.holm([0.5, float("nan")])[1])
+    assert study.holm([0.02, 0.02]) == pytest.approx([0.04, 0.04])
+
+
+def fake_row(plan, e, t: int) -> dict:
+    flat, variants = study.target(plan, e)
+    c = 1 / (1 - e.ratio)
+    row = {"run_id": f"r{t:04d}", "status": "FINISHED", "start_time": str(1000 * t), "end_time": str(1000 * t + 600_000)}
+    row.update({f"params.{k}": str(v) for k, v in flat.items()})
+    drop = math.log(c) ** 2 / 4
+    lr = float(flat["distill.lr"])
+    row.update(acc_teacher=93.0 + 0.1 * e.seed, acc_pruned=40.0, compression_ratio=c, prunable_compression_ratio=c,
+               mac_reduction=c * 0.9)
+    for v in variants:
+        gain = {"kd": 0.6, "finetune": 0.0, "scratch": -3.0, "scratch_kd": -2.0}[v]
+        row[f"acc_{v}"] = 93.0 - drop + gain + 0.1 * e.seed - abs(math.log(lr / 0.05)) * 0.2
+        row[f"train_acc_{v}"] = row[f"acc_{v}"] + 2 + (float(flat["distill.alpha"]) if v == "kd" else 0)
+    return row
+
+
+def test_parts_stop_on_time_and_resume_from_the_records_alone(tmp_path, monkeypatch, params_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(params_path.read_text())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a.db'}")
+    plan = study.load_plan("study-fashion", tmp_path / "params.yaml")
+    plan.experiments = [e for e in plan.experiments if e.seed in (0, 1)]  # a smaller plan, the same logic
+    plan.frontier["seeds"] = [0, 1]
+    ran: list = []
+    clock = [0.0]
+    monkeypatch.setattr(study, "clock", lambda: clock[0])
+
+    def run_grid(grid, extra, jobs, prefix, experiment, log=print):
+        for seed, ratio, sets in grid:
+            ran.append((prefix, seed, ratio, sets))
+            e = next((x for x in plan.experiments if x.seed == seed and x.ratio == ratio and x.sets() == sets),
+                     None) or study.Experiment("frontier", seed, ratio, plan.experiments[0].overrides)
+            old = F.read_records(plan.records)
+            new = pd.DataFrame([fake_row(plan, e, len(old) + len(ran))]).astype(str)
+            pd.concat([old.astype(str), new]).to_csv(plan.records, index=False)
+            clock[0] += 600  # ten minutes each
+        return {}, {}, {}, 0.0
+    monkeypatch.setattr(sweep, "run_grid", run_grid)
+    plan.records.parent.mkdir(parents=True, exist_ok=True)
+    assert study.run_part(plan, 25, 1, None, log=lambda m: None) is False
+    assert len(ran) == 3 and [r[0] for r in ran] == ["study-core"] * 3  # 0, 10, 20 min started; none after 25
+    first = set(ran)
+    # a fresh machine: only the records file; the next part continues where this one stopped
+    assert study.run_part(plan, 10_000, 1, None, log=lambda m: None) is True
+    assert not first & set(ran[3:])
+    done = {(r[1], r[2], r[3]) for r in ran if r[0] != "study-frontier"}
+    covered = [e for e in plan.experiments if (e.seed, e.ratio, e.sets()) not in done]
+    assert covered and all(e.cell == "kd_settings" and e.flat["distill.alpha"] == 0.9 and e.flat["distill.temperature"]
+                           == 4.0 for e in covered)  # the core grid's runs cover the default KD setting
+    assert any(r[0] == "study-frontier" for r in ran)  # then the bisection between the core ratios
+    n = len(ran)
+    assert study.run_part(plan, 10_000, 1, None, log=lambda m: None) is True and len(ran) == n  # nothing twice
+
+    runs = study.load(plan, None)
+    text, files = study.analyse(plan, runs, tmp_path)
+    assert "## Core grid" in text and "Holm" in text and "| 0.98 |" in text
+    core = pd.read_csv(tmp_path / "metrics" / "study.csv")
+    c = core[core["section"] == "core"]
+    assert np.allclose(c["kd_minus_finetune"], 0.6) and len(c) == 4
+    assert "Chosen on training accuracy: distill.alpha=0.9" in text  # the selection reads train_acc, not test
+    assert "## lr" in text and "| 0.2 |" in text and "| 0.05 |" in text  # the core's lr as the default row
+    assert "## epochs" in text and "| 5 |" in text
+    assert "## scratch" in text and "## Frontier" in text and "kd reaches" in text
+    assert (tmp_path / "plots" / "frontier.png").exists()
