@@ -357,14 +357,27 @@ def check_writable(uri: str) -> None:
         raise TrackingUserError(_read_only(f"{path.parent} (the directory of {path.name})"))
 
 
+# how mlflow 3.17.2 reports a server's refusal (rest_utils: a plain-text 401/403 answer, or the JSON error codes)
+AUTH_REFUSED = ("error code 401", "error code 403", "UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
 def store_error(uri: str, e: Exception) -> TrackingError:
-    """The one-line error for a failure to talk to the store: read-only store or artifact folder, or unreachable."""
+    """The one-line error for a failure to talk to the store: read-only store or artifact folder, a server that
+    refuses our credentials (both :class:`TrackingUserError`), or unreachable."""
     if isinstance(e, TrackingError):
         return e
     if isinstance(e, PermissionError):  # e.g. mlartifacts/ not writable
         return TrackingUserError(_read_only(e.filename or uri))
     if "readonly database" in str(e):  # SQLite: "attempt to write a readonly database"
         return TrackingUserError(_read_only(_sqlite_path(uri) or uri))
+    if is_server_uri(uri) and any(m in str(e) for m in AUTH_REFUSED):
+        status = "401" if "401" in str(e) or "UNAUTHENTICATED" in str(e) else "403"
+        return TrackingUserError(
+            f"the MLflow server at {uri} refused the request (HTTP {status}: "
+            f"{'no or wrong credentials' if status == '401' else 'this user may not write to the experiment'}); "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (a user of its basic-auth app with EDIT "
+            "permission), then log the results with `python -m kdprune.tracking relog`; the results stay in "
+            "metrics/ and plots/")
     return TrackingError(_unreachable(uri, e))
 
 

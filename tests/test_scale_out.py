@@ -263,6 +263,67 @@ def test_sweep_sharded_over_two_workers_with_a_shared_remote_and_mlflow_server(t
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
+def test_basic_auth_server_refuses_anonymous_clients_and_logs_with_credentials(tmp_path, venv_bin):
+    """`mlflow server --app-name basic-auth` (mlflow 3.17.2 + Flask-WTF, the `mlflow[auth]` extra pinned in
+    requirements.txt), its admin password set in an auth config file (MLFLOW_AUTH_CONFIG_PATH): a REST call
+    without credentials gets 401 and `relog` exits 2 naming the variables to set; with
+    MLFLOW_TRACKING_USERNAME/PASSWORD the run, its metrics and artifacts go through. ~30 s."""
+    pytest.importorskip("flask_wtf", reason="Flask-WTF (requirements.txt; the mlflow[auth] extra) is not installed: "
+                                             "mlflow's basic-auth app cannot start without it")
+    import base64
+    import secrets
+    import urllib.error
+
+    from tests.test_tracking import make_result
+
+    password = secrets.token_urlsafe(18)
+    ini = tmp_path / "auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                   f"database_uri = sqlite:///{tmp_path / 'basic_auth.db'}\n"
+                   f"admin_username = admin\nadmin_password = {password}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                   "auth_cache_ttl_seconds = 60\n")  # the test's many calls: one password hash per minute
+    env = dict(os.environ, MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
+    server = MlflowServer(tmp_path, venv_bin, env, "--app-name", "basic-auth")
+    try:
+        server.start()
+        search = f"{server.uri}/api/2.0/mlflow/experiments/search?max_results=10"
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(search, timeout=10)
+        assert denied.value.code == 401
+        token = base64.b64encode(f"admin:{password}".encode()).decode()
+        req = urllib.request.Request(search, headers={"Authorization": f"Basic {token}"})
+        assert urllib.request.urlopen(req, timeout=10).status == 200
+
+        work = tmp_path / "work"
+        work.mkdir()
+        make_result(work)
+        client_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+        client_env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), MLFLOW_TRACKING_URI=server.uri,
+                          KDPRUNE_MLFLOW_WAIT_S="0")
+        relog = [str(venv_bin / "python"), "-m", "kdprune.tracking", "relog"]
+        r = subprocess.run(relog, cwd=work, env=client_env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "HTTP 401" in r.stderr and "MLFLOW_TRACKING_PASSWORD" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        client_env.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
+        r = subprocess.run(relog, cwd=work, env=client_env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "logged run" in r.stdout, r.stdout + r.stderr
+        from mlflow.tracking import MlflowClient
+
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
+        try:
+            client = MlflowClient(server.uri)
+            exp = client.get_experiment_by_name("kdprune")
+            (run,) = client.search_runs([exp.experiment_id])
+        finally:
+            del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+        assert run.info.status == "FINISHED" and run.data.metrics["acc_kd"] == 90.0
+        assert (server.artifacts / exp.experiment_id / run.info.run_id / "artifacts" / "metrics" / "evaluate.json"
+                ).is_file()
+    finally:
+        server.stop()
+
+
 WAITING = "did not answer"  # what kdprune.tracking prints while it waits for a tracking server that is down
 
 

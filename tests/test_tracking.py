@@ -452,6 +452,11 @@ def test_a_server_that_does_not_answer_is_tried_again_then_given_up(tmp_path, mo
             tracking.log_pipeline(tmp_path, dict(env, KDPRUNE_MLFLOW_WAIT_S=bad))
     assert tracking.is_outage(RuntimeError("x: failed with error code 503 != 200"))
     assert not tracking.is_outage(ValueError("bad metric"))
+    for status in ("401", "403"):  # a server that refuses us: the user's to fix (exit 2), with what to set
+        e = tracking.store_error("http://h:5000", RuntimeError(f"API request to endpoint /x failed with error code "
+                                                               f"{status} != 200. Response body: 'denied'"))
+        assert isinstance(e, tracking.TrackingUserError) and f"HTTP {status}" in str(e)
+        assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in str(e)
 
 
 def test_missing_metrics_is_clear(tmp_path):
