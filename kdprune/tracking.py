@@ -357,14 +357,27 @@ def check_writable(uri: str) -> None:
         raise TrackingUserError(_read_only(f"{path.parent} (the directory of {path.name})"))
 
 
+# how mlflow 3.17.2 reports a server's refusal (rest_utils: a plain-text 401/403 answer, or the JSON error codes)
+AUTH_REFUSED = ("error code 401", "error code 403", "UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
 def store_error(uri: str, e: Exception) -> TrackingError:
-    """The one-line error for a failure to talk to the store: read-only store or artifact folder, or unreachable."""
+    """The one-line error for a failure to talk to the store: read-only store or artifact folder, a server that
+    refuses our credentials (both :class:`TrackingUserError`), or unreachable."""
     if isinstance(e, TrackingError):
         return e
     if isinstance(e, PermissionError):  # e.g. mlartifacts/ not writable
         return TrackingUserError(_read_only(e.filename or uri))
     if "readonly database" in str(e):  # SQLite: "attempt to write a readonly database"
         return TrackingUserError(_read_only(_sqlite_path(uri) or uri))
+    if is_server_uri(uri) and any(m in str(e) for m in AUTH_REFUSED):
+        status = "401" if "401" in str(e) or "UNAUTHENTICATED" in str(e) else "403"
+        return TrackingUserError(
+            f"the MLflow server at {uri} refused the request (HTTP {status}: "
+            f"{'no or wrong credentials' if status == '401' else 'this user may not write to the experiment'}); "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (a user of its basic-auth app with EDIT "
+            "permission), then log the results with `python -m kdprune.tracking relog`; the results stay in "
+            "metrics/ and plots/")
     return TrackingError(_unreachable(uri, e))
 
 
@@ -531,77 +544,141 @@ def complete(client, exp_id: str, run, info: dict[str, Any], workdir: Path) -> l
     return added
 
 
+WAIT_ENV = "KDPRUNE_MLFLOW_WAIT_S"  # how long `track` waits for a tracking server that is down
+WAIT_DEFAULT_S = 120
+WAIT_MAX_S = 86400
+
+
+def server_wait_seconds(env: Mapping[str, str]) -> float:
+    """Seconds to keep retrying a tracking server that does not answer (``KDPRUNE_MLFLOW_WAIT_S``, default 120;
+    0 = fail at once)."""
+    text = env.get(WAIT_ENV, "").strip()
+    if not text:
+        return float(WAIT_DEFAULT_S)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value <= WAIT_MAX_S):
+        raise TrackingUserError(f"{WAIT_ENV} = {text!r} is invalid: must be a number of seconds in [0, {WAIT_MAX_S}]")
+    return value
+
+
+def is_outage(e: BaseException) -> bool:
+    """The server did not answer (connection refused or reset, timeout, 502/503/504 after mlflow's own retries),
+    as opposed to an answer that refuses the request (401, 400, ...), which waiting does not fix."""
+    import requests
+
+    seen: BaseException | None = e
+    for _ in range(10):  # the exception chain, bounded
+        if seen is None:
+            break
+        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                             TimeoutError)):
+            return True
+        text = str(seen)
+        # mlflow.utils.rest_utils wraps every transport failure as "API request to <url> failed with (timeout)
+        # exception ..." (3.17.2); an HTTP error answer reads "failed with error code <status>"
+        if "failed with exception" in text or "failed with timeout exception" in text:
+            return True
+        if any(f"error code {code}" in text for code in (502, 503, 504)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def log_pipeline(workdir: Path | None = None, env: Mapping[str, str] | None = None) -> str:
     """Log the pipeline result in ``workdir`` as one FINISHED MLflow run (or find and complete the
-    existing one). Returns its id."""
+    existing one). Returns its id.
+
+    A tracking server that does not answer (restarted, briefly down) is tried again with backoff for up to
+    ``KDPRUNE_MLFLOW_WAIT_S`` seconds (default 120) before :class:`TrackingError`. Each try starts over from
+    the fingerprint search, so a try cut off half-way (a run created but not finished, some artifacts
+    uploaded) is completed by the next one, never logged twice."""
     env = os.environ if env is None else env
     workdir = Path(workdir or os.getcwd()).resolve()
     info = collect(workdir)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    uri = tracking_uri(env)
+    wait = server_wait_seconds(env) if is_server_uri(uri) else 0.0
+    deadline, delay = time.monotonic() + wait, 2.0
+    while True:
+        try:
+            return _log_once(workdir, env, info, uri)
+        except Exception as e:  # noqa: BLE001 - unreachable server, bad URI, broken or read-only store
+            left = deadline - time.monotonic()
+            if isinstance(e, TrackingError) or not is_outage(e) or left <= 0:
+                raise store_error(uri, e) from None
+            delay = min(delay, left)
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            print(f"mlflow: {uri} did not answer ({first}); trying again in {delay:.0f} s "
+                  f"(for {left:.0f} s more; {WAIT_ENV} sets how long)", file=sys.stderr, flush=True)
+            time.sleep(delay)
+            delay = min(30.0, delay * 2)
+
+
+def _log_once(workdir: Path, env: Mapping[str, str], info: dict[str, Any], uri: str) -> str:
+    """One try of :func:`log_pipeline`; raises the store's own exception on failure."""
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(env)
     exp_name = str(info["params"].get("mlflow.experiment", "kdprune"))
     fp = info["fingerprint"]
     name = env.get("DVC_EXP_NAME")
-    try:
-        check_writable(uri)
-        client = MlflowClient(tracking_uri=uri)
-        exp_id = ensure_experiment(client, exp_name, artifact_location(env))
-        same = retry(lambda: client.search_runs([exp_id], filter_string=f"tags.`{FINGERPRINT_TAG}` = '{fp}'",
-                                                max_results=1000, order_by=["attributes.start_time ASC"]),
-                     "search runs")
-        finished = [r for r in same if r.info.status == "FINISHED"]
-        running = [r for r in same if r.info.status == "RUNNING"]
-        if finished:  # a RUNNING twin was left by a kill: it is not a second result
-            run, stale = finished[0], running
-        elif running:  # a kill interrupted the logging of this very result: complete that run
-            run, stale = running[-1], running[:-1]
-        else:
-            run, stale = None, []
-        for r in stale:
-            retry(lambda: client.set_terminated(r.info.run_id, "KILLED"), "mark stale run")
-            print(f"mlflow: run {r.info.run_id} was left RUNNING by an interrupted `track`; marked KILLED")
-        if run is not None and run.info.status == "FINISHED":
-            run_id = run.info.run_id
-            aliases = [a for a in run.data.tags.get(ALIASES_TAG, "").split(",") if a]
-            if name and name != run.data.tags.get("dvc_exp_name") and name not in aliases:
-                # another DVC experiment reproduced this exact result: remember its name on the run
-                retry(lambda: client.set_tag(run_id, ALIASES_TAG, ",".join(aliases + [name])), "set tag")
-            added = complete(client, exp_id, run, info, workdir)
-            restored = f"; restored what was missing: {', '.join(added)}" if added else ""
-            print(f"mlflow: this result is already logged as run {run_id} ({uri}); not logging a duplicate{restored}")
-            return run_id
-        if run is None:
-            tags = {
-                FINGERPRINT_TAG: fp,
-                KIND_TAG: "pipeline",
-                TIMES_TAG: info["times_from"],
-                "git_commit": git_commit(workdir),
-                "dvc_exp_name": name or "",
-                "dvc_baseline_rev": env.get("DVC_EXP_BASELINE_REV", ""),
-                "prune.method": str(info["params"].get("prune.method")),
-                "data.name": str(info["params"].get("data.name")),
-                **source_tags(workdir, repo_root(env)),
-            }
-            run = retry(lambda: client.create_run(exp_id, start_time=info["start_ms"], tags=tags,
-                                                  run_name=run_name(info["params"], name)), "create run")
-            what = "logged run"
-        else:
-            what = "completed the interrupted run"
+    check_writable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = ensure_experiment(client, exp_name, artifact_location(env))
+    same = retry(lambda: client.search_runs([exp_id], filter_string=f"tags.`{FINGERPRINT_TAG}` = '{fp}'",
+                                            max_results=1000, order_by=["attributes.start_time ASC"]),
+                 "search runs")
+    finished = [r for r in same if r.info.status == "FINISHED"]
+    running = [r for r in same if r.info.status == "RUNNING"]
+    if finished:  # a RUNNING twin was left by a kill: it is not a second result
+        run, stale = finished[0], running
+    elif running:  # a kill interrupted the logging of this very result: complete that run
+        run, stale = running[-1], running[:-1]
+    else:
+        run, stale = None, []
+    for r in stale:
+        retry(lambda: client.set_terminated(r.info.run_id, "KILLED"), "mark stale run")
+        print(f"mlflow: run {r.info.run_id} was left RUNNING by an interrupted `track`; marked KILLED")
+    if run is not None and run.info.status == "FINISHED":
         run_id = run.info.run_id
-        complete(client, exp_id, run, info, workdir)
-        # two processes may have logged twins of one result at once: the older FINISHED one wins
-        twins = finished_pipeline_runs(client, [exp_id], f"tags.`{FINGERPRINT_TAG}` = '{fp}'")
-        if twins:
-            keep = min(twins, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
-            retry(lambda: client.set_terminated(run_id, "KILLED", end_time=info["end_ms"]), "finish run")
-            print(f"mlflow: this result was logged meanwhile as run {keep}; run {run_id} marked KILLED")
-            return keep
-        retry(lambda: client.set_terminated(run_id, "FINISHED", end_time=info["end_ms"]), "finish run")
-    except Exception as e:  # noqa: BLE001 - unreachable server, bad URI, broken or read-only store
-        raise store_error(uri, e) from None
+        aliases = [a for a in run.data.tags.get(ALIASES_TAG, "").split(",") if a]
+        if name and name != run.data.tags.get("dvc_exp_name") and name not in aliases:
+            # another DVC experiment reproduced this exact result: remember its name on the run
+            retry(lambda: client.set_tag(run_id, ALIASES_TAG, ",".join(aliases + [name])), "set tag")
+        added = complete(client, exp_id, run, info, workdir)
+        restored = f"; restored what was missing: {', '.join(added)}" if added else ""
+        print(f"mlflow: this result is already logged as run {run_id} ({uri}); not logging a duplicate{restored}")
+        return run_id
+    if run is None:
+        tags = {
+            FINGERPRINT_TAG: fp,
+            KIND_TAG: "pipeline",
+            TIMES_TAG: info["times_from"],
+            "git_commit": git_commit(workdir),
+            "dvc_exp_name": name or "",
+            "dvc_baseline_rev": env.get("DVC_EXP_BASELINE_REV", ""),
+            "prune.method": str(info["params"].get("prune.method")),
+            "data.name": str(info["params"].get("data.name")),
+            **source_tags(workdir, repo_root(env)),
+        }
+        run = retry(lambda: client.create_run(exp_id, start_time=info["start_ms"], tags=tags,
+                                              run_name=run_name(info["params"], name)), "create run")
+        what = "logged run"
+    else:
+        what = "completed the interrupted run"
+    run_id = run.info.run_id
+    complete(client, exp_id, run, info, workdir)
+    # two processes may have logged twins of one result at once: the older FINISHED one wins
+    twins = finished_pipeline_runs(client, [exp_id], f"tags.`{FINGERPRINT_TAG}` = '{fp}'")
+    if twins:
+        keep = min(twins, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+        retry(lambda: client.set_terminated(run_id, "KILLED", end_time=info["end_ms"]), "finish run")
+        print(f"mlflow: this result was logged meanwhile as run {keep}; run {run_id} marked KILLED")
+        return keep
+    retry(lambda: client.set_terminated(run_id, "FINISHED", end_time=info["end_ms"]), "finish run")
     print(f"mlflow: {what} {run_id} '{run_name(info['params'], name)}' to {uri} (experiment '{exp_name}')")
     return run_id
 

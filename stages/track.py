@@ -1,7 +1,9 @@
 """Stage track: log this pipeline result to MLflow as exactly one run (see kdprune/tracking.py).
 
 Exit 2: a result that must not be logged (an accuracy or compression number that is NaN, inf or
-missing) or a read-only store; exit 3: the store is unreachable (the results stay in metrics/).
+missing), a read-only store, or a tracking server that refuses the credentials (401/403); exit 3: the
+store is unreachable (a tracking server: still, after KDPRUNE_MLFLOW_WAIT_S seconds of retries; the
+results stay in metrics/).
 """
 import sys
 

@@ -394,10 +394,69 @@ def test_unreachable_server_keeps_files_and_says_how_to_relog(tmp_path, monkeypa
     make_result(tmp_path, 0.8, 90.0)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # discard port: nothing listens
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", tracking.WAIT_ENV: "0"}  # discard port: nothing listens
     with pytest.raises(tracking.TrackingError, match="relog"):
         tracking.log_pipeline(tmp_path, env)
     assert json.loads((tmp_path / "metrics" / "distill" / "kd.json").read_text())["acc_kd"] == 90.0
+
+
+def test_a_server_that_does_not_answer_is_tried_again_then_given_up(tmp_path, monkeypatch, capsys):
+    """A tracking server that is down (connection refused) is tried again with backoff for KDPRUNE_MLFLOW_WAIT_S
+    seconds, then the usual one-line error; an answer that refuses the request (401) is not waited on."""
+    import requests
+
+    make_result(tmp_path)
+    sleeps, calls = [], []
+    monkeypatch.setattr(tracking.time, "sleep", sleeps.append)
+    clock = iter(range(0, 10_000, 7))
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: next(clock))
+
+    def down(*args):
+        calls.append(1)
+        raise RuntimeError("API request to http://h/api failed with exception "
+                           "HTTPConnectionPool(host='h', port=5000): Max retries exceeded")
+
+    monkeypatch.setattr(tracking, "_log_once", down)
+    env = {"MLFLOW_TRACKING_URI": "http://h:5000", tracking.WAIT_ENV: "60"}
+    with pytest.raises(tracking.TrackingError, match="could not log to MLflow at http://h:5000: .*relog"):
+        tracking.log_pipeline(tmp_path, env)
+    assert 3 <= len(calls) <= 10 and sleeps[:3] == [2.0, 4.0, 8.0] and max(sleeps) <= 30
+    assert "did not answer" in capsys.readouterr().err
+
+    calls.clear()
+    answers = [requests.exceptions.ConnectionError("refused"), "run-1"]
+
+    def restarts(*args):  # down once, then back
+        calls.append(1)
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    monkeypatch.setattr(tracking, "_log_once", restarts)
+    assert tracking.log_pipeline(tmp_path, env) == "run-1" and len(calls) == 2
+
+    calls.clear()
+
+    def refused(*args):
+        calls.append(1)
+        raise RuntimeError("API request to endpoint /api/2.0/mlflow/experiments/get-by-name failed with error code "
+                           "401 != 200. Response body: 'You are not authenticated.'")
+
+    monkeypatch.setattr(tracking, "_log_once", refused)
+    with pytest.raises(tracking.TrackingError, match="401"):
+        tracking.log_pipeline(tmp_path, env)
+    assert len(calls) == 1
+    for bad in ("-1", "nan", "abc", "86401"):
+        with pytest.raises(tracking.TrackingUserError, match=f"KDPRUNE_MLFLOW_WAIT_S = '{bad}' is invalid: must be"):
+            tracking.log_pipeline(tmp_path, dict(env, KDPRUNE_MLFLOW_WAIT_S=bad))
+    assert tracking.is_outage(RuntimeError("x: failed with error code 503 != 200"))
+    assert not tracking.is_outage(ValueError("bad metric"))
+    for status in ("401", "403"):  # a server that refuses us: the user's to fix (exit 2), with what to set
+        e = tracking.store_error("http://h:5000", RuntimeError(f"API request to endpoint /x failed with error code "
+                                                               f"{status} != 200. Response body: 'denied'"))
+        assert isinstance(e, tracking.TrackingUserError) and f"HTTP {status}" in str(e)
+        assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in str(e)
 
 
 def test_missing_metrics_is_clear(tmp_path):
@@ -416,7 +475,7 @@ def test_track_stage_with_unreachable_server_loses_nothing_then_relog_works(tmp_
     make_result(tmp_path, 0.8, 90.0)
     before = {p: p.read_bytes() for p in (tmp_path / "metrics").rglob("*") if p.is_file()}
     env = track_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
-                    MLFLOW_HTTP_REQUEST_TIMEOUT="2")
+                    MLFLOW_HTTP_REQUEST_TIMEOUT="2", KDPRUNE_MLFLOW_WAIT_S="0")
     r = subprocess.run([sys.executable, "-m", "stages.track"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
