@@ -526,6 +526,11 @@ def target_params(params_path: Path, sets: dict[str, Any], methods: list[str]):
         params = params_from_dict(merged)
     except ParamsError as e:
         raise FrontierError(f"--set: {e}") from None
+    if params.prune.target_macs_reduction is not None:
+        raise FrontierError(f"prune.target_macs_reduction is {params.prune.target_macs_reduction}: channel pruning "
+                            "then ignores prune.ratio, the axis the frontier searches; set it to null")
+    if params.prune.schedule != "oneshot" and params.prune.method != "magnitude":
+        raise FrontierError("prune.schedule agp applies to magnitude pruning only")
     return params, flatten(merged)
 
 

@@ -198,11 +198,39 @@ def test_runs_with_other_params_are_not_probes(workdir, monkeypatch):
     (["--set", "teacher.typo=1"], "typo"),
     (["--set", "noequals"], "use key=value"),
     (["--set", "distill.epochs=*a"], "--set distill.epochs: cannot read the value"),
+    (["--set", "prune.method=channel", "--set", "prune.target_macs_reduction=2.0"], "prune.target_macs_reduction"),
 ])
 def test_cli_errors_name_the_option(workdir, argv, message, capsys):
     assert F.main(argv + ["--analyse", "--no-mlflow-summary"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_structured_pruning_is_searched_on_the_channel_ratio(workdir, monkeypatch, capsys):
+    """l1_filter / channel: the same search, on the channel ratio; the table reports params and MAC compression."""
+    tmp, params = workdir
+    records = tmp / "metrics" / "frontier_runs.csv"
+    records.parent.mkdir()
+    calls: list = []
+
+    def run_grid(grid, extra, jobs, prefix, experiment, log=print):
+        calls.append(grid)
+        assert "prune.method=l1_filter" in extra
+        p = F.nest({**flatten(params), "prune.method": "l1_filter", "distill.variants": ["kd", "finetune"]})
+        old = pd.read_csv(records, dtype=str, keep_default_na=False) if records.exists() else pd.DataFrame()
+        rows = []
+        for i, (s, r) in enumerate(grid):
+            row = run_row(p, r, s, len(old) + i)
+            row.update(compression_ratio=1 / (1 - r) ** 2, mac_reduction=1 / (1 - r) ** 2 * 1.05)  # channels: ~square
+            rows.append(row)
+        pd.concat([old, pd.DataFrame(rows).astype(str)]).to_csv(records, index=False)
+        return {}, {}, {}, 0.0
+    monkeypatch.setattr(sweep, "run_grid", run_grid)
+    assert F.main(["--set", "prune.method=l1_filter", "--seeds", "0,1", "--lo", "2", "--hi", "16", "--max-probes", "6",
+                   "--no-mlflow-summary"]) == 0
+    md = (tmp / "metrics" / "frontier.md").read_text()
+    assert "| 0.5 | 4.0x | 4.20x |" in md and "| 0.9375 | 256x | 268.80x |" in md  # params and MACs, both measured
+    assert calls[0] == [(0, 0.5), (0, 0.9375), (1, 0.5), (1, 0.9375)]
 
 
 def test_a_corrupt_records_file_is_named(workdir, capsys):
