@@ -32,7 +32,8 @@ the estimate is recomputed, 2000 times, seeded. A frontier beyond the probed ran
 ``>= C`` (or ``< C``): the data says no more than that.
 
 Output: ``metrics/frontier.csv`` and ``metrics/frontier.md`` (every probe: ratio, compression, MAC
-reduction, per-method mean ± std and n, run ids; the frontier per budget and method; the headline),
+reduction, per-method mean ± std and n, run ids; the .md also the headline and the frontier per budget and
+method, which ``metrics/frontier_points.csv`` holds as numbers),
 ``plots/frontier.png``, and a summary run in the MLflow experiment ``<experiment>-reports``.
 """
 from __future__ import annotations
@@ -441,11 +442,11 @@ def plot(probes: list[Probe], fronts: list[Frontier], methods: list[str], budget
 def write_outputs(out: Path, probes: list[Probe], methods: list[str], budgets: list[float], title: str,
                   prefix: str = "frontier") -> tuple[list[Path], list[Frontier]]:
     fronts = [frontier(probes, m, b) for b in budgets for m in methods]
-    files = [out / "metrics" / f"{prefix}.csv", out / "metrics" / f"{prefix}.md", out / "plots" / f"{prefix}.png"]
-    table = probe_table(probes, methods)
-    ft = frontier_table(fronts)
-    io.write_text(files[0], table.to_csv(index=False) + "\n" + ft.to_csv(index=False))
+    files = [out / "metrics" / f"{prefix}.csv", out / "metrics" / f"{prefix}.md", out / "plots" / f"{prefix}.png",
+             out / "metrics" / f"{prefix}_points.csv"]
+    io.write_text(files[0], probe_table(probes, methods).to_csv(index=False))
     io.write_text(files[1], markdown(probes, fronts, methods, budgets, title))
+    io.write_text(files[3], frontier_table(fronts).to_csv(index=False))
     if probes:
         plot(probes, fronts, methods, budgets, files[2], title)
     return [f for f in files if f.exists()], fronts

@@ -156,7 +156,11 @@ def test_cli_searches_then_resumes_from_the_records_alone(workdir, monkeypatch, 
     out = capsys.readouterr().out
     assert "every bracket is within 1.3x" in out and "within 0.5 pt of the teacher (93.00 %): kd reaches" in out
     table = (tmp / "metrics" / "frontier.csv").read_text()
-    assert "kd_mean" in table and "fake0000" in table and (tmp / "plots" / "frontier.png").stat().st_size > 1000
+    assert "kd_mean" in table and "fake0000" in table
+    points = pd.read_csv(tmp / "metrics" / "frontier_points.csv")
+    assert len(points) == 4 and set(points["method"]) == {"kd", "finetune"} and set(points["budget"]) == {0.5, 1.0}
+    kd1 = points[(points.method == "kd") & (points.budget == 1.0)].iloc[0]
+    assert kd1.ci95_low <= kd1.frontier <= kd1.ci95_high and abs(math.log(kd1.frontier / exact_frontier("kd", 1.0))) < 0.3 and (tmp / "plots" / "frontier.png").stat().st_size > 1000
     md = (tmp / "metrics" / "frontier.md").read_text()
     assert "| 1 | kd |" in md and "bootstrap" in md
     n_calls = len(calls)
