@@ -124,6 +124,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~4 min on 2 cores; CI runs -m "not slow" (30 min); the queue itself is exercised by test_frontier
 def test_sweep_with_two_workers_loses_no_run_then_report_and_ui(tmp_path, venv_bin):
     import signal
     import time
