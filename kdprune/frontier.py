@@ -155,9 +155,10 @@ def load_runs(records: Path, uri: str | None, experiment: str) -> pd.DataFrame:
     return merge_runs(from_mlflow, read_records(records))
 
 
-def matching(runs: pd.DataFrame, target: dict[str, Any], methods: list[str]) -> pd.DataFrame:
+def matching(runs: pd.DataFrame, target: dict[str, Any], methods: list[str], newest: bool = True) -> pd.DataFrame:
     """Runs whose params equal ``target`` (flat) except the IGNORED keys and mlflow.*, whose variants include
-    every method and whose metrics hold every method's accuracy; newest per (ratio, seed)."""
+    every method and whose metrics hold every method's accuracy; newest per (ratio, seed) (all with
+    ``newest=False``)."""
     if runs.empty:
         return runs
     keep = pd.Series(True, index=runs.index)
@@ -176,7 +177,10 @@ def matching(runs: pd.DataFrame, target: dict[str, Any], methods: list[str]) -> 
     out["ratio"] = out["params.prune.ratio"].astype(float).round(6)
     out["seed"] = out["params.seed"].astype(float).astype(int)
     order = out["start_time"].astype(float) if "start_time" in out else pd.Series(0, index=out.index)
-    out = out.assign(_t=order).sort_values("_t").drop_duplicates(["ratio", "seed"], keep="last").drop(columns="_t")
+    out = out.assign(_t=order).sort_values("_t")
+    if newest:
+        out = out.drop_duplicates(["ratio", "seed"], keep="last")
+    out = out.drop(columns="_t")
     return out.sort_values(["ratio", "seed"]).reset_index(drop=True)
 
 

@@ -186,6 +186,18 @@ def run_for(plan: Plan, runs: pd.DataFrame, e: Experiment) -> pd.Series | None:
     return None if hit.empty else hit.iloc[-1]
 
 
+def duplicates(plan: Plan, runs: pd.DataFrame, e: Experiment) -> int:
+    """How many finished runs beyond one have exactly ``e``'s params (its variants included): a result
+    logged twice. (A run that *covers* ``e`` with more variants is no duplicate.)"""
+    flat, variants = target(plan, e)
+    m = F.matching(runs, flat, variants, newest=False)
+    if m.empty:
+        return 0
+    same = m[(m["ratio"] == round(e.ratio, 6)) & (m["seed"] == e.seed)]
+    same = same[same["params.distill.variants"].map(lambda v: F.same_value(v, variants))]
+    return max(0, len(same) - 1)
+
+
 def load(plan: Plan, uri: str | None) -> pd.DataFrame:
     runs = F.load_runs(plan.records, uri, plan.experiment)
     F.write_records(plan.records, runs)
@@ -325,10 +337,11 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
     got = [(e, r) for e, r in done if r is not None]
     ids = [r["run_id"] for _, r in got]
     unique_runs = len(set(ids))
+    dup = sum(duplicates(plan, runs, e) for e, _ in got)
     lines += [f"Experiments planned: {len(plan.experiments)}; done: {len(got)} ({unique_runs} distinct MLflow runs: "
               "a run covers several planned experiments when their params coincide, e.g. the core grid's kd at the "
-              "default alpha and temperature); missing: "
-              f"{len(plan.experiments) - len(got)}.", ""]
+              f"default alpha and temperature); not run yet: {len(plan.experiments) - len(got)}; results logged "
+              f"twice: {dup}.", ""]
     if got:
         wall = sum((float(r["end_time"]) - float(r["start_time"])) / 1000 for r in
                    {r["run_id"]: r for _, r in got}.values() if str(r.get("end_time", "")) not in ("", "nan"))

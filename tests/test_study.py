@@ -129,6 +129,10 @@ def test_parts_stop_on_time_and_resume_from_the_records_alone(tmp_path, monkeypa
 
     runs = study.load(plan, None)
     text, files = study.analyse(plan, runs, tmp_path)
+    assert "results logged twice: 0." in text and "not run yet: 0;" in text
+    e = plan.experiments[0]
+    twice = pd.concat([runs, runs[runs["run_id"] == study.run_for(plan, runs, e)["run_id"]].assign(run_id="again")])
+    assert study.duplicates(plan, twice, e) == 1 and study.duplicates(plan, runs, e) == 0
     assert "## Core grid" in text and "Holm" in text and "| 0.98 |" in text
     core = pd.read_csv(tmp_path / "metrics" / "study.csv")
     c = core[core["section"] == "core"]
