@@ -323,6 +323,10 @@ def search(run_probe_batch: Callable[[list[float]], list[Probe]], probes: list[P
 
 
 # ------------------------------------------------------------------------------------------------- report
+def plural_seeds(n: int) -> str:
+    return "1 seed" if n == 1 else f"{n} seeds"
+
+
 def fmt_c(c: float) -> str:
     if math.isnan(c):
         return "-"
@@ -611,7 +615,7 @@ def run(args: argparse.Namespace) -> int:
         raise FrontierError(f"no finished probes match params.yaml + --set with seeds {seeds} and methods {methods}")
     from kdprune.models import params_name
 
-    title = f"{params.data.name}, {params_name(params.model)}, {params.prune.method} ({len(seeds)} seeds)"
+    title = f"{params.data.name}, {params_name(params.model)}, {params.prune.method} ({plural_seeds(len(seeds))})"
     files, fronts = write_outputs(args.out, probes, methods, budgets, title)
     print(Path(files[1]).read_text())
     if not args.no_mlflow_summary:

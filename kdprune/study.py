@@ -263,12 +263,22 @@ def frontier_range(plan: Plan) -> tuple[float, float]:
     return 1 / (1 - min(core)), 1 / (1 - max(core))
 
 
-def study_probes(plan: Plan, runs: pd.DataFrame) -> list[F.Probe]:
+def study_probes(plan: Plan, runs: pd.DataFrame, seeds: list[int] | None = None) -> list[F.Probe]:
     """Probes of the frontier: runs with the first cell's params (any ratio), on the frontier's seeds."""
     fr = plan.frontier
     first = plan.experiments[0]
     flat = {**plan.base, **first.flat}
-    return F.probes_from_runs(F.matching(runs, flat, fr["methods"]), fr["methods"], fr["seeds"])
+    return F.probes_from_runs(F.matching(runs, flat, fr["methods"]), fr["methods"], seeds or fr["seeds"])
+
+
+def preliminary_seeds(plan: Plan, runs: pd.DataFrame) -> list[int]:
+    """While the first cell is incomplete: the frontier's seeds that have a run at every one of its ratios."""
+    first = plan.experiments[0].cell
+    ratios = {e.ratio for e in plan.experiments if e.cell == first}
+    return [s for s in plan.frontier["seeds"]
+            if all(run_for(plan, runs, e) is not None for e in plan.experiments
+                   if e.cell == first and e.seed == s and e.ratio in ratios)
+            and any(e.cell == first and e.seed == s for e in plan.experiments)]
 
 
 # ---------------------------------------------------------------------------------------------- analysis
@@ -385,16 +395,23 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
             lines += [f"## {cell}", "", "No finished runs yet.", ""]
             continue
         lines += section(plan, cell, res, core, rows)
-    probes = study_probes(plan, runs)
+    fr = plan.frontier
+    probes, seeds, note = study_probes(plan, runs), fr["seeds"], ""
+    if len(probes) < 2:  # the study is still running: a preliminary frontier on the seeds complete so far
+        seeds = preliminary_seeds(plan, runs)
+        probes = study_probes(plan, runs, seeds) if seeds else []
+        note = (f" PRELIMINARY: only seed(s) {', '.join(map(str, seeds))} of {len(fr['seeds'])} have finished every "
+                "ratio of the first cell; the search has not run yet" + ("" if len(seeds) > 1 else
+                                                                          ", and one seed gives no interval") + ".")
     files = [out / "metrics" / "study.md", out / "metrics" / "study.csv"]
-    if probes:
-        fr = plan.frontier
+    if len(probes) >= 2:
         ffiles, fronts = F.write_outputs(out, probes, fr["methods"], fr["budgets"],
-                                         f"{plan.name}: {len(fr['seeds'])} seeds", prefix="frontier")
+                                         f"{plan.name}: {F.plural_seeds(len(seeds))}"
+                                         + (" (preliminary)" if note else ""), prefix="frontier")
         teacher = float(np.mean([p.teacher.mean() for p in probes]))
         lines += ["## Frontier", "", *[f"- {F.headline(fronts, teacher, b)}" for b in fr["budgets"]], "",
                   f"From {len(probes)} probes (metrics/frontier.md has the table, plots/frontier.png the plot; the "
-                  "bracket is a 95 % seed-bootstrap interval).", ""]
+                  f"bracket is a 95 % seed-bootstrap interval).{note}", ""]
         files += ffiles
     text = "\n".join(lines) + "\n"
     io.write_text(files[0], text)

@@ -142,3 +142,21 @@ def test_parts_stop_on_time_and_resume_from_the_records_alone(tmp_path, monkeypa
     assert "## epochs" in text and "| 5 |" in text
     assert "## scratch" in text and "## Frontier" in text and "kd reaches" in text
     assert (tmp_path / "plots" / "frontier.png").exists()
+
+
+def test_a_partial_study_reports_a_preliminary_frontier_on_the_complete_seeds(tmp_path, monkeypatch, params_path):
+    monkeypatch.chdir(tmp_path)
+    plan = study.load_plan("study-fashion", params_path)
+    core = [e for e in plan.experiments if e.cell == "core"]
+    plan.records.parent.mkdir(parents=True)
+    rows = [fake_row(plan, e, i) for i, e in enumerate(x for x in core if x.seed == 0)]
+    rows.append(fake_row(plan, next(e for e in core if e.seed == 1), 99))  # seed 1: one ratio of four
+    # 7 done: seed 0 x 4, seed 1 x 1, and their 0.98 runs cover the default KD setting of kd_settings
+    pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
+    runs = study.load(plan, None)
+    assert study.preliminary_seeds(plan, runs) == [0]
+    text, files = study.analyse(plan, runs, tmp_path)
+    assert "PRELIMINARY: only seed(s) 0 of 5" in text and "one seed gives no interval" in text
+    assert "not run yet: 43;" in text and (tmp_path / "plots" / "frontier.png").exists()
+    points = pd.read_csv(tmp_path / "metrics" / "frontier_points.csv")
+    assert points["ci95_low"].isna().all()  # n = 1: no bootstrap bracket is claimed
