@@ -39,8 +39,8 @@ def available() -> list[str]:
 
 def load_preset(name: str) -> dict[str, Any]:
     path = PRESETS / f"{name}.yaml"
-    if not path.is_file():
-        raise PresetError(f"unknown preset {name!r}; available: {available()}")
+    if name not in available() or not path.is_file():  # a name, never a path (no '../', no '/')
+        raise PresetError(f"unknown preset {name[:80]!r}; available: {available()}")
     try:
         raw = safe_load_yaml(path.read_text())
     except yaml.YAMLError as e:

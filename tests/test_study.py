@@ -160,3 +160,10 @@ def test_a_partial_study_reports_a_preliminary_frontier_on_the_complete_seeds(tm
     assert "not run yet: 43;" in text and (tmp_path / "plots" / "frontier.png").exists()
     points = pd.read_csv(tmp_path / "metrics" / "frontier_points.csv")
     assert points["ci95_low"].isna().all()  # n = 1: no bootstrap bracket is claimed
+
+
+@pytest.mark.parametrize("name", ["../params", "/etc/passwd", "study-fashion/../../params", ""])
+def test_the_preset_is_a_name_never_a_path(tmp_path, name, capsys):
+    (tmp_path / "params.yaml").write_text(committed_params_text())
+    with pytest.raises(study.StudyError, match="unknown preset"):
+        study.load_plan(name, tmp_path / "params.yaml")
