@@ -283,19 +283,20 @@ def preliminary_seeds(plan: Plan, runs: pd.DataFrame) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- analysis
 def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Mean of a - b (paired by seed), its 95 % t interval and the two-sided t-test p-value."""
+    """Mean of a - b (paired by seed), its 95 % t interval (report.t_interval) and the two-sided paired t-test
+    p-value (NaN below 2 pairs)."""
     from scipy import stats
 
+    from kdprune.report import t_interval
+
     d = np.asarray(a, float) - np.asarray(b, float)
-    n = len(d)
-    out = {"n": n, "diff": float(d.mean()) if n else float("nan"), "lo": float("nan"), "hi": float("nan"),
-           "p": float("nan"), "sd": float("nan")}
-    if n >= 2:
-        sd = float(d.std(ddof=1))
-        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-        out.update(sd=sd, lo=out["diff"] - half, hi=out["diff"] + half,
-                   p=float(stats.ttest_1samp(d, 0.0).pvalue) if sd > 0 else (0.0 if out["diff"] else 1.0))
-    return out
+    if len(d) == 0:
+        return {"n": 0, "diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "p": float("nan")}
+    mean, lo, hi = t_interval(list(d))
+    p = float("nan")
+    if len(d) >= 2:
+        p = float(stats.ttest_1samp(d, 0.0).pvalue) if d.std(ddof=1) > 0 else (0.0 if mean else 1.0)
+    return {"n": len(d), "diff": mean, "lo": lo, "hi": hi, "p": p}
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -313,13 +314,9 @@ def holm(pvalues: list[float]) -> list[float]:
 
 def simultaneous(diffs: np.ndarray, m: int) -> tuple[float, float]:
     """A Bonferroni interval at 95 % family-wise over ``m`` tests (level 1 - 0.05 / m)."""
-    from scipy import stats
+    from kdprune.report import t_interval
 
-    n = len(diffs)
-    if n < 2:
-        return float("nan"), float("nan")
-    half = stats.t.ppf(1 - 0.025 / m, n - 1) * float(np.std(diffs, ddof=1)) / math.sqrt(n)
-    return float(np.mean(diffs)) - half, float(np.mean(diffs)) + half
+    return t_interval(list(np.asarray(diffs, float)), level=1 - 0.05 / m)[1:]
 
 
 def ms(values) -> str:
