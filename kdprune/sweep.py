@@ -133,6 +133,11 @@ def run_grid(grid: list[tuple], extra: list[str], jobs: int, prefix: str, experi
     A point is ``(seed, ratio)`` or ``(seed, ratio, sets)`` with ``sets`` a tuple of ``key=value`` overrides
     of that point alone (``extra`` applies to every point). Two phases: first one experiment per seed
     (each trains that seed's teacher), then the rest, which restore their teacher from the run-cache."""
+    busy = [str(s.get("name")) for s in queue_status() if s.get("status") in ("Queued", "Running")]
+    if busy:  # someone else's experiments, or stale entries of a stopped sweep: waiting on them could hang
+        raise SystemExit(f"error: DVC's queue already holds {len(busy)} queued or running experiment(s) "
+                         f"({', '.join(busy[:5])}); wait for them (`dvc queue status`), or clear the entries of a "
+                         "stopped run (`dvc queue kill <name>`, `dvc queue remove --queued`), then rerun")
     first_per_seed: dict[int, tuple] = {}
     for g in grid:
         first_per_seed.setdefault(g[0], g)

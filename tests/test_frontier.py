@@ -273,3 +273,13 @@ def test_tiny_real_search_through_the_dvc_queue_then_resume_trains_nothing(tmp_p
     r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "probing" not in r.stdout and "2 finished probes found" in r.stdout, r.stdout
     assert len(pd.read_csv(repo / "metrics" / "frontier_runs.csv", dtype=str)) == 2
+
+
+def test_a_busy_queue_is_refused_before_anything_is_queued(monkeypatch):
+    """Stale 'Running' entries of a stopped part (or someone else's experiments) would make the wait hang."""
+    queued = []
+    monkeypatch.setattr(sweep, "queue_status", lambda: [{"name": "study-core-r0p98-s1-17", "status": "Running"}])
+    monkeypatch.setattr(sweep, "dvc", lambda *a, **k: queued.append(a))
+    with pytest.raises(SystemExit, match="already holds 1 queued or running experiment.*study-core-r0p98-s1-17"):
+        sweep.run_grid([(0, 0.9)], [], 1, "frontier", "kdprune")
+    assert queued == []
