@@ -367,10 +367,10 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
         m = sum(1 for s in stats_ if s[2]["n"] >= 2)
         teacher = df.drop_duplicates("seed")["acc_teacher"].astype(float)
         lines += [f"## Core grid: kd vs finetune ({core_cell})", "",
-                  f"Teacher: {ms(teacher)} % over {len(teacher)} seeds (one teacher per seed). Test accuracy %, mean ± "
-                  "std over seeds. KD − FT is paired by seed (same teacher, mask and batch order); the 95 % interval "
-                  f"is Bonferroni-adjusted for the {m} ratios tested (family-wise 95 %), and the p-value (paired t) "
-                  "Holm-adjusted.", "",
+                  f"Teacher: {ms(teacher)} % over {F.plural_seeds(len(teacher))} (one teacher per seed). Test "
+                  "accuracy %, mean ± std over seeds. KD − FT is paired by seed (same teacher, mask and batch order); "
+                  + (f"the 95 % interval is Bonferroni-adjusted for the {m} ratios tested (family-wise 95 %), and the "
+                     "p-value (paired t) Holm-adjusted." if m else "intervals and tests need 2 seeds at a ratio."), "",
                   "| ratio | compression | MACs / | no recovery | finetune | kd | n | KD − FT (pt) | 95 % CI (adj.) "
                   "| Holm p | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for (ratio, g, p), ap in zip(stats_, adj):
@@ -479,7 +479,7 @@ def section(plan: Plan, cell: str, res, core, rows: list) -> list[str]:
                          "n": len(rs), "kd_mean": np.mean([float(r["acc_kd"]) for r in rs])})
         cells.append(str(len(rs)))
         lines.append("| " + " | ".join(cells) + " |")
-    if best is not None and has_train:
+    if best is not None and has_train and len(settings) > 1:
         lines += ["", f"Chosen on training accuracy: {', '.join(f'{k}={x}' for k, x in zip(varied, best[0]))} "
                       f"(train_acc_kd {best[1]:.2f} %); its test accuracy: {best[2]:.2f} %."]
     return lines + [""]
