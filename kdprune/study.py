@@ -158,13 +158,18 @@ def load_plan(name: str, params_path: Path = Path("params.yaml")) -> Plan:
                     if len(experiments) > MAX_EXPERIMENTS:
                         raise StudyError(f"{path}: more than {MAX_EXPERIMENTS} experiments planned")
     fr = study.get("frontier") or {}
-    if not isinstance(fr, dict) or set(fr) - {"budgets", "methods", "seeds", "tolerance"}:
-        raise StudyError(f"{path}: study.frontier: a mapping with budgets, methods, seeds, tolerance")
+    if not isinstance(fr, dict) or set(fr) - {"budgets", "methods", "seeds", "tolerance", "lo", "hi"}:
+        raise StudyError(f"{path}: study.frontier: a mapping with budgets, methods, seeds, tolerance, lo, hi")
     try:
         frontier = {"budgets": F.parse_floats(",".join(map(str, fr.get("budgets", [1.0]))), "budgets", 0, 100),
                     "methods": F.parse_methods(",".join(map(str, fr.get("methods", ["kd", "finetune"])))),
                     "seeds": F.parse_seeds(",".join(map(str, fr.get("seeds", [0, 1, 2])))),
                     "tolerance": F.parse_floats(str(fr.get("tolerance", 1.5)), "tolerance", 1, 100)[0]}
+        for end in ("lo", "hi"):  # compressions; default: the first cell's least and most compressed ratio
+            if end in fr:
+                frontier[end] = F.parse_floats(str(fr[end]), end, 1, 1e6)[0]
+        if frontier.get("lo", 1) >= frontier.get("hi", 1e6):
+            raise F.FrontierError(f"lo {frontier['lo']:g} must be below hi {frontier['hi']:g}")
     except F.FrontierError as e:
         raise StudyError(f"{path}: study.frontier: {e}") from None
     return Plan(name, path, Path(records), experiments, frontier, str(base.get("mlflow.experiment")), base, grids)
@@ -259,8 +264,9 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
 
 
 def frontier_range(plan: Plan) -> tuple[float, float]:
+    """The search's range in compression: the plan's frontier.lo/hi, else the first cell's ratio range."""
     core = [e.ratio for e in plan.experiments if e.cell == plan.experiments[0].cell]
-    return 1 / (1 - min(core)), 1 / (1 - max(core))
+    return plan.frontier.get("lo", 1 / (1 - min(core))), plan.frontier.get("hi", 1 / (1 - max(core)))
 
 
 def study_probes(plan: Plan, runs: pd.DataFrame, seeds: list[int] | None = None) -> list[F.Probe]:
@@ -511,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_for(plan, runs, e)
                 print(f"{'done ' + str(r['run_id'])[:8] if r is not None else 'todo    '}  {e.describe()}")
             return 0
-        complete = True
+        complete = None
         if not args.analyse:
             complete = run_part(plan, args.part_minutes, args.jobs, uri)
         runs = load(plan, uri)
@@ -522,7 +528,12 @@ def main(argv: list[str] | None = None) -> int:
 
             run_id = report.log_summary(uri, plan.experiment, files + [plan.records], len(runs), kind="study")
             print(f"mlflow: study logged as run {run_id} (experiment '{report.reports_experiment(plan.experiment)}')")
-        print(f"study {plan.name}: {'complete' if complete else 'not complete yet: rerun to resume'}")
+        if complete is None:  # --analyse: nothing ran, so say what the records hold
+            done = sum(1 for e in plan.experiments if run_for(plan, runs, e) is not None)
+            print(f"study {plan.name}: {done} of {len(plan.experiments)} planned experiments done (the frontier "
+                  "probes come after them)")
+        else:
+            print(f"study {plan.name}: {'complete' if complete else 'not complete yet: rerun to resume'}")
         return 0
     except (StudyError, F.FrontierError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

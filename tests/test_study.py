@@ -33,7 +33,9 @@ def test_the_committed_study_plan_validates_and_is_sized(params_path):
     assert {e.flat["distill.lr"] for e in plan.experiments if e.cell == "lr"} | {plan.base["distill.lr"]} == {0.01, 0.05, 0.2}
     assert {e.flat["distill.epochs"] for e in plan.experiments if e.cell == "epochs"} == {1, 3, 10}
     assert plan.frontier["budgets"] == [0.5, 1.0, 2.0] and plan.records.as_posix() == "metrics/study_runs.csv"
-    assert study.frontier_range(plan) == pytest.approx((10, 100))
+    assert study.frontier_range(plan) == pytest.approx((2, 100))  # below the core grid: 1 pt is lost by 10x
+    plan.frontier.pop("lo")
+    assert study.frontier_range(plan) == pytest.approx((10, 100))  # the default: the first cell's range
 
 
 def hostile(tmp_path, monkeypatch, mutate):
@@ -58,6 +60,7 @@ def hostile(tmp_path, monkeypatch, mutate):
     (lambda r: r["study"].update(records="../../etc/x.csv"), "study.records"),
     (lambda r: r["study"].update(extra=1), "unknown keys ['extra']"),
     (lambda r: r["study"]["frontier"].update(budgets=[-1]), "study.frontier"),
+    (lambda r: r["study"]["frontier"].update(lo=50, hi=20), "lo 50 must be below hi 20"),
     (lambda r: r["study"]["cells"].extend([{"name": f"c{i}", "ratios": [0.5 + i / 200 for i in range(60)],
                                             "seeds": list(range(60))} for i in range(2)]), "more than 2000"),
 ])
