@@ -375,7 +375,8 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
         lines += [f"## Core grid: kd vs finetune ({core_cell})", "",
                   f"Teacher: {ms(teacher)} % over {F.plural_seeds(len(teacher))} (one teacher per seed). Test "
                   "accuracy %, mean ± std over seeds. KD − FT is paired by seed (same teacher, mask and batch order); "
-                  + (f"the 95 % interval is Bonferroni-adjusted for the {m} ratios tested (family-wise 95 %), and the "
+                  + (f"the 95 % interval is Bonferroni-adjusted for the {m} ratio{'s' if m != 1 else ''} tested (family-wise "
+                     "95 %), and the "
                      "p-value (paired t) Holm-adjusted." if m else "intervals and tests need 2 seeds at a ratio."), "",
                   "| ratio | compression | MACs / | no recovery | finetune | kd | n | KD − FT (pt) | 95 % CI (adj.) "
                   "| Holm p | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
