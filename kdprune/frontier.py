@@ -493,43 +493,44 @@ def parse_methods(text: str) -> list[str]:
 
 
 def parse_sets(sets: list[str]) -> dict[str, Any]:
-    """``key=value`` overrides (the value read as YAML, like ``dvc exp run -S``)."""
+    """``key=value`` overrides (the value read as YAML, as params.yaml would hold it)."""
+    from kdprune import overrides
+
     if len(sets) > MAX_SETS:
         raise FrontierError(f"--set: at most {MAX_SETS} overrides")
     out: dict[str, Any] = {}
     for s in sets:
-        key, eq, value = s.partition("=")
-        key = key.strip()
-        if not eq or not key or len(s) > 4096:
-            raise FrontierError(f"--set {s[:80]!r}: use key=value (e.g. distill.epochs=5)")
+        try:
+            key, value = overrides.parse(s)
+        except overrides.OverrideError as e:
+            raise FrontierError(f"--set {e}") from None
         if key in ("prune.ratio", "seed", "distill.variants"):
             raise FrontierError(f"--set {key}: the search sets it (ratio: the search axis; seed: --seeds; "
                                 "variants: --methods)")
-        try:
-            out[key] = safe_load_yaml(value)
-        except Exception as e:  # a YAML error, an alias, an oversized value
-            raise FrontierError(f"--set {key}: cannot read the value {value[:80]!r} ({' '.join(str(e).split())[:160]})") from None
+        out[key] = value
     return out
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise FrontierError(f"--set {key}: {p} is not a section")
-        node[leaf] = value
-    return out
+    from kdprune import overrides
+
+    try:
+        return overrides.nest(flat)
+    except overrides.OverrideError as e:
+        raise FrontierError(f"--set {e}") from None
 
 
 def target_params(params_path: Path, sets: dict[str, Any], methods: list[str]):
     """params.yaml + the overrides + the methods as variants, validated like every stage does."""
     from kdprune.presets import merge
 
+    from kdprune import overrides
+
     base = safe_load_yaml(params_path.read_text())
+    try:
+        overrides.check_no_interpolation(base, str(params_path))
+    except overrides.OverrideError as e:
+        raise FrontierError(str(e)) from None
     merged = merge(base, nest({**sets, "distill.variants": methods}))
     try:
         params = params_from_dict(merged)
@@ -596,10 +597,12 @@ def run(args: argparse.Namespace) -> int:
     probes = known()
     log(f"frontier: {len(probes)} finished probes found (MLflow {uri} and {args.records})")
     if not args.analyse:
-        from kdprune import presets, sweep
+        from kdprune import overrides, sweep
 
-        extra = [a for k, v in {**sets, "distill.variants": methods}.items()
-                 for a in ("-S", f"{k}={presets._value(v)}")]
+        try:
+            extra = overrides.dvc_args({}, {**sets, "distill.variants": methods})
+        except overrides.OverrideError as e:
+            raise FrontierError(f"--set {e}") from None
 
         def run_batch(ratios: list[float]) -> list[Probe]:
             grid = [(s, r) for s in seeds for r in ratios]

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from kdprune import overrides as ovr
 from kdprune.params import Params, ParamsError, flatten, params_from_dict, safe_load_yaml
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
@@ -65,6 +66,11 @@ def resolve(name: str, params_path: Path = PRESETS.parent / "params.yaml") -> tu
     """The validated params of ``params.yaml`` + the preset, and the flat overrides."""
     preset = load_preset(name)
     base = safe_load_yaml(params_path.read_text())
+    try:
+        ovr.check_no_interpolation(base, str(params_path))
+        ovr.check_no_interpolation(preset["params"], str(PRESETS / f"{name}.yaml"))
+    except ovr.OverrideError as e:
+        raise PresetError(str(e)) from None
     try:
         params = params_from_dict(merge(base, preset["params"]))
     except ParamsError as e:
@@ -123,23 +129,16 @@ def cpu_warning(name: str, params: Params) -> str | None:
             f"the {CPU_GFLOPS_PER_CORE:.0f} GFLOP/s per core measured in benchmarks/README.md)")
 
 
-def _value(v: Any) -> str:
-    """A value as DVC's ``-S`` (Hydra override grammar) reads it back."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "null"
-    if isinstance(v, list):
-        return "[" + ",".join(_value(x) for x in v) + "]"
-    return str(v)
-
-
 def command(name: str, overrides: dict[str, Any], queue: bool = False, extra: list[str] | None = None) -> list[str]:
+    """``dvc exp run -n NAME [--queue] -S ...``: every value written so that DVC reads back exactly it (never a
+    sweep, never an interpolation: kdprune/overrides.py)."""
     cmd = ["dvc", "exp", "run", "-n", name]
     if queue:
         cmd.append("--queue")
-    for k, v in overrides.items():
-        cmd += ["-S", f"{k}={_value(v)}"]
+    try:
+        cmd += ovr.dvc_args({}, overrides)
+    except ovr.OverrideError as e:
+        raise PresetError(f"{PRESETS / (name + '.yaml')}: {e}") from None
     return cmd + list(extra or [])
 
 
@@ -162,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{n:24s} {load_preset(n).get('description', '')}")
             return 0
         params, overrides = resolve(args.name)
+        cmd = command(args.name, overrides, getattr(args, "queue", False), getattr(args, "extra", None))
     except PresetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cmd = command(args.name, overrides, getattr(args, "queue", False), getattr(args, "extra", None))
     if args.cmd == "show":
         print(json.dumps(params.to_dict(), indent=2))
         print(shlex.join(cmd))

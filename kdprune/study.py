@@ -61,9 +61,9 @@ class Experiment:
         return dict(self.overrides)
 
     def sets(self) -> tuple[str, ...]:
-        from kdprune.presets import _value
+        from kdprune.overrides import override
 
-        return tuple(f"{k}={_value(v)}" for k, v in self.overrides)
+        return tuple(override(k, v) for k, v in self.overrides)
 
     def describe(self) -> str:
         own = {k: v for k, v in self.overrides if not k.startswith(("mlflow.", "evaluate."))}
@@ -96,7 +96,7 @@ def _list(raw: Any, where: str, cast, check=lambda v: True, allowed: str = "") -
 
 
 def load_plan(name: str, params_path: Path = Path("params.yaml")) -> Plan:
-    from kdprune import presets
+    from kdprune import overrides, presets
 
     try:
         raw = presets.load_preset(name)
@@ -112,7 +112,13 @@ def load_plan(name: str, params_path: Path = Path("params.yaml")) -> Plan:
     records = study.get("records", "metrics/study_runs.csv")
     if not isinstance(records, str) or not re.fullmatch(r"metrics/[A-Za-z0-9_.-]{1,80}\.csv", records):
         raise StudyError(f"{path}: study.records {str(records)[:80]!r}: must be metrics/<name>.csv")
-    base_raw = presets.merge(safe_load_yaml(params_path.read_text()), raw["params"])
+    params_raw = safe_load_yaml(params_path.read_text())
+    try:  # DVC would resolve a ${...} (reading environment variables into params.yaml, git and MLflow)
+        overrides.check_no_interpolation(params_raw, str(params_path))
+        overrides.check_no_interpolation(raw, str(path))
+    except overrides.OverrideError as e:
+        raise StudyError(str(e)) from None
+    base_raw = presets.merge(params_raw, raw["params"])
     base = flatten(base_raw)
     preset_flat = flatten(raw["params"])
     cells = study.get("cells")
@@ -121,6 +127,7 @@ def load_plan(name: str, params_path: Path = Path("params.yaml")) -> Plan:
     experiments: list[Experiment] = []
     grids: dict[str, list[str]] = {}
     seen: set[str] = set()
+    checked: set[str] = set()  # override sets already verified against DVC's parser
     for i, cell in enumerate(cells):
         where = f"{path}: study.cells[{i}]"
         if not isinstance(cell, dict) or set(cell) - {"name", "ratios", "seeds", "set", "grid"}:
@@ -154,6 +161,12 @@ def load_plan(name: str, params_path: Path = Path("params.yaml")) -> Plan:
                         params_from_dict(F.nest(flat))
                     except ParamsError as e:
                         raise StudyError(f"{where} (ratio {ratio}, seed {seed}, {combo}): {e}") from None
+                    if repr(sorted(over.items())) not in checked:  # DVC must read back exactly these values
+                        try:
+                            overrides.dvc_args({}, over)
+                        except overrides.OverrideError as e:
+                            raise StudyError(f"{where}: {e}") from None
+                        checked.add(repr(sorted(over.items())))
                     experiments.append(Experiment(cname, seed, ratio, tuple(sorted(over.items()))))
                     if len(experiments) > MAX_EXPERIMENTS:
                         raise StudyError(f"{path}: more than {MAX_EXPERIMENTS} experiments planned")

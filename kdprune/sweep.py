@@ -163,13 +163,39 @@ def run_grid(grid: list[tuple], extra: list[str], jobs: int, prefix: str, experi
     return names, status, run_names(experiment), time.time() - t0
 
 
+def check_sets(sets: list[str], params_path: Path = Path("params.yaml")) -> tuple[str, list[str]]:
+    """The MLflow experiment and the ``-S`` arguments for the sweep's ``key=value`` overrides, checked before
+    anything is queued (exit 2 with one line): params.yaml + the overrides must validate, the values must
+    reach DVC unchanged (no sweep, no interpolation: kdprune/overrides.py), and ratio and seed are the
+    sweep's own."""
+    from kdprune import overrides
+    from kdprune.params import ParamsError, params_from_dict, safe_load_yaml
+    from kdprune.presets import merge
+
+    try:
+        if len(sets) > 64:
+            raise overrides.OverrideError("at most 64 overrides")
+        values = dict(overrides.parse(s) for s in sets)
+        for key in ("prune.ratio", "seed"):
+            if key in values:
+                raise overrides.OverrideError(f"{key}: the sweep sets it (--ratios, --seeds)")
+        base = safe_load_yaml(params_path.read_text())
+        extra = overrides.dvc_args(base, values)
+        params = params_from_dict(merge(base, overrides.nest(values)))
+    except (overrides.OverrideError, ParamsError) as e:
+        print(f"error: -S {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return params.mlflow.experiment, extra
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kdprune.sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", required=True, help="comma-separated prune.ratio values")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="parallel queue workers (default 1)")
-    ap.add_argument("-S", "--set-param", action="append", default=[], help="extra override for every experiment")
+    ap.add_argument("-S", "--set-param", action="append", default=[],
+                    help="key=value override for every experiment (the value read as YAML; repeatable)")
     ap.add_argument("--report", action="store_true", help="run python -m kdprune.report afterwards")
     ap.add_argument("--shard", default="1/1", help="K/N: run only the K-th of N slices of the grid (one per machine)")
     ap.add_argument("--pull", action="store_true",
@@ -181,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     k, n = parse_shard(args.shard)
     ratios = parse_list(args.ratios, float)
     seeds = parse_list(args.seeds, int)
-    from kdprune.params import load_params
-
-    experiment = load_params().mlflow.experiment
-    extra = [a for s in args.set_param for a in ("-S", s)]
+    experiment, extra = check_sets(args.set_param)
     grid = shard([(s, r) for s in seeds for r in ratios], k, n)
     if not grid:
         print(f"sweep: shard {k}/{n} of a {len(seeds)} x {len(ratios)} grid is empty; nothing to run")

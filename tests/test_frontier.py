@@ -128,7 +128,7 @@ def workdir(tmp_path, monkeypatch):
 def fake_queue(monkeypatch, params, records, calls):
     def run_grid(grid, extra, jobs, prefix, experiment, log=print):
         calls.append(sorted(grid))
-        assert "-S" in extra and "distill.variants=[kd,finetune]" in extra and "distill.epochs=3" in extra
+        assert "-S" in extra and "distill.variants=['kd','finetune']" in extra and "distill.epochs=3" in extra
         old = pd.read_csv(records, dtype=str, keep_default_na=False) if records.exists() else pd.DataFrame()
         p = F.nest({**flatten(params), "distill.epochs": 3, "distill.variants": ["kd", "finetune"]})
         new = pd.DataFrame([run_row(p, r, s, len(old) + i) for i, (s, r) in enumerate(grid)])
@@ -219,7 +219,7 @@ def test_structured_pruning_is_searched_on_the_channel_ratio(workdir, monkeypatc
 
     def run_grid(grid, extra, jobs, prefix, experiment, log=print):
         calls.append(grid)
-        assert "prune.method=l1_filter" in extra
+        assert "prune.method='l1_filter'" in extra
         p = F.nest({**flatten(params), "prune.method": "l1_filter", "distill.variants": ["kd", "finetune"]})
         old = pd.read_csv(records, dtype=str, keep_default_na=False) if records.exists() else pd.DataFrame()
         rows = []

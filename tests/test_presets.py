@@ -63,7 +63,7 @@ def test_command_has_one_override_per_key(committed):
     _, overrides = presets.resolve("svhn-resnet110", committed)
     cmd = presets.command("svhn-resnet110", overrides, queue=True)
     assert cmd[:5] == ["dvc", "exp", "run", "-n", "svhn-resnet110"] and "--queue" in cmd
-    assert "data.name=svhn" in cmd and "model.depth=110" in cmd and "distill.variants=[kd,finetune]" in cmd
+    assert "data.name='svhn'" in cmd and "model.depth=110" in cmd and "distill.variants=['kd','finetune']" in cmd
     assert cmd.count("-S") == len(overrides)
 
 
