@@ -376,8 +376,8 @@ def store_error(uri: str, e: Exception) -> TrackingError:
             f"the MLflow server at {uri} refused the request (HTTP {status}: "
             f"{'no or wrong credentials' if status == '401' else 'this user may not write to the experiment'}); "
             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (a user of its basic-auth app with EDIT "
-            "permission), then log the results with `python -m kdprune.tracking relog`; the results stay in "
-            "metrics/ and plots/")
+            "permission), or MLFLOW_TRACKING_TOKEN for a server behind a token-checking proxy, then log the "
+            "results with `python -m kdprune.tracking relog`; the results stay in metrics/ and plots/")
     return TrackingError(_unreachable(uri, e))
 
 

@@ -456,7 +456,7 @@ def test_a_server_that_does_not_answer_is_tried_again_then_given_up(tmp_path, mo
         e = tracking.store_error("http://h:5000", RuntimeError(f"API request to endpoint /x failed with error code "
                                                                f"{status} != 200. Response body: 'denied'"))
         assert isinstance(e, tracking.TrackingUserError) and f"HTTP {status}" in str(e)
-        assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in str(e)
+        assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in str(e) and "MLFLOW_TRACKING_TOKEN" in str(e)
 
 
 def test_missing_metrics_is_clear(tmp_path):
