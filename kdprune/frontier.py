@@ -403,45 +403,55 @@ def markdown(probes: list[Probe], fronts: list[Frontier], methods: list[str], bu
 def plot(probes: list[Probe], fronts: list[Frontier], methods: list[str], budgets: list[float], path: Path,
          title: str) -> None:
     """Accuracy against compression (log x): one line per method with a 95 % t band over seeds, the teacher,
-    a dotted line per budget, and each method's frontier point at each budget."""
+    a dotted line per budget, and each method's frontier point at each budget. Left: the whole range; right:
+    a zoom on the budgets (teacher - largest budget - 1 pt to teacher + 0.5), where the frontier points lie."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
+    import matplotlib.transforms
     from scipy import stats
 
     colors = {"kd": "#4c72b0", "finetune": "#55a868", "scratch": "#c44e52", "scratch_kd": "#8172b2"}
-    fig, ax = plt.subplots(figsize=(7.6, 4.4), dpi=100, layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4), dpi=100, layout="constrained", width_ratios=[1.15, 1])
     cs = np.array([p.compression for p in probes])
-    for m in methods:
-        acc = np.stack([p.acc[m] for p in probes])
-        mean = acc.mean(axis=1)
-        n = acc.shape[1]
-        half = stats.t.ppf(0.975, n - 1) * acc.std(axis=1, ddof=1) / math.sqrt(n) if n > 1 else np.zeros_like(mean)
-        c = colors.get(m, "#937860")
-        ax.plot(cs, mean, marker="o", color=c, label=f"{m} (mean, 95 % band, n = {n})")
-        ax.fill_between(cs, mean - half, mean + half, color=c, alpha=0.18, linewidth=0)
     teacher = float(np.mean([p.teacher.mean() for p in probes]))
-    ax.axhline(teacher, color="#555555", linestyle="--", label=f"teacher {teacher:.2f} %")
-    for b in budgets:
-        ax.axhline(teacher - b, color="#999999", linestyle=":", linewidth=1)
-        ax.annotate(f"-{b:g} pt", (cs.min(), teacher - b), fontsize=7, color="#666666", va="bottom")
-    for f in fronts:
-        if not f.censored and not math.isnan(f.estimate):
-            ax.plot([f.estimate], [f.threshold], marker="D", color=colors.get(f.method, "#937860"), markersize=7,
-                    markeredgecolor="k", linestyle="none")
-    ax.plot([], [], marker="D", color="w", markeredgecolor="k", linestyle="none", label="frontier (per budget)")
-    ax.set_xscale("log")
-    ax.set_xticks(cs, [fmt_c(c) for c in cs], fontsize=7)
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     lows = [np.stack([p.acc[m] for p in probes]).mean(axis=1).min() for m in methods]
-    ax.set_ylim(max(0.0, min(min(lows), teacher - max(budgets)) - 2), min(100.0, teacher + 1))
-    ax.set_xlabel("compression (teacher params / non-zero student params, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ranges = [(max(0.0, min(min(lows), teacher - max(budgets)) - 2), min(100.0, teacher + 1)),
+              (max(0.0, teacher - max(budgets) - 1), min(100.0, teacher + 0.5))]
+    for ax, (lo, hi), zoom in zip(axes, ranges, (False, True)):
+        for m in methods:
+            acc = np.stack([p.acc[m] for p in probes])
+            mean = acc.mean(axis=1)
+            n = acc.shape[1]
+            half = (stats.t.ppf(0.975, n - 1) * acc.std(axis=1, ddof=1) / math.sqrt(n) if n > 1
+                    else np.zeros_like(mean))
+            c = colors.get(m, "#937860")
+            ax.plot(cs, mean, marker="o", color=c, label=f"{m} (mean, 95 % band, n = {n})")
+            ax.fill_between(cs, mean - half, mean + half, color=c, alpha=0.18, linewidth=0)
+        ax.axhline(teacher, color="#555555", linestyle="--", label=f"teacher {teacher:.2f} %")
+        right = matplotlib.transforms.blended_transform_factory(ax.transAxes, ax.transData)
+        for b in budgets:
+            ax.axhline(teacher - b, color="#999999", linestyle=":", linewidth=1)
+            if zoom:  # labels at the right edge, where 0.5 pt apart still reads
+                ax.text(1.01, teacher - b, f"-{b:g} pt", transform=right, fontsize=7, color="#666666",
+                        va="center", ha="left")
+        for f in fronts:
+            if not f.censored and not math.isnan(f.estimate):
+                ax.plot([f.estimate], [f.threshold], marker="D", color=colors.get(f.method, "#937860"),
+                        markersize=7, markeredgecolor="k", linestyle="none")
+        ax.set_xscale("log")
+        ax.set_xticks(cs, [fmt_c(c) for c in cs], fontsize=7)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_ylim(lo, hi)
+        ax.set_xlabel("compression (teacher params / non-zero student params, log scale)", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title("within the budgets (zoom)" if zoom else "all probes", fontsize=9)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].plot([], [], marker="D", color="w", markeredgecolor="k", linestyle="none", label="frontier (per budget)")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(title, fontsize=10)
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
     plt.close(fig)
