@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ BOOTSTRAP = 2000
 MAX_SEEDS = 100
 MAX_PROBES = 64
 MAX_SETS = 64
+MAX_RECORDS_BYTES = 256 * 2**20  # a records CSV: ~5 KB per run, so ~50,000 runs
+ACC_COLUMN = re.compile(r"^(train_)?acc_|_(test|train)_acc$")  # accuracies in %
+RATIO_COLUMNS = ("compression_ratio", "prunable_compression_ratio", "mac_reduction")
 RECORDS = Path("metrics/frontier_runs.csv")
 RUN_COLUMNS = ("run_id", "status", "run_name", "dvc_exp_name", "git_commit", "start_time", "end_time")
 
@@ -112,10 +116,37 @@ def normalise(v: Any) -> Any:
     return v
 
 
+def check_metrics(df: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Refuse metrics no kdprune run can log (they would make a frontier of garbage): an accuracy outside
+    [0, 100], a compression below 1, an infinite number. A missing value (NaN) stays: a failed run."""
+    for c in df.columns:
+        if c in RUN_COLUMNS or c.startswith("params.") or not pd.api.types.is_numeric_dtype(df[c]):
+            continue
+        v = df[c].to_numpy(dtype=float)
+        if ACC_COLUMN.search(c):
+            bad = ~np.isnan(v) & ~((v >= 0) & (v <= 100))
+            rule = "an accuracy in [0, 100] %"
+        elif c in RATIO_COLUMNS:
+            bad = ~np.isnan(v) & ~((v >= 1) & np.isfinite(v))
+            rule = "a finite compression >= 1"
+        else:
+            bad = np.isinf(v)
+            rule = "a finite number"
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            run = df["run_id"].iloc[i] if "run_id" in df else i
+            raise FrontierError(f"{where}: run {str(run)[:40]}: {c} = {v[i]!r} is not {rule} "
+                                f"({int(bad.sum())} such value(s)); fix or remove those rows")
+    return df
+
+
 def read_records(path: Path) -> pd.DataFrame:
-    """The per-run records CSV (every column a string but the metrics), or an empty frame."""
+    """The per-run records CSV (every column a string but the metrics, which are checked), or an empty frame."""
     if not path.exists():
         return pd.DataFrame()
+    size = path.stat().st_size
+    if size > MAX_RECORDS_BYTES:
+        raise FrontierError(f"{path}: {size:,} bytes; a records CSV is at most {MAX_RECORDS_BYTES:,} bytes")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
@@ -125,7 +156,7 @@ def read_records(path: Path) -> pd.DataFrame:
     for c in df.columns:
         if c not in RUN_COLUMNS and not c.startswith("params."):
             df[c] = pd.to_numeric(df[c].replace("", np.nan), errors="coerce")
-    return df
+    return check_metrics(df, str(path))
 
 
 def merge_runs(*frames: pd.DataFrame) -> pd.DataFrame:
@@ -151,7 +182,7 @@ def load_runs(records: Path, uri: str | None, experiment: str) -> pd.DataFrame:
     if uri:
         from kdprune import report
 
-        from_mlflow = report.fetch_runs(uri, experiment)
+        from_mlflow = check_metrics(report.fetch_runs(uri, experiment), f"MLflow {uri}, experiment {experiment!r}")
     return merge_runs(from_mlflow, read_records(records))
 
 

@@ -245,6 +245,34 @@ def test_a_corrupt_records_file_is_named(workdir, capsys):
     assert str(bad) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("column, value, rule", [
+    ("acc_kd", "250", "an accuracy in [0, 100] %"), ("acc_finetune", "-1", "an accuracy in [0, 100] %"),
+    ("acc_teacher", "inf", "an accuracy in [0, 100] %"), ("compression_ratio", "0.5", "a finite compression >= 1"),
+    ("prunable_compression_ratio", "inf", "a finite compression >= 1"), ("acc_pruned", "1e308", "an accuracy")])
+def test_impossible_metrics_in_a_records_file_are_refused(workdir, capsys, column, value, rule):
+    """Old: a records row with acc_kd = 250 (or inf) from someone else's file moved the frontier."""
+    tmp, params = workdir
+    rows = [run_row(params, r, 0, i) for i, r in enumerate((0.5, 0.9))]
+    rows[1][column] = value
+    records = tmp / "r.csv"
+    pd.DataFrame(rows).astype(str).to_csv(records, index=False)
+    assert F.main(["--analyse", "--records", str(records), "--no-mlflow-summary"]) == 2
+    err = capsys.readouterr().err
+    assert str(records) in err and "run fake0001" in err and f"{column} = " in err and rule in err, err
+    rows[1][column] = "nan"  # a missing value is a failed run, not an error
+    pd.DataFrame(rows).astype(str).to_csv(records, index=False)
+    assert not F.read_records(records).empty
+
+
+def test_an_oversized_records_file_is_refused_before_reading(workdir, capsys):
+    tmp, _ = workdir
+    big = tmp / "big.csv"
+    with open(big, "wb") as f:  # sparse: no disk used
+        f.truncate(F.MAX_RECORDS_BYTES + 1)
+    assert F.main(["--analyse", "--records", str(big), "--no-mlflow-summary"]) == 2
+    assert "a records CSV is at most" in capsys.readouterr().err
+
+
 def test_no_matching_runs_is_a_clear_error(workdir, capsys):
     assert F.main(["--analyse", "--no-mlflow-summary"]) == 2
     assert "no finished probes match params.yaml" in capsys.readouterr().err
