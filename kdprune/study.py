@@ -355,6 +355,25 @@ def cell_runs(plan: Plan, runs: pd.DataFrame, cell: str) -> list[tuple[Experimen
     return out
 
 
+def chance_level(df: pd.DataFrame) -> float | None:
+    """100 / classes of the study's dataset (a built-in one), else None."""
+    names = set(df.get("params.data.name", pd.Series(dtype=str)).astype(str))
+    if len(names) != 1:
+        return None
+    from kdprune.data.registry import REGISTRY
+
+    info = REGISTRY.get(names.pop())
+    return None if info is None else 100.0 / len(info.classes)
+
+
+def at_chance(g: pd.DataFrame, chance: float | None) -> int:
+    """Seeds in ``g`` whose kd and finetune accuracies are both within 1 point of chance."""
+    if chance is None:
+        return 0
+    kd, ft = g["acc_kd"].to_numpy(float), g["acc_finetune"].to_numpy(float)
+    return int(((kd <= chance + 1) & (ft <= chance + 1)).sum())
+
+
 def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str, list[Path]]:
     """metrics/study.md + study.csv (+ the frontier files) from the runs; returns the markdown and the files."""
     lines = [f"# Study {plan.name}", "", f"Plan: {plan.path.name}; runs read from MLflow and {plan.records}.", ""]
@@ -391,21 +410,32 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
                   + (f"the 95 % interval is Bonferroni-adjusted for the {m} ratio{'s' if m != 1 else ''} tested (family-wise "
                      "95 %), and the "
                      "p-value (paired t) Holm-adjusted." if m else "intervals and tests need 2 seeds at a ratio."), "",
-                  "| ratio | compression | MACs / | no recovery | finetune | kd | n | KD − FT (pt) | 95 % CI (adj.) "
-                  "| Holm p | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| ratio | compression | MACs / | no recovery | finetune | kd | n | at chance | KD − FT (pt) "
+                  "| 95 % CI (adj.) | Holm p | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        chance = chance_level(df)
+        collapsed_total = 0
         for (ratio, g, p), ap in zip(stats_, adj):
             lo, hi = simultaneous(g["acc_kd"].to_numpy(float) - g["acc_finetune"].to_numpy(float), max(m, 1))
             verdict = ("-" if math.isnan(ap) else "KD better" if ap < 0.05 and p["diff"] > 0 else
                        "FT better" if ap < 0.05 else "no significant difference")
             ci = "-" if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
             mac = g["mac_reduction"].astype(float).mean() if "mac_reduction" in g else float("nan")
+            collapsed = at_chance(g, chance)
+            collapsed_total += collapsed
             lines.append(f"| {ratio:g} | {g['compression_ratio'].astype(float).mean():.1f}x | {mac:.1f}x | "
                          f"{ms(g['acc_pruned'])} | {ms(g['acc_finetune'])} | {ms(g['acc_kd'])} | {p['n']} | "
+                         f"{'-' if chance is None else collapsed} | "
                          f"{p['diff']:+.2f} | {ci} | {'-' if math.isnan(ap) else f'{ap:.3g}'} | {verdict} |")
             rows.append({"section": "core", "ratio": ratio, "n": p["n"], "kd_mean": g["acc_kd"].mean(),
                          "finetune_mean": g["acc_finetune"].mean(), "kd_minus_finetune": p["diff"],
-                         "ci95_adj_low": lo, "ci95_adj_high": hi, "p": p["p"], "p_holm": ap})
+                         "ci95_adj_low": lo, "ci95_adj_high": hi, "p": p["p"], "p_holm": ap,
+                         "seeds_at_chance": collapsed})
         lines.append("")
+        if chance is not None:
+            lines += [f"At chance: seeds whose kd and finetune students both end within 1 point of chance "
+                      f"({chance:.2f} %). Neither method could train them: pruning left no signal path (a layer "
+                      "with almost no weights, the layer collapse of global magnitude pruning at extreme sparsity). "
+                      f"They count in the means and pairs above (their KD − FT is ~0); {collapsed_total} so far.", ""]
     for cell in dict.fromkeys(e.cell for e in plan.experiments[1:] if e.cell != core_cell):
         res = cell_runs(plan, runs, cell)
         if not res:

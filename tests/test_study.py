@@ -165,6 +165,30 @@ def test_a_partial_study_reports_a_preliminary_frontier_on_the_complete_seeds(tm
     assert points["ci95_low"].isna().all()  # n = 1: no bootstrap bracket is claimed
 
 
+def test_seeds_at_chance_are_counted_per_ratio(tmp_path, monkeypatch, params_path):
+    """A seed whose pruned network cannot train (layer collapse: kd and finetune both at 10 %) is counted and
+    explained, not hidden in the mean."""
+    monkeypatch.chdir(tmp_path)
+    plan = study.load_plan("study-fashion", params_path)
+    core = [e for e in plan.experiments if e.cell == "core" and e.seed in (0, 1)]
+    plan.records.parent.mkdir(parents=True)
+    rows = [fake_row(plan, e, i) for i, e in enumerate(core)]
+    for r in rows:
+        if r["params.prune.ratio"] == "0.99" and r["params.seed"] == "1":
+            r.update(acc_kd=10.0, acc_finetune=10.0)
+        if r["params.prune.ratio"] == "0.95" and r["params.seed"] == "1":
+            r.update(acc_kd=10.0, acc_finetune=60.0)  # only one of the two at chance: not a collapse
+    pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
+    text, _ = study.analyse(plan, study.load(plan, None), tmp_path)
+    core_text = text.split("## Core grid")[1].split("\n## ")[0]
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in core_text.splitlines()
+             if line.startswith("| 0.9")}
+    assert table["0.99"][7] == "1" and table["0.95"][7] == "0" and table["0.9"][7] == "0", table
+    assert "within 1 point of chance (10.00 %)" in text and "1 so far" in text
+    out = pd.read_csv(tmp_path / "metrics" / "study.csv")
+    assert out.loc[(out["section"] == "core") & (out["ratio"] == 0.99), "seeds_at_chance"].item() == 1
+
+
 @pytest.mark.parametrize("name", ["../params", "/etc/passwd", "study-fashion/../../params", ""])
 def test_the_preset_is_a_name_never_a_path(tmp_path, name, capsys):
     (tmp_path / "params.yaml").write_text(committed_params_text())
