@@ -460,7 +460,8 @@ def plot(probes: list[Probe], fronts: list[Frontier], methods: list[str], budget
                     else np.zeros_like(mean))
             c = colors.get(m, "#937860")
             ax.plot(cs, mean, marker="o", color=c, label=f"{m} (mean, 95 % band, n = {n})")
-            ax.fill_between(cs, mean - half, mean + half, color=c, alpha=0.18, linewidth=0)
+            ax.fill_between(cs, np.clip(mean - half, 0, 100), np.clip(mean + half, 0, 100), color=c, alpha=0.18,
+                            linewidth=0)  # a t band of accuracies can pass 0 or 100 %; accuracy cannot
         ax.axhline(teacher, color="#555555", linestyle="--", label=f"teacher {teacher:.2f} %")
         right = matplotlib.transforms.blended_transform_factory(ax.transAxes, ax.transData)
         for b in budgets:
