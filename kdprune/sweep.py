@@ -169,12 +169,13 @@ def check_sets(sets: list[str], params_path: Path = Path("params.yaml")) -> tupl
     reach DVC unchanged (no sweep, no interpolation: kdprune/overrides.py), and ratio and seed are the
     sweep's own."""
     from kdprune import overrides
+    from kdprune.frontier import MAX_SETS
     from kdprune.params import ParamsError, params_from_dict, safe_load_yaml
     from kdprune.presets import merge
 
     try:
-        if len(sets) > 64:
-            raise overrides.OverrideError("at most 64 overrides")
+        if len(sets) > MAX_SETS:
+            raise overrides.OverrideError(f"at most {MAX_SETS} overrides")
         values = dict(overrides.parse(s) for s in sets)
         for key in ("prune.ratio", "seed"):
             if key in values:
