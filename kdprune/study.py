@@ -475,14 +475,15 @@ def section(plan: Plan, cell: str, res, core, rows: list) -> list[str]:
     for e, r in res:
         settings.setdefault(tuple(e.flat.get(k) for k in varied), []).append(r)
     default = tuple({**plan.base, **plan.experiments[0].flat}.get(k) for k in varied)
-    if varied and default not in settings:
-        base_runs = [r for e, r in core if e.ratio in ratios]
+    seeds = {e.seed for e, _ in res}
+    if varied and default not in settings:  # the core grid's runs of the same seeds: every row compares like seeds
+        base_runs = [r for e, r in core if e.ratio in ratios and e.seed in seeds]
         if base_runs:
             settings[default] = base_runs
     variants = [v for v in ("kd", "finetune", "scratch", "scratch_kd")
                 if any(f"acc_{v}" in r and not pd.isna(r.get(f"acc_{v}")) for rs in settings.values() for r in rs)]
     if cell == "scratch":
-        base_runs = [r for e, r in core if e.ratio in ratios and e.seed in {x.seed for x, _ in res}]
+        base_runs = [r for e, r in core if e.ratio in ratios and e.seed in seeds]
         variants = ["kd", "finetune", "scratch", "scratch_kd"]
         merged = {}
         for r in base_runs + [r for _, r in res]:

@@ -189,6 +189,27 @@ def test_seeds_at_chance_are_counted_per_ratio(tmp_path, monkeypatch, params_pat
     assert out.loc[(out["section"] == "core") & (out["ratio"] == 0.99), "seeds_at_chance"].item() == 1
 
 
+def test_a_check_compares_its_seeds_with_the_core_runs_of_the_same_seeds(tmp_path, monkeypatch, params_path):
+    """The lr check runs seeds 0-2; its default-lr row comes from the core grid, which has seeds 0-4 at 0.98.
+    The row must use the core runs of seeds 0-2 only, or it would compare different seeds (and teachers)."""
+    monkeypatch.chdir(tmp_path)
+    plan = study.load_plan("study-fashion", params_path)
+    core = [e for e in plan.experiments if e.cell == "core" and e.ratio == 0.98]
+    lr = [e for e in plan.experiments if e.cell == "lr"]
+    assert sorted(e.seed for e in core) == [0, 1, 2, 3, 4] and sorted({e.seed for e in lr}) == [0, 1, 2]
+    plan.records.parent.mkdir(parents=True)
+    rows = [fake_row(plan, e, i) for i, e in enumerate(core + lr)]
+    for r in rows:
+        if r["params.seed"] in ("3", "4"):  # seeds the check did not run: far off, so a leak shows
+            r.update(acc_kd=20.0, acc_finetune=20.0)
+    pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
+    text, _ = study.analyse(plan, study.load(plan, None), tmp_path)
+    section = text.split("## lr")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| 0.05 |")).split(" | ")
+    expected = np.mean([fake_row(plan, e, 0)["acc_kd"] for e in core if e.seed < 3])
+    assert row[1].startswith(f"{expected:.2f}") and row[-1].strip(" |") == "3", row
+
+
 @pytest.mark.parametrize("name", ["../params", "/etc/passwd", "study-fashion/../../params", ""])
 def test_the_preset_is_a_name_never_a_path(tmp_path, name, capsys):
     (tmp_path / "params.yaml").write_text(committed_params_text())
