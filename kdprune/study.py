@@ -450,6 +450,10 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
         note = (f" PRELIMINARY: only seed(s) {', '.join(map(str, seeds))} of {len(fr['seeds'])} have finished every "
                 "ratio of the first cell; the search has not run yet" + ("" if len(seeds) > 1 else
                                                                           ", and one seed gives no interval") + ".")
+    first_ratios = {e.ratio for e in plan.experiments if e.cell == core_cell}
+    if len(probes) >= 2 and not note and all(any(math.isclose(p.ratio, r) for r in first_ratios) for p in probes):
+        note = (" Not searched yet: every probe is one of the core grid's ratios, so each frontier point is "
+                "interpolated between them; the bisection's own probes will move it.")
     files = [out / "metrics" / "study.md", out / "metrics" / "study.csv"]
     if len(probes) >= 2:
         ffiles, fronts = F.write_outputs(out, probes, fr["methods"], fr["budgets"],

@@ -144,6 +144,7 @@ def test_parts_stop_on_time_and_resume_from_the_records_alone(tmp_path, monkeypa
     assert "## lr" in text and "| 0.2 |" in text and "| 0.05 |" in text  # the core's lr as the default row
     assert "## epochs" in text and "| 5 |" in text
     assert "## scratch" in text and "## Frontier" in text and "kd reaches" in text
+    assert "Not searched yet" not in text and "PRELIMINARY" not in text  # the bisection ran
     assert (tmp_path / "plots" / "frontier.png").exists()
 
 
@@ -163,6 +164,17 @@ def test_a_partial_study_reports_a_preliminary_frontier_on_the_complete_seeds(tm
     assert "not run yet: 43;" in text and (tmp_path / "plots" / "frontier.png").exists()
     points = pd.read_csv(tmp_path / "metrics" / "frontier_points.csv")
     assert points["ci95_low"].isna().all()  # n = 1: no bootstrap bracket is claimed
+
+
+def test_a_frontier_from_the_core_grid_alone_says_it_is_not_searched_yet(tmp_path, monkeypatch, params_path):
+    monkeypatch.chdir(tmp_path)
+    plan = study.load_plan("study-fashion", params_path)
+    core = [e for e in plan.experiments if e.cell == "core"]
+    plan.records.parent.mkdir(parents=True)
+    pd.DataFrame([fake_row(plan, e, i) for i, e in enumerate(core)]).astype(str).to_csv(plan.records, index=False)
+    text, _ = study.analyse(plan, study.load(plan, None), tmp_path)
+    assert "PRELIMINARY" not in text and "kd reaches" in text
+    assert "Not searched yet: every probe is one of the core grid's ratios" in text
 
 
 def test_seeds_at_chance_are_counted_per_ratio(tmp_path, monkeypatch, params_path):
