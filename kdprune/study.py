@@ -276,9 +276,14 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
     return True
 
 
+def first_cell_ratios(plan: Plan) -> set[float]:
+    """The ratios of the plan's first cell (the core grid), which the frontier's probes extend."""
+    return {e.ratio for e in plan.experiments if e.cell == plan.experiments[0].cell}
+
+
 def frontier_range(plan: Plan) -> tuple[float, float]:
     """The search's range in compression: the plan's frontier.lo/hi, else the first cell's ratio range."""
-    core = [e.ratio for e in plan.experiments if e.cell == plan.experiments[0].cell]
+    core = first_cell_ratios(plan)
     return plan.frontier.get("lo", 1 / (1 - min(core))), plan.frontier.get("hi", 1 / (1 - max(core)))
 
 
@@ -293,7 +298,7 @@ def study_probes(plan: Plan, runs: pd.DataFrame, seeds: list[int] | None = None)
 def preliminary_seeds(plan: Plan, runs: pd.DataFrame) -> list[int]:
     """While the first cell is incomplete: the frontier's seeds that have a run at every one of its ratios."""
     first = plan.experiments[0].cell
-    ratios = {e.ratio for e in plan.experiments if e.cell == first}
+    ratios = first_cell_ratios(plan)
     return [s for s in plan.frontier["seeds"]
             if all(run_for(plan, runs, e) is not None for e in plan.experiments
                    if e.cell == first and e.seed == s and e.ratio in ratios)
@@ -450,8 +455,8 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
         note = (f" PRELIMINARY: only seed(s) {', '.join(map(str, seeds))} of {len(fr['seeds'])} have finished every "
                 "ratio of the first cell; the search has not run yet" + ("" if len(seeds) > 1 else
                                                                           ", and one seed gives no interval") + ".")
-    first_ratios = {e.ratio for e in plan.experiments if e.cell == core_cell}
-    if len(probes) >= 2 and not note and all(any(math.isclose(p.ratio, r) for r in first_ratios) for p in probes):
+    if len(probes) >= 2 and not note and all(any(math.isclose(p.ratio, r) for r in first_cell_ratios(plan))
+                                             for p in probes):
         note = (" Not searched yet: every probe is one of the core grid's ratios, so each frontier point is "
                 "interpolated between them; the bisection's own probes will move it.")
     files = [out / "metrics" / "study.md", out / "metrics" / "study.csv"]
