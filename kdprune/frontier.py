@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from kdprune import io
-from kdprune.params import VARIANTS, ParamsError, flatten, params_from_dict, safe_load_yaml
+from kdprune.params import VARIANTS, Params, ParamsError, flatten, params_from_dict, safe_load_yaml
 
 IGNORED = ("prune.ratio", "seed", "distill.variants", "evaluate.latency_repeats")
 BOOTSTRAP = 2000
@@ -104,6 +104,26 @@ def same_value(logged: Any, target: Any) -> bool:
             return False
         return normalise(value) == normalise(target)
     return text == str(target)
+
+
+def missing(logged: Any) -> bool:
+    """A run has no value for a param: the cell is empty (the records CSV) or NaN (a run table whose runs
+    were logged with different params, one from before the param existed)."""
+    return logged is None or (isinstance(logged, float) and math.isnan(logged)) or logged == ""
+
+
+def param_matches(runs: pd.DataFrame, key: str, value: Any) -> pd.Series:
+    """Which runs ran with ``key`` = ``value``. A run with no value for ``key`` was logged before the param
+    existed, so it ran with the param's default (kdprune adds a param only with a default that keeps the
+    earlier behaviour, e.g. prune.min_layer_density = 0): it matches exactly when ``value`` is that default.
+    Without this, adding a param would make every earlier run incomparable, and a resumed study would train
+    them all again."""
+    defaults = flatten(Params().to_dict())
+    as_default = key in defaults and normalise(defaults[key]) == normalise(value)
+    col = f"params.{key}"
+    if col not in runs:
+        return pd.Series(as_default, index=runs.index, dtype=bool)
+    return runs[col].map(lambda x: as_default if missing(x) else same_value(x, value)).astype(bool)
 
 
 def normalise(v: Any) -> Any:
@@ -196,10 +216,7 @@ def matching(runs: pd.DataFrame, target: dict[str, Any], methods: list[str], new
     for key, value in target.items():
         if key in IGNORED or key.startswith("mlflow."):
             continue
-        col = f"params.{key}"
-        if col not in runs:
-            return runs.iloc[0:0]
-        keep &= runs[col].map(lambda x, v=value: same_value(x, v))
+        keep &= param_matches(runs, key, value)
     for m in methods:
         keep &= runs[f"acc_{m}"].notna() if f"acc_{m}" in runs else False
     out = runs[keep].copy()

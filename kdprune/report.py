@@ -25,6 +25,7 @@ import pandas as pd
 import yaml
 
 from kdprune import io, tracking
+from kdprune.frontier import param_matches
 from kdprune.params import flatten, load_params
 
 VARYING = ("prune.ratio", "seed")
@@ -79,8 +80,7 @@ def select_comparable(df: pd.DataFrame, current: dict[str, object]) -> tuple[pd.
     for key, value in current.items():
         if key in VARYING or key.startswith("mlflow."):
             continue
-        col = f"params.{key}"
-        keep &= df[col].astype(str) == str(value) if col in df else False
+        keep &= param_matches(df, key, value)
     comparable = df[keep].copy()
     comparable["ratio"] = comparable["params.prune.ratio"].astype(float)
     comparable["seed"] = comparable["params.seed"].astype(int)
@@ -96,8 +96,7 @@ def select_settings(df: pd.DataFrame, current: dict[str, object]) -> tuple[pd.Da
     for key, value in current.items():
         if key in SETTING_FREE or key.startswith(("mlflow.", "evaluate.")):
             continue
-        col = f"params.{key}"
-        keep &= df[col].astype(str) == str(value) if col in df else False
+        keep &= param_matches(df, key, value)
     for key in SETTING:
         keep &= df[f"params.{key}"].notna() if f"params.{key}" in df else False
     runs = df[keep].copy()

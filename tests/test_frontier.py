@@ -185,6 +185,32 @@ def test_runs_with_other_params_are_not_probes(workdir, monkeypatch):
     assert F.matching(runs, target, ["kd", "scratch"]).empty  # a method the runs did not train
 
 
+def test_runs_from_before_a_param_existed_ran_with_its_default(workdir, monkeypatch):
+    """A param added after some runs (here prune.agp_end plays it): they have no such column (MLflow) or an
+    empty cell (the records CSV once newer runs are in it). They count as runs at the default (0.5), and only
+    there, so a resumed study does not train them again and a run at another value is never mistaken."""
+    tmp, params = workdir
+    records = tmp / "metrics" / "frontier_runs.csv"
+    records.parent.mkdir()
+    old = F.nest({**flatten(params), "distill.variants": ["kd", "finetune"]})
+    rows = pd.DataFrame([run_row(old, 0.75, s, s) for s in (0, 1)]).drop(columns="params.prune.agp_end")
+    rows.to_csv(records, index=False)
+    runs = F.read_records(records)
+    _, target = F.target_params(tmp / "params.yaml", {}, ["kd", "finetune"])
+    assert target["prune.agp_end"] == 0.5 and "params.prune.agp_end" not in runs
+    assert len(F.matching(runs, target, ["kd", "finetune"])) == 2
+    _, other = F.target_params(tmp / "params.yaml", {"prune.agp_end": 0.25}, ["kd", "finetune"])
+    assert F.matching(runs, other, ["kd", "finetune"]).empty
+    # a newer run at 0.25 joins the file: the old rows' cells are now empty, and still mean the default
+    new = F.nest({**flatten(params), "distill.variants": ["kd", "finetune"], "prune.agp_end": 0.25})
+    pd.concat([rows, pd.DataFrame([run_row(new, 0.75, 0, 9)])], ignore_index=True).to_csv(records, index=False)
+    runs = F.read_records(records)
+    assert list(F.matching(runs, target, ["kd", "finetune"])["run_id"]) == ["fake0000", "fake0001"]
+    assert list(F.matching(runs, other, ["kd", "finetune"])["run_id"]) == ["fake0009"]
+    # a key kdprune does not know has no default: a run without it never matches one
+    assert not F.param_matches(runs, "prune.not_a_param", 0.0).any()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--budget", "-1"], "--budget -1.0 is out of range"),
     (["--budget", "nan"], "--budget nan is out of range"),
