@@ -43,6 +43,9 @@ MAX_EXPERIMENTS = 2000
 MAX_LIST = 64
 CELL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 FORBIDDEN = ("prune.ratio", "seed")
+# keys fine-tuning does not read (kdprune/losses.py: alpha = 0 is plain cross-entropy, and the teacher is not run):
+# a check that varies only these pairs its KD runs with the core grid's finetune runs of the same seeds
+FT_FREE = frozenset({"distill.alpha", "distill.temperature"})
 
 
 class StudyError(ValueError):
@@ -489,6 +492,19 @@ def section(plan: Plan, cell: str, res, core, rows: list) -> list[str]:
         base_runs = [r for e, r in core if e.ratio in ratios and e.seed in seeds]
         if base_runs:
             settings[default] = base_runs
+    borrowed = bool(varied) and set(varied) <= FT_FREE
+    if borrowed:  # fine-tuning reads none of the varied keys: its run of the same seed and ratio is every row's
+        core_ft = {(e.seed, e.ratio): r.get("acc_finetune") for e, r in core}
+        by_run = {id(r): e for e, r in res}
+        for key, rs in settings.items():
+            filled = []
+            for r in rs:
+                e = by_run.get(id(r))
+                if e is not None and pd.isna(r.get("acc_finetune")) and not pd.isna(core_ft.get((e.seed, e.ratio))):
+                    r = r.copy()
+                    r["acc_finetune"] = core_ft[(e.seed, e.ratio)]
+                filled.append(r)
+            settings[key] = filled
     variants = [v for v in ("kd", "finetune", "scratch", "scratch_kd")
                 if any(f"acc_{v}" in r and not pd.isna(r.get(f"acc_{v}")) for rs in settings.values() for r in rs)]
     if cell == "scratch":
@@ -513,9 +529,12 @@ def section(plan: Plan, cell: str, res, core, rows: list) -> list[str]:
     lines = [f"## {cell} (ratio {', '.join(f'{x:g}' for x in sorted(ratios))})", "",
              "Test accuracy %, mean ± std over seeds" + ("; train_acc_kd: accuracy on a fixed 10k subset of the "
                                                          "training split, the only number the choice looks at" if has_train else "")
-             + ". The row with the core grid's setting uses its runs.", "",
+             + ". The row with the core grid's setting uses its runs."
+             + (f" Fine-tuning reads none of {', '.join(varied)} (alpha = 0 is plain cross-entropy; the teacher is "
+                "not run), so every row's finetune is the core grid's finetune run of the same seed and ratio (same "
+                "teacher, mask and batch order), and KD − FT pairs by seed." if borrowed else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    best = None
+    best, diffs = None, {}
     for key in sorted(settings, key=lambda k: tuple(float(x) if isinstance(x, (int, float)) else 0 for x in k)):
         rs = settings[key]
         cells = [str(x) for x in key]
@@ -530,6 +549,7 @@ def section(plan: Plan, cell: str, res, core, rows: list) -> list[str]:
             both = [r for r in rs if not pd.isna(r.get("acc_kd")) and not pd.isna(r.get("acc_finetune"))]
             p = paired(np.array([float(r["acc_kd"]) for r in both]), np.array([float(r["acc_finetune"]) for r in both]))
             cells.append("-" if math.isnan(p["lo"]) else f"{p['diff']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}]")
+            diffs[key] = cells[-1]
             rows.append({"section": cell, "setting": " ".join(f"{k}={x}" for k, x in zip(varied, key)), "n": p["n"],
                          "kd_mean": np.mean([float(r["acc_kd"]) for r in both]) if both else None,
                          "finetune_mean": np.mean([float(r["acc_finetune"]) for r in both]) if both else None,
@@ -540,8 +560,10 @@ def section(plan: Plan, cell: str, res, core, rows: list) -> list[str]:
         cells.append(str(len(rs)))
         lines.append("| " + " | ".join(cells) + " |")
     if best is not None and has_train and len(settings) > 1:
+        vs = diffs.get(best[0], "-")
         lines += ["", f"Chosen on training accuracy: {', '.join(f'{k}={x}' for k, x in zip(varied, best[0]))} "
-                      f"(train_acc_kd {best[1]:.2f} %); its test accuracy: {best[2]:.2f} %."]
+                      f"(train_acc_kd {best[1]:.2f} %); its test accuracy: {best[2]:.2f} %"
+                      + (f", KD − FT {vs} (95 % CI, not adjusted for the choice)." if vs != "-" else ".")]
     return lines + [""]
 
 

@@ -222,6 +222,36 @@ def test_a_check_compares_its_seeds_with_the_core_runs_of_the_same_seeds(tmp_pat
     assert row[1].startswith(f"{expected:.2f}") and row[-1].strip(" |") == "3", row
 
 
+def test_kd_settings_pair_each_setting_with_the_core_finetune_of_the_same_seeds(tmp_path, monkeypatch, params_path):
+    """kd_settings runs kd alone (fine-tuning reads neither alpha nor temperature): each setting's KD − FT pairs
+    its kd runs with the core grid's finetune runs of the same seeds and ratio, and the chosen setting says its
+    own KD − FT."""
+    monkeypatch.chdir(tmp_path)
+    plan = study.load_plan("study-fashion", params_path)
+    core = [e for e in plan.experiments if e.cell == "core" and e.ratio == 0.98]
+    kds = [e for e in plan.experiments if e.cell == "kd_settings"]
+    assert {e.seed for e in kds} == {0, 1, 2} and all(study.target(plan, e)[1] == ["kd"] for e in kds)
+    plan.records.parent.mkdir(parents=True)
+    rows = [fake_row(plan, e, i) for i, e in enumerate(core + kds)]
+    assert all("acc_finetune" not in r for r in rows[len(core):])
+    for r in rows[:len(core)]:
+        r["acc_finetune"] = 80.0 + int(r["params.seed"])  # 80, 81, 82 for the check's seeds; 83, 84 leak
+    pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
+    text, _ = study.analyse(plan, study.load(plan, None), tmp_path)
+    section = text.split("## kd_settings")[1].split("\n## ")[0]
+    assert "finetune run of the same seed and ratio" in section
+    for line in (x for x in section.splitlines() if x.startswith("| 0.")):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        alpha, temp = float(cells[0]), float(cells[1])
+        kd = [r["acc_kd"] for r in rows if r["params.distill.alpha"] == str(alpha)
+              and r["params.distill.temperature"] == str(temp) and r["params.seed"] in ("0", "1", "2")]
+        if (alpha, temp) != (0.9, 4.0):
+            kd = kd[-3:]  # the kd_settings runs (the core's own kd is the default row)
+        assert cells[3].startswith("81.00"), line  # the finetune of seeds 0-2 only
+        assert cells[5].startswith(f"{np.mean(kd) - 81.0:+.2f}"), line
+    assert "Chosen on training accuracy: distill.alpha=0.9" in section and ", KD − FT +" in section
+
+
 @pytest.mark.parametrize("name", ["../params", "/etc/passwd", "study-fashion/../../params", ""])
 def test_the_preset_is_a_name_never_a_path(tmp_path, name, capsys):
     (tmp_path / "params.yaml").write_text(committed_params_text())
