@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import math
 import re
 import sys
@@ -112,13 +113,19 @@ def missing(logged: Any) -> bool:
     return logged is None or (isinstance(logged, float) and math.isnan(logged)) or logged == ""
 
 
+@functools.lru_cache(maxsize=1)
+def param_defaults() -> dict[str, Any]:
+    """Every param's default, flat (read-only: one dict shared by all callers)."""
+    return flatten(Params().to_dict())
+
+
 def param_matches(runs: pd.DataFrame, key: str, value: Any) -> pd.Series:
     """Which runs ran with ``key`` = ``value``. A run with no value for ``key`` was logged before the param
     existed, so it ran with the param's default (kdprune adds a param only with a default that keeps the
     earlier behaviour, e.g. prune.min_layer_density = 0): it matches exactly when ``value`` is that default.
     Without this, adding a param would make every earlier run incomparable, and a resumed study would train
     them all again."""
-    defaults = flatten(Params().to_dict())
+    defaults = param_defaults()
     as_default = key in defaults and normalise(defaults[key]) == normalise(value)
     col = f"params.{key}"
     if col not in runs:

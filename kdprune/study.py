@@ -484,7 +484,13 @@ def section(plan: Plan, cell: str, res, core, rows: list) -> list[str]:
     varied = plan.grids.get(cell, [])
     ratios = {e.ratio for e, _ in res}
     settings: dict[tuple, list[pd.Series]] = {}
+    borrowed = bool(varied) and set(varied) <= FT_FREE
+    core_ft = {(e.seed, e.ratio): r.get("acc_finetune") for e, r in core}
     for e, r in res:
+        if borrowed and pd.isna(r.get("acc_finetune")) and not pd.isna(core_ft.get((e.seed, e.ratio))):
+            # fine-tuning reads none of the varied keys: its run of the same seed and ratio is every row's
+            r = r.copy()
+            r["acc_finetune"] = core_ft[(e.seed, e.ratio)]
         settings.setdefault(tuple(e.flat.get(k) for k in varied), []).append(r)
     default = tuple({**plan.base, **plan.experiments[0].flat}.get(k) for k in varied)
     seeds = {e.seed for e, _ in res}
@@ -492,19 +498,6 @@ def section(plan: Plan, cell: str, res, core, rows: list) -> list[str]:
         base_runs = [r for e, r in core if e.ratio in ratios and e.seed in seeds]
         if base_runs:
             settings[default] = base_runs
-    borrowed = bool(varied) and set(varied) <= FT_FREE
-    if borrowed:  # fine-tuning reads none of the varied keys: its run of the same seed and ratio is every row's
-        core_ft = {(e.seed, e.ratio): r.get("acc_finetune") for e, r in core}
-        by_run = {id(r): e for e, r in res}
-        for key, rs in settings.items():
-            filled = []
-            for r in rs:
-                e = by_run.get(id(r))
-                if e is not None and pd.isna(r.get("acc_finetune")) and not pd.isna(core_ft.get((e.seed, e.ratio))):
-                    r = r.copy()
-                    r["acc_finetune"] = core_ft[(e.seed, e.ratio)]
-                filled.append(r)
-            settings[key] = filled
     variants = [v for v in ("kd", "finetune", "scratch", "scratch_kd")
                 if any(f"acc_{v}" in r and not pd.isna(r.get(f"acc_{v}")) for rs in settings.values() for r in rs)]
     if cell == "scratch":
