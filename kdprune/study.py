@@ -301,10 +301,9 @@ def study_probes(plan: Plan, runs: pd.DataFrame, seeds: list[int] | None = None)
 def preliminary_seeds(plan: Plan, runs: pd.DataFrame) -> list[int]:
     """While the first cell is incomplete: the frontier's seeds that have a run at every one of its ratios."""
     first = plan.experiments[0].cell
-    ratios = first_cell_ratios(plan)
     return [s for s in plan.frontier["seeds"]
             if all(run_for(plan, runs, e) is not None for e in plan.experiments
-                   if e.cell == first and e.seed == s and e.ratio in ratios)
+                   if e.cell == first and e.seed == s)
             and any(e.cell == first and e.seed == s for e in plan.experiments)]
 
 
@@ -458,8 +457,8 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
         note = (f" PRELIMINARY: only seed(s) {', '.join(map(str, seeds))} of {len(fr['seeds'])} have finished every "
                 "ratio of the first cell; the search has not run yet" + ("" if len(seeds) > 1 else
                                                                           ", and one seed gives no interval") + ".")
-    if len(probes) >= 2 and not note and all(any(math.isclose(p.ratio, r) for r in first_cell_ratios(plan))
-                                             for p in probes):
+    core_ratios = first_cell_ratios(plan)
+    if len(probes) >= 2 and not note and all(any(math.isclose(p.ratio, r) for r in core_ratios) for p in probes):
         note = (" Not searched yet: every probe is one of the core grid's ratios, so each frontier point is "
                 "interpolated between them; the bisection's own probes will move it.")
     files = [out / "metrics" / "study.md", out / "metrics" / "study.csv"]
