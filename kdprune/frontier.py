@@ -22,7 +22,9 @@ params, all metrics and the MLflow run id of each run), so a rerun, even on a fr
 ``mlflow.db``, reuses every finished probe and trains nothing twice; DVC's run-cache restores each seed's
 teacher. A run counts for a probe when every param equals params.yaml + ``--set``, except ``prune.ratio``,
 ``seed``, ``mlflow.*``, ``evaluate.latency_repeats`` (timing only) and ``distill.variants`` (it must include
-every method: variants are trained independently, each from the same seed).
+every method: variants are trained independently, each from the same seed). A method that does not distil
+(finetune, scratch) may come from another run of the same seed and ratio that differs only in the KD settings
+(``distill.alpha``, ``temperature``, ``at_beta``), when both runs report the same teacher and compression.
 
 The estimate and its interval. Between the last passing probe and the first failing one, the mean
 accuracy is interpolated linearly in log-compression, and the frontier is where it crosses
@@ -64,6 +66,10 @@ MAX_RECORDS_BYTES = 256 * 2**20  # a records CSV: ~5 KB per run, so ~50,000 runs
 ACC_COLUMN = re.compile(r"^(train_)?acc_|_(test|train)_acc$")  # accuracies in %
 RATIO_COLUMNS = ("compression_ratio", "prunable_compression_ratio", "mac_reduction")
 RECORDS = Path("metrics/frontier_runs.csv")
+# Keys only a distilling variant reads (kdprune/recovery.py: kd, scratch_kd); the others train on
+# cross-entropy alone, so their result does not depend on these (tests check the two lists agree).
+KD_KEYS = frozenset({"distill.alpha", "distill.temperature", "distill.at_beta"})
+WITHOUT_KD = frozenset({"finetune", "scratch"})
 RUN_COLUMNS = ("run_id", "status", "run_name", "dvc_exp_name", "git_commit", "start_time", "end_time")
 
 
@@ -236,6 +242,46 @@ def matching(runs: pd.DataFrame, target: dict[str, Any], methods: list[str], new
     if newest:
         out = out.drop_duplicates(["ratio", "seed"], keep="last")
     out = out.drop(columns="_t")
+    return out.sort_values(["ratio", "seed"]).reset_index(drop=True)
+
+
+def without_kd_keys(target: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in target.items() if k not in KD_KEYS}
+
+
+def same_teacher_and_mask(teacher_a, compression_a, teacher_b, compression_b):
+    """Two runs of one seed and ratio trained from the same teacher and mask report the same teacher accuracy
+    and compression (elementwise for arrays); anything else (other code, other data) must not be paired."""
+    return (np.isclose(np.asarray(teacher_a, float), np.asarray(teacher_b, float), rtol=0, atol=1e-9)
+            & np.isclose(np.asarray(compression_a, float), np.asarray(compression_b, float), rtol=1e-9, atol=0))
+
+
+def joined(runs: pd.DataFrame, target: dict[str, Any], methods: list[str]) -> pd.DataFrame:
+    """Like ``matching``, but a method that does not distil (finetune, scratch: they read none of KD_KEYS) may
+    come from another run of the same seed and ratio whose KD settings differ, e.g. finetune from a study's
+    core grid (alpha 0.9) next to kd from a kd-only run at alpha 0.5. One run holding every method is preferred;
+    a pair is joined only when both runs report the same teacher accuracy and compression (the same teacher and
+    mask, as the stages' cache keys promise), so a mismatch (other code, other data) is never averaged in.
+    A joined row's run_id is "<kd run>+<other run>"."""
+    whole = matching(runs, target, methods)
+    loose = [m for m in methods if m in WITHOUT_KD]
+    strict = [m for m in methods if m not in WITHOUT_KD]
+    if runs.empty or not loose or not strict or not KD_KEYS & set(target):
+        return whole
+    a = matching(runs, target, strict)
+    b = matching(runs, without_kd_keys(target), loose)
+    if a.empty or b.empty or not {"acc_teacher", "compression_ratio"} <= set(a) & set(b):
+        return whole  # nothing to join, or no way to tell the two runs share a teacher and mask
+    keep = ["ratio", "seed", "run_id", "acc_teacher", "compression_ratio", *(f"acc_{m}" for m in loose)]
+    pairs = a.drop(columns=[f"acc_{m}" for m in loose if f"acc_{m}" in a]).merge(
+        b[[c for c in keep if c in b]], on=["ratio", "seed"], suffixes=("", "_other"))
+    pairs = pairs[same_teacher_and_mask(pairs["acc_teacher"], pairs["compression_ratio"],
+                                        pairs["acc_teacher_other"], pairs["compression_ratio_other"])]
+    pairs = pairs.assign(run_id=pairs["run_id"].astype(str) + "+" + pairs["run_id_other"].astype(str))
+    pairs = pairs.drop(columns=[c for c in pairs if c.endswith("_other")])
+    have = set(zip(whole["ratio"], whole["seed"])) if not whole.empty else set()
+    extra = pairs[[(r, s) not in have for r, s in zip(pairs["ratio"], pairs["seed"])]]
+    out = pd.concat([whole, extra], ignore_index=True) if not whole.empty else extra
     return out.sort_values(["ratio", "seed"]).reset_index(drop=True)
 
 
@@ -658,7 +704,7 @@ def run(args: argparse.Namespace) -> int:
     def known() -> list[Probe]:
         runs = load_runs(args.records, uri, experiment)
         write_records(args.records, runs)
-        return probes_from_runs(matching(runs, target, methods), methods, seeds)
+        return probes_from_runs(joined(runs, target, methods), methods, seeds)
 
     probes = known()
     log(f"frontier: {len(probes)} finished probes found (MLflow {uri} and {args.records})")

@@ -43,9 +43,6 @@ MAX_EXPERIMENTS = 2000
 MAX_LIST = 64
 CELL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 FORBIDDEN = ("prune.ratio", "seed")
-# keys fine-tuning does not read (kdprune/losses.py: alpha = 0 is plain cross-entropy, and the teacher is not run):
-# a check that varies only these pairs its KD runs with the core grid's finetune runs of the same seeds
-FT_FREE = frozenset({"distill.alpha", "distill.temperature"})
 
 
 class StudyError(ValueError):
@@ -174,13 +171,18 @@ def load_plan(name: str, params_path: Path = Path("params.yaml")) -> Plan:
                     if len(experiments) > MAX_EXPERIMENTS:
                         raise StudyError(f"{path}: more than {MAX_EXPERIMENTS} experiments planned")
     fr = study.get("frontier") or {}
-    if not isinstance(fr, dict) or set(fr) - {"budgets", "methods", "seeds", "tolerance", "lo", "hi"}:
-        raise StudyError(f"{path}: study.frontier: a mapping with budgets, methods, seeds, tolerance, lo, hi")
+    if not isinstance(fr, dict) or set(fr) - {"budgets", "methods", "seeds", "tolerance", "lo", "hi", "cell"}:
+        raise StudyError(f"{path}: study.frontier: a mapping with budgets, methods, seeds, tolerance, lo, hi, cell")
+    fcell = fr.get("cell", experiments[0].cell)
+    if fcell not in seen or grids.get(fcell):
+        raise StudyError(f"{path}: study.frontier.cell {str(fcell)[:40]!r}: one of the cells {sorted(seen)} without "
+                         "a grid (its params are every probe's)")
     try:
         frontier = {"budgets": F.parse_floats(",".join(map(str, fr.get("budgets", [1.0]))), "budgets", 0, 100),
                     "methods": F.parse_methods(",".join(map(str, fr.get("methods", ["kd", "finetune"])))),
                     "seeds": F.parse_seeds(",".join(map(str, fr.get("seeds", [0, 1, 2])))),
-                    "tolerance": F.parse_floats(str(fr.get("tolerance", 1.5)), "tolerance", 1, 100)[0]}
+                    "tolerance": F.parse_floats(str(fr.get("tolerance", 1.5)), "tolerance", 1, 100)[0],
+                    "cell": fcell}
         for end in ("lo", "hi"):  # compressions; default: the first cell's least and most compressed ratio
             if end in fr:
                 frontier[end] = F.parse_floats(str(fr[end]), end, 1, 1e6)[0]
@@ -262,7 +264,7 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
     def run_batch(ratios: list[float]) -> list[F.Probe]:
         if clock() - t0 > minutes * 60:
             raise PartOver
-        core = dict(plan.experiments[0].overrides)
+        core = dict(cell_experiment(plan).overrides)
         core["distill.variants"] = fr["methods"]
         grid = [(s, r, Experiment("frontier", s, r, tuple(sorted(core.items()))).sets())
                 for s in fr["seeds"] for r in ratios]
@@ -279,32 +281,38 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
     return True
 
 
-def first_cell_ratios(plan: Plan) -> set[float]:
-    """The ratios of the plan's first cell (the core grid), which the frontier's probes extend."""
-    return {e.ratio for e in plan.experiments if e.cell == plan.experiments[0].cell}
+def cell_experiment(plan: Plan, cell: str | None = None) -> Experiment:
+    """A cell's first experiment (default: the frontier's cell, whose params but ratio, seed and variants are
+    every probe's)."""
+    return next(e for e in plan.experiments if e.cell == (cell or plan.frontier["cell"]))
+
+
+def frontier_cell_ratios(plan: Plan, cell: str | None = None) -> set[float]:
+    """The ratios of the frontier's cell (by default the first, the core grid), which its probes extend."""
+    return {e.ratio for e in plan.experiments if e.cell == (cell or plan.frontier["cell"])}
 
 
 def frontier_range(plan: Plan) -> tuple[float, float]:
-    """The search's range in compression: the plan's frontier.lo/hi, else the first cell's ratio range."""
-    core = first_cell_ratios(plan)
+    """The search's range in compression: the plan's frontier.lo/hi, else the frontier cell's ratio range."""
+    core = frontier_cell_ratios(plan)
     return plan.frontier.get("lo", 1 / (1 - min(core))), plan.frontier.get("hi", 1 / (1 - max(core)))
 
 
-def study_probes(plan: Plan, runs: pd.DataFrame, seeds: list[int] | None = None) -> list[F.Probe]:
-    """Probes of the frontier: runs with the first cell's params (any ratio), on the frontier's seeds."""
+def study_probes(plan: Plan, runs: pd.DataFrame, seeds: list[int] | None = None, cell: str | None = None
+                 ) -> list[F.Probe]:
+    """Probes of the frontier: runs with the frontier cell's params (any ratio), on the frontier's seeds; a
+    method that does not distil may come from a run of the same seed and ratio at other KD settings
+    (frontier.joined), e.g. the core grid's finetune next to a kd-only cell's kd."""
     fr = plan.frontier
-    first = plan.experiments[0]
-    flat = {**plan.base, **first.flat}
-    return F.probes_from_runs(F.matching(runs, flat, fr["methods"]), fr["methods"], seeds or fr["seeds"])
+    flat = {**plan.base, **cell_experiment(plan, cell).flat}
+    return F.probes_from_runs(F.joined(runs, flat, fr["methods"]), fr["methods"], seeds or fr["seeds"])
 
 
-def preliminary_seeds(plan: Plan, runs: pd.DataFrame) -> list[int]:
-    """While the first cell is incomplete: the frontier's seeds that have a run at every one of its ratios."""
-    first = plan.experiments[0].cell
+def preliminary_seeds(plan: Plan, runs: pd.DataFrame, cell: str | None = None) -> list[int]:
+    """While a cell is incomplete: the frontier's seeds with a probe at every one of its ratios."""
+    ratios = {round(r, 6) for r in frontier_cell_ratios(plan, cell)}
     return [s for s in plan.frontier["seeds"]
-            if all(run_for(plan, runs, e) is not None for e in plan.experiments
-                   if e.cell == first and e.seed == s)
-            and any(e.cell == first and e.seed == s for e in plan.experiments)]
+            if ratios <= {round(p.ratio, 6) for p in study_probes(plan, runs, [s], cell)}]
 
 
 # ---------------------------------------------------------------------------------------------- analysis
@@ -403,73 +411,49 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
     core = cell_runs(plan, runs, core_cell)
     if core:
         df = pd.DataFrame([{**r.to_dict(), "ratio": e.ratio, "seed": e.seed} for e, r in core])
-        ratios = sorted(df["ratio"].unique())
-        stats_ = []
-        for ratio in ratios:
-            g = df[df["ratio"] == ratio].sort_values("seed")
-            stats_.append((ratio, g, paired(g["acc_kd"].to_numpy(float), g["acc_finetune"].to_numpy(float))))
-        adj = holm([s[2]["p"] for s in stats_])
-        m = sum(1 for s in stats_ if s[2]["n"] >= 2)
-        teacher = df.drop_duplicates("seed")["acc_teacher"].astype(float)
-        lines += [f"## Core grid: kd vs finetune ({core_cell})", "",
-                  f"Teacher: {ms(teacher)} % over {F.plural_seeds(len(teacher))} (one teacher per seed). Test "
-                  "accuracy %, mean ± std over seeds. KD − FT is paired by seed (same teacher, mask and batch order); "
-                  + (f"the 95 % interval is Bonferroni-adjusted for the {m} ratio{'s' if m != 1 else ''} tested (family-wise "
-                     "95 %), and the "
-                     "p-value (paired t) Holm-adjusted." if m else "intervals and tests need 2 seeds at a ratio."), "",
-                  "| ratio | compression | MACs / | no recovery | finetune | kd | n | at chance | KD − FT (pt) "
-                  "| 95 % CI (adj.) | Holm p | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        chance = chance_level(df)
-        collapsed_total = 0
-        for (ratio, g, p), ap in zip(stats_, adj):
-            lo, hi = simultaneous(g["acc_kd"].to_numpy(float) - g["acc_finetune"].to_numpy(float), max(m, 1))
-            verdict = ("-" if math.isnan(ap) else "KD better" if ap < 0.05 and p["diff"] > 0 else
-                       "FT better" if ap < 0.05 else "no significant difference")
-            ci = "-" if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
-            mac = g["mac_reduction"].astype(float).mean() if "mac_reduction" in g else float("nan")
-            collapsed = at_chance(g, chance)
-            collapsed_total += collapsed
-            lines.append(f"| {ratio:g} | {g['compression_ratio'].astype(float).mean():.1f}x | {mac:.1f}x | "
-                         f"{ms(g['acc_pruned'])} | {ms(g['acc_finetune'])} | {ms(g['acc_kd'])} | {p['n']} | "
-                         f"{'-' if chance is None else collapsed} | "
-                         f"{p['diff']:+.2f} | {ci} | {'-' if math.isnan(ap) else f'{ap:.3g}'} | {verdict} |")
-            rows.append({"section": "core", "ratio": ratio, "n": p["n"], "kd_mean": g["acc_kd"].mean(),
-                         "finetune_mean": g["acc_finetune"].mean(), "kd_minus_finetune": p["diff"],
-                         "ci95_adj_low": lo, "ci95_adj_high": hi, "p": p["p"], "p_holm": ap,
-                         "seeds_at_chance": collapsed})
-        lines.append("")
-        if chance is not None:
-            lines += [f"At chance: seeds whose kd and finetune students both end within 1 point of chance "
-                      f"({chance:.2f} %). Neither method could train them: pruning left no signal path (a layer "
-                      "with almost no weights, the layer collapse of global magnitude pruning at extreme sparsity). "
-                      f"They count in the means and pairs above (their KD − FT is ~0); {collapsed_total} so far.", ""]
+        lines += kd_ft_table(df, f"## Core grid: kd vs finetune ({core_cell})", "core", rows,
+                             "KD − FT is paired by seed (same teacher, mask and batch order)")
+    choices: dict[str, dict] = {}
     for cell in dict.fromkeys(e.cell for e in plan.experiments[1:] if e.cell != core_cell):
         res = cell_runs(plan, runs, cell)
         if not res:
             lines += [f"## {cell}", "", "No finished runs yet.", ""]
-            continue
-        lines += section(plan, cell, res, core, rows)
+        elif borrows_finetune(plan, cell):
+            lines += paired_cell(plan, cell, res, core, rows, choices)
+        else:
+            lines += section(plan, cell, res, core, rows, choices)
     fr = plan.frontier
+    cell = fr["cell"]
     probes, seeds, note = study_probes(plan, runs), fr["seeds"], ""
-    if len(probes) < 2:  # the study is still running: a preliminary frontier on the seeds complete so far
-        seeds = preliminary_seeds(plan, runs)
-        probes = study_probes(plan, runs, seeds) if seeds else []
-        note = (f" PRELIMINARY: only seed(s) {', '.join(map(str, seeds))} of {len(fr['seeds'])} have finished every "
-                "ratio of the first cell; the search has not run yet" + ("" if len(seeds) > 1 else
-                                                                          ", and one seed gives no interval") + ".")
-    core_ratios = first_cell_ratios(plan)
+    if len(probes) < 2:  # the study is still running: a preliminary frontier on the seeds complete so far, from
+        for cell in dict.fromkeys([fr["cell"], core_cell]):  # the core grid while the frontier's cell has none
+            seeds = preliminary_seeds(plan, runs, cell)
+            if seeds:
+                break
+        probes = study_probes(plan, runs, seeds, cell) if seeds else []
+        which = (f"only seed(s) {', '.join(map(str, seeds))} of {len(fr['seeds'])} have finished every ratio of the "
+                 f"{cell} cell" if cell == fr["cell"] else
+                 f"the frontier's own cell, {fr['cell']}, has no seed with every ratio yet, so this is the {cell} "
+                 f"cell's frontier on seed(s) {', '.join(map(str, seeds))}")
+        note = (f" PRELIMINARY: {which}; the search has not run yet"
+                + ("" if len(seeds) > 1 else ", and one seed gives no interval") + ".")
+    core_ratios = frontier_cell_ratios(plan, cell)
     if len(probes) >= 2 and not note and all(any(math.isclose(p.ratio, r) for r in core_ratios) for p in probes):
-        note = (" Not searched yet: every probe is one of the core grid's ratios, so each frontier point is "
+        note = (f" Not searched yet: every probe is one of the {cell} cell's ratios, so each frontier point is "
                 "interpolated between them; the bisection's own probes will move it.")
     files = [out / "metrics" / "study.md", out / "metrics" / "study.csv"]
     if len(probes) >= 2:
+        kd = fmt_kd(kd_settings_of(plan, cell))
         ffiles, fronts = F.write_outputs(out, probes, fr["methods"], fr["budgets"],
-                                         f"{plan.name}: {F.plural_seeds(len(seeds))}"
+                                         f"{plan.name}: {F.plural_seeds(len(seeds))}, kd at {kd}"
                                          + (" (preliminary)" if note else ""), prefix="frontier")
         teacher = float(np.mean([p.teacher.mean() for p in probes]))
         lines += ["## Frontier", "", *[f"- {F.headline(fronts, teacher, b)}" for b in fr["budgets"]], "",
                   f"From {len(probes)} probes (metrics/frontier.md has the table, plots/frontier.png the plot; the "
-                  f"bracket is a 95 % seed-bootstrap interval).{note}", ""]
+                  f"bracket is a 95 % seed-bootstrap interval). The probes run the {cell} cell's params: kd "
+                  f"at {kd}; a probe's finetune may come from the run of the same seed and ratio at other KD "
+                  f"settings (fine-tuning reads none of them), when both report the same teacher and compression."
+                  f"{note}", ""]
         files += ffiles
     text = "\n".join(lines) + "\n"
     io.write_text(files[0], text)
@@ -477,19 +461,131 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
     return text, files
 
 
-def section(plan: Plan, cell: str, res, core, rows: list) -> list[str]:
+def kd_ft_table(df: pd.DataFrame, heading: str, name: str, rows: list, pairing: str) -> list[str]:
+    """KD − FT per ratio, paired by seed: Bonferroni intervals and Holm p-values over the ratios tested. ``df``:
+    one row per (ratio, seed) with acc_kd, acc_finetune, acc_teacher, acc_pruned, compression_ratio."""
+    lines: list[str] = []
+    ratios = sorted(df["ratio"].unique())
+    stats_ = []
+    for ratio in ratios:
+        g = df[df["ratio"] == ratio].sort_values("seed")
+        stats_.append((ratio, g, paired(g["acc_kd"].to_numpy(float), g["acc_finetune"].to_numpy(float))))
+    adj = holm([s[2]["p"] for s in stats_])
+    m = sum(1 for s in stats_ if s[2]["n"] >= 2)
+    teacher = df.drop_duplicates("seed")["acc_teacher"].astype(float)
+    lines += ([heading, ""] if heading else []) + [
+              f"Teacher: {ms(teacher)} % over {F.plural_seeds(len(teacher))} (one teacher per seed). Test "
+              f"accuracy %, mean ± std over seeds. {pairing}; "
+              + (f"the 95 % interval is Bonferroni-adjusted for the {m} ratio{'s' if m != 1 else ''} tested (family-wise "
+                 "95 %), and the "
+                 "p-value (paired t) Holm-adjusted." if m else "intervals and tests need 2 seeds at a ratio."), "",
+              "| ratio | compression | MACs / | no recovery | finetune | kd | n | at chance | KD − FT (pt) "
+              "| 95 % CI (adj.) | Holm p | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    chance = chance_level(df)
+    collapsed_total = 0
+    for (ratio, g, p), ap in zip(stats_, adj):
+        lo, hi = simultaneous(g["acc_kd"].to_numpy(float) - g["acc_finetune"].to_numpy(float), max(m, 1))
+        verdict = ("-" if math.isnan(ap) else "KD better" if ap < 0.05 and p["diff"] > 0 else
+                   "FT better" if ap < 0.05 else "no significant difference")
+        ci = "-" if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
+        mac = g["mac_reduction"].astype(float).mean() if "mac_reduction" in g else float("nan")
+        collapsed = at_chance(g, chance)
+        collapsed_total += collapsed
+        lines.append(f"| {ratio:g} | {g['compression_ratio'].astype(float).mean():.1f}x | {mac:.1f}x | "
+                     f"{ms(g['acc_pruned'])} | {ms(g['acc_finetune'])} | {ms(g['acc_kd'])} | {p['n']} | "
+                     f"{'-' if chance is None else collapsed} | "
+                     f"{p['diff']:+.2f} | {ci} | {'-' if math.isnan(ap) else f'{ap:.3g}'} | {verdict} |")
+        rows.append({"section": name, "ratio": ratio, "n": p["n"], "kd_mean": g["acc_kd"].mean(),
+                     "finetune_mean": g["acc_finetune"].mean(), "kd_minus_finetune": p["diff"],
+                     "ci95_adj_low": lo, "ci95_adj_high": hi, "p": p["p"], "p_holm": ap,
+                     "seeds_at_chance": collapsed})
+    lines.append("")
+    if chance is not None:
+        lines += [f"At chance: seeds whose kd and finetune students both end within 1 point of chance "
+                  f"({chance:.2f} %). Neither method could train them: pruning left no signal path (a layer "
+                  "with almost no weights, the layer collapse of global magnitude pruning at extreme sparsity). "
+                  f"They count in the means and pairs above (their KD − FT is ~0); {collapsed_total} so far.", ""]
+    return lines
+
+
+def kd_settings_of(plan: Plan, cell: str) -> dict[str, Any]:
+    """The KD settings (F.KD_KEYS; at_beta only when used) a cell without a grid runs at."""
+    flat = {**plan.base, **cell_experiment(plan, cell).flat}
+    return {k: flat[k] for k in sorted(F.KD_KEYS) if k in flat and not (k == "distill.at_beta" and not flat[k])}
+
+
+def fmt_kd(kd: dict[str, Any]) -> str:
+    """alpha 0.5, temperature 2"""
+    return ", ".join(f"{k.split('.')[-1]} {v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool)
+                     else f"{k.split('.')[-1]} {v}" for k, v in kd.items())
+
+
+def borrows_finetune(plan: Plan, cell: str) -> bool:
+    """A cell without a grid that runs kd but not finetune, and whose params differ from the core grid's only in
+    the KD settings: its KD − FT pairs with the core grid's finetune of the same seed and ratio."""
+    if plan.grids.get(cell):
+        return False
+    e = next(x for x in plan.experiments if x.cell == cell)
+    flat, variants = target(plan, e)
+    core, _ = target(plan, plan.experiments[0])
+    rest = lambda d: {k: v for k, v in d.items() if k not in F.KD_KEYS | {"distill.variants"}}  # noqa: E731
+    return "kd" in variants and "finetune" not in variants and rest(flat) == rest(core)
+
+
+def core_finetune(core, e: Experiment, r: pd.Series) -> float | None:
+    """The core grid's finetune accuracy for ``e``'s seed and ratio, when that run reports the same teacher
+    accuracy and compression as ``r`` (the same teacher and mask); else None."""
+    c = next((c for x, c in core if (x.seed, x.ratio) == (e.seed, e.ratio)), None)
+    if c is None or pd.isna(c.get("acc_finetune")) or not F.same_teacher_and_mask(
+            c["acc_teacher"], c["compression_ratio"], r["acc_teacher"], r["compression_ratio"]):
+        return None
+    return float(c["acc_finetune"])
+
+
+def paired_cell(plan: Plan, cell: str, res, core, rows: list, choices: dict[str, dict]) -> list[str]:
+    """A kd-only cell at other KD settings than the core grid's, over ratios and seeds: the per-ratio KD − FT
+    table of the core grid (Holm), with each seed's finetune from the core grid's run of the same seed and ratio.
+    A pair is used only when both runs report the same teacher accuracy and compression (same teacher, mask)."""
+    pairs, unpaired = [], 0
+    for e, r in res:
+        ft = core_finetune(core, e, r)
+        if ft is None:
+            unpaired += 1
+            continue
+        pairs.append({**r.to_dict(), "acc_finetune": ft, "ratio": e.ratio, "seed": e.seed})
+    kd = kd_settings_of(plan, cell)
+    lines = [f"## {cell}: kd at {fmt_kd(kd)} vs finetune", ""]
+    for source, choice in choices.items():
+        if set(choice) <= set(kd):
+            same = all(F.same_value(str(kd[k]), v) for k, v in choice.items())
+            chosen = ", ".join(f"{k}={v}" for k, v in choice.items())
+            lines += [(f"These are the KD settings the {source} cell chose on training accuracy ({chosen})." if same
+                       else f"NOTE: the {source} cell chose {chosen} on training accuracy; this cell runs other "
+                            "settings."), ""]
+    if not pairs:
+        return lines + ["No run has its core-grid finetune of the same seed and ratio yet.", ""]
+    lines += kd_ft_table(pd.DataFrame(pairs), "", cell, rows,
+                         "KD from this cell's runs; fine-tuning reads none of the KD settings, so FT is the core "
+                         "grid's finetune run of the same seed and ratio (same teacher, mask and batch order), "
+                         "and KD − FT pairs by seed")
+    if unpaired:
+        lines += [f"{unpaired} run(s) of this cell have no core-grid finetune with the same teacher and "
+                  "compression yet; they are not in the table.", ""]
+    return lines
+
+
+def section(plan: Plan, cell: str, res, core, rows: list, choices: dict[str, dict]) -> list[str]:
     """One check cell: a table of every setting it varies (with the core grid's runs at the same ratio as the
     default setting), per variant, mean ± std, and the paired KD − FT where both ran."""
     varied = plan.grids.get(cell, [])
     ratios = {e.ratio for e, _ in res}
     settings: dict[tuple, list[pd.Series]] = {}
-    borrowed = bool(varied) and set(varied) <= FT_FREE
-    core_ft = {(e.seed, e.ratio): r.get("acc_finetune") for e, r in core}
+    borrowed = bool(varied) and set(varied) <= F.KD_KEYS
     for e, r in res:
-        if borrowed and pd.isna(r.get("acc_finetune")) and not pd.isna(core_ft.get((e.seed, e.ratio))):
-            # fine-tuning reads none of the varied keys: its run of the same seed and ratio is every row's
+        ft = core_finetune(core, e, r) if borrowed and pd.isna(r.get("acc_finetune")) else None
+        if ft is not None:  # fine-tuning reads none of the varied keys: its run of the same seed and ratio
             r = r.copy()
-            r["acc_finetune"] = core_ft[(e.seed, e.ratio)]
+            r["acc_finetune"] = ft
         settings.setdefault(tuple(e.flat.get(k) for k in varied), []).append(r)
     default = tuple({**plan.base, **plan.experiments[0].flat}.get(k) for k in varied)
     seeds = {e.seed for e, _ in res}
@@ -552,6 +648,7 @@ def section(plan: Plan, cell: str, res, core, rows: list) -> list[str]:
         cells.append(str(len(rs)))
         lines.append("| " + " | ".join(cells) + " |")
     if best is not None and has_train and len(settings) > 1:
+        choices[cell] = dict(zip(varied, best[0]))
         vs = diffs.get(best[0], "-")
         lines += ["", f"Chosen on training accuracy: {', '.join(f'{k}={x}' for k, x in zip(varied, best[0]))} "
                       f"(train_acc_kd {best[1]:.2f} %); its test accuracy: {best[2]:.2f} %"

@@ -211,6 +211,46 @@ def test_runs_from_before_a_param_existed_ran_with_its_default(workdir, monkeypa
     assert not F.param_matches(runs, "prune.not_a_param", 0.0).any()
 
 
+def test_a_method_without_kd_joins_from_a_run_at_other_kd_settings_of_the_same_teacher(workdir):
+    """kd alone at alpha 0.5 (seeds 0-2) next to kd + finetune at alpha 0.9: each probe takes kd from the
+    alpha 0.5 run and finetune from the alpha 0.9 run of the same seed and ratio, only when their teacher and
+    compression agree; a run holding both methods at the target is preferred; kd is never borrowed."""
+    tmp, params = workdir
+    core = F.nest({**flatten(params), "distill.variants": ["kd", "finetune"], "distill.alpha": 0.9})
+    chosen = F.nest({**flatten(params), "distill.variants": ["kd"], "distill.alpha": 0.5})
+    both = F.nest({**flatten(params), "distill.variants": ["kd", "finetune"], "distill.alpha": 0.5})
+    rows = [run_row(core, 0.75, s, s) for s in (0, 1, 2)]
+    for s in (0, 1, 2):
+        r = run_row(chosen, 0.75, s, 10 + s)
+        r.pop("acc_finetune")
+        r["acc_kd"] = 50.0 + s
+        rows.append(r)
+    rows[2]["acc_teacher"] = TEACHER - 1  # seed 2's core run: another teacher (other code or data)
+    rows.append({**run_row(both, 0.9, 0, 20), "acc_kd": 60.0, "acc_finetune": 61.0})  # one run with both
+    rows.append({**run_row(core, 0.9, 0, 21), "acc_finetune": 99.0})  # newer, but the joined one loses
+    runs = pd.DataFrame(rows)
+    _, target = F.target_params(tmp / "params.yaml", {"distill.alpha": 0.5}, ["kd", "finetune"])
+    assert F.matching(runs, target, ["kd", "finetune"])["run_id"].tolist() == ["fake0020"]
+    j = F.joined(runs, target, ["kd", "finetune"])
+    got = {(r.ratio, r.seed): (r.run_id, r.acc_kd, r.acc_finetune) for r in j.itertuples()}
+    assert got == {(0.75, 0): ("fake0010+fake0000", 50.0, fake_acc("finetune", 4, 0)),
+                   (0.75, 1): ("fake0011+fake0001", 51.0, fake_acc("finetune", 4, 1)),
+                   (0.9, 0): ("fake0020", 60.0, 61.0)}  # seed 2 at 0.75: teachers differ, not joined
+    probes = F.probes_from_runs(j, ["kd", "finetune"], [0, 1])
+    assert [p.ratio for p in probes] == [0.75] and probes[0].acc["kd"].tolist() == [50.0, 51.0]
+    # the other way round: kd at alpha 0.9 is never taken from the alpha 0.5 runs
+    _, core_target = F.target_params(tmp / "params.yaml", {"distill.alpha": 0.9}, ["kd", "finetune"])
+    assert set(F.joined(runs, core_target, ["kd", "finetune"])["run_id"]) == {"fake0000", "fake0001", "fake0002",
+                                                                              "fake0021"}
+
+
+def test_the_methods_without_kd_are_the_variants_that_do_not_distil():
+    from kdprune.recovery import VARIANTS
+
+    assert F.WITHOUT_KD == {name for name, v in VARIANTS.items() if not v.kd}
+    assert F.KD_KEYS <= set(flatten(default_params()))
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--budget", "-1"], "--budget -1.0 is out of range"),
     (["--budget", "nan"], "--budget nan is out of range"),

@@ -32,6 +32,11 @@ def test_the_committed_study_plan_validates_and_is_sized(params_path):
         assert es and {e.ratio for e in es} == {0.98} and len({e.seed for e in es}) >= 3
     assert {e.flat["distill.lr"] for e in plan.experiments if e.cell == "lr"} | {plan.base["distill.lr"]} == {0.01, 0.05, 0.2}
     assert {e.flat["distill.epochs"] for e in plan.experiments if e.cell == "epochs"} == {1, 3, 10}
+    chosen = [e for e in plan.experiments if e.cell == "kd_chosen"]  # kd alone at the setting chosen on train
+    assert {(e.seed, e.ratio) for e in chosen} == {(e.seed, e.ratio) for e in plan.experiments if e.cell == "core"}
+    assert all(study.target(plan, e)[1] == ["kd"] and study.borrows_finetune(plan, "kd_chosen") for e in chosen)
+    assert plan.frontier["cell"] == "kd_chosen" and study.kd_settings_of(plan, "kd_chosen") == {
+        "distill.alpha": 0.5, "distill.temperature": 2.0}
     assert plan.frontier["budgets"] == [0.5, 1.0, 2.0] and plan.records.as_posix() == "metrics/study_runs.csv"
     assert study.frontier_range(plan) == pytest.approx((2, 100))  # below the core grid: 1 pt is lost by 10x
     plan.frontier.pop("lo")
@@ -61,6 +66,8 @@ def hostile(tmp_path, monkeypatch, mutate):
     (lambda r: r["study"].update(extra=1), "unknown keys ['extra']"),
     (lambda r: r["study"]["frontier"].update(budgets=[-1]), "study.frontier"),
     (lambda r: r["study"]["frontier"].update(lo=50, hi=20), "lo 50 must be below hi 20"),
+    (lambda r: r["study"]["frontier"].update(cell="nope"), "study.frontier.cell 'nope'"),
+    (lambda r: r["study"]["frontier"].update(cell="lr"), "study.frontier.cell 'lr'"),  # a grid: which setting?
     (lambda r: r["study"]["cells"].extend([{"name": f"c{i}", "ratios": [0.5 + i / 200 for i in range(60)],
                                             "seeds": list(range(60))} for i in range(2)]), "more than 2000"),
 ])
@@ -107,8 +114,10 @@ def test_parts_stop_on_time_and_resume_from_the_records_alone(tmp_path, monkeypa
     def run_grid(grid, extra, jobs, prefix, experiment, log=print):
         for seed, ratio, sets in grid:
             ran.append((prefix, seed, ratio, sets))
+            probe = {**study.cell_experiment(plan).flat, "distill.variants": plan.frontier["methods"]}
             e = next((x for x in plan.experiments if x.seed == seed and x.ratio == ratio and x.sets() == sets),
-                     None) or study.Experiment("frontier", seed, ratio, plan.experiments[0].overrides)
+                     None) or study.Experiment("frontier", seed, ratio, tuple(sorted(probe.items())))
+            assert e.sets() == sets
             old = F.read_records(plan.records)
             new = pd.DataFrame([fake_row(plan, e, len(old) + len(ran))]).astype(str)
             pd.concat([old.astype(str), new]).to_csv(plan.records, index=False)
@@ -126,6 +135,8 @@ def test_parts_stop_on_time_and_resume_from_the_records_alone(tmp_path, monkeypa
     covered = [e for e in plan.experiments if (e.seed, e.ratio, e.sets()) not in done]
     assert covered and all(e.cell == "kd_settings" and e.flat["distill.alpha"] == 0.9 and e.flat["distill.temperature"]
                            == 4.0 for e in covered)  # the core grid's runs cover the default KD setting
+    chosen = {r[2] for r in ran if r[0] == "study-kd_chosen"}
+    assert chosen == {0.9, 0.95, 0.99}  # at 0.98 kd_settings' runs at alpha 0.5, T 2 are kd_chosen's
     assert any(r[0] == "study-frontier" for r in ran)  # then the bisection between the core ratios
     n = len(ran)
     assert study.run_part(plan, 10_000, 1, None, log=lambda m: None) is True and len(ran) == n  # nothing twice
@@ -141,6 +152,10 @@ def test_parts_stop_on_time_and_resume_from_the_records_alone(tmp_path, monkeypa
     c = core[core["section"] == "core"]
     assert np.allclose(c["kd_minus_finetune"], 0.6) and len(c) == 4
     assert "Chosen on training accuracy: distill.alpha=0.9" in text  # the selection reads train_acc, not test
+    assert "## kd_chosen: kd at alpha 0.5, temperature 2 vs finetune" in text
+    assert "NOTE: the kd_settings cell chose distill.alpha=0.9" in text  # the fake's train_acc grows with alpha
+    chosen = pd.read_csv(tmp_path / "metrics" / "study.csv").query("section == 'kd_chosen'")
+    assert len(chosen) == 4 and np.allclose(chosen["kd_minus_finetune"], 0.6) and chosen["p_holm"].notna().all()
     assert "## lr" in text and "| 0.2 |" in text and "| 0.05 |" in text  # the core's lr as the default row
     assert "## epochs" in text and "| 5 |" in text
     assert "## scratch" in text and "## Frontier" in text and "kd reaches" in text
@@ -158,23 +173,32 @@ def test_a_partial_study_reports_a_preliminary_frontier_on_the_complete_seeds(tm
     # 7 done: seed 0 x 4, seed 1 x 1, and their 0.98 runs cover the default KD setting of kd_settings
     pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
     runs = study.load(plan, None)
-    assert study.preliminary_seeds(plan, runs) == [0]
+    assert study.preliminary_seeds(plan, runs, "core") == [0] and study.preliminary_seeds(plan, runs) == []
     text, files = study.analyse(plan, runs, tmp_path)
-    assert "PRELIMINARY: only seed(s) 0 of 5" in text and "one seed gives no interval" in text
-    assert "not run yet: 43;" in text and (tmp_path / "plots" / "frontier.png").exists()
+    assert "PRELIMINARY: the frontier's own cell" in text and "one seed gives no interval" in text
+    assert "not run yet: 63;" in text and (tmp_path / "plots" / "frontier.png").exists()
+    assert "kd_chosen, has no seed with every ratio yet, so this is the core cell's frontier on seed(s) 0;" in text
     points = pd.read_csv(tmp_path / "metrics" / "frontier_points.csv")
     assert points["ci95_low"].isna().all()  # n = 1: no bootstrap bracket is claimed
+    # seed 0 finishes kd_chosen: the preliminary frontier moves to the frontier's own cell (kd at alpha 0.5)
+    chosen = [e for e in plan.experiments if e.cell == "kd_chosen" and e.seed == 0]
+    rows += [{**fake_row(plan, e, 200 + i), "acc_kd": 11.0} for i, e in enumerate(chosen)]
+    pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
+    text, files = study.analyse(plan, study.load(plan, None), tmp_path)
+    assert "PRELIMINARY: only seed(s) 0 of 5 have finished every ratio of the kd_chosen cell" in text
+    assert "kd at alpha 0.5, temperature 2" in text and "kd reaches < " in text  # kd at 11 %: below every budget
 
 
 def test_a_frontier_from_the_core_grid_alone_says_it_is_not_searched_yet(tmp_path, monkeypatch, params_path):
     monkeypatch.chdir(tmp_path)
     plan = study.load_plan("study-fashion", params_path)
-    core = [e for e in plan.experiments if e.cell == "core"]
+    grid = [e for e in plan.experiments if e.cell in ("core", "kd_chosen")]
     plan.records.parent.mkdir(parents=True)
-    pd.DataFrame([fake_row(plan, e, i) for i, e in enumerate(core)]).astype(str).to_csv(plan.records, index=False)
+    pd.DataFrame([fake_row(plan, e, i) for i, e in enumerate(grid)]).astype(str).to_csv(plan.records, index=False)
     text, _ = study.analyse(plan, study.load(plan, None), tmp_path)
     assert "PRELIMINARY" not in text and "kd reaches" in text
-    assert "Not searched yet: every probe is one of the core grid's ratios" in text
+    assert "Not searched yet: every probe is one of the kd_chosen cell's ratios" in text
+    assert "The probes run the kd_chosen cell's params: kd at alpha 0.5, temperature 2" in text
 
 
 def test_seeds_at_chance_are_counted_per_ratio(tmp_path, monkeypatch, params_path):
@@ -250,6 +274,32 @@ def test_kd_settings_pair_each_setting_with_the_core_finetune_of_the_same_seeds(
         assert cells[3].startswith("81.00"), line  # the finetune of seeds 0-2 only
         assert cells[5].startswith(f"{np.mean(kd) - 81.0:+.2f}"), line
     assert "Chosen on training accuracy: distill.alpha=0.9" in section and ", KD − FT +" in section
+
+
+def test_kd_chosen_pairs_each_ratio_with_the_core_finetune_of_the_same_teacher(tmp_path, monkeypatch, params_path):
+    """kd_chosen runs kd alone at alpha 0.5, T 2 over the core ratios: its per-ratio KD − FT (Holm) pairs each seed
+    with the core grid's finetune of the same seed and ratio, and drops (and counts) a pair whose teacher differs."""
+    monkeypatch.chdir(tmp_path)
+    plan = study.load_plan("study-fashion", params_path)
+    grid = [e for e in plan.experiments if e.cell in ("core", "kd_chosen") and e.seed < 3]
+    plan.records.parent.mkdir(parents=True)
+    rows = [fake_row(plan, e, i) for i, e in enumerate(grid)]
+    for r in rows:
+        if "acc_finetune" in r:
+            r["acc_finetune"] = 80.0 + int(r["params.seed"])
+        else:
+            r["acc_kd"] = 81.0 + 2 * int(r["params.seed"])  # KD − FT = 1 + seed: mean 2 over seeds 0-2
+        if r["params.prune.ratio"] == "0.9" and r["params.seed"] == "2" and "acc_finetune" not in r:
+            r["acc_teacher"] = 90.0  # another teacher: never paired
+    pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
+    text, _ = study.analyse(plan, study.load(plan, None), tmp_path)
+    section = text.split("## kd_chosen")[1].split("\n## ")[0]
+    assert "core grid's finetune run of the same seed and ratio" in section and "Holm-adjusted" in section
+    assert "1 run(s) of this cell have no core-grid finetune with the same teacher" in section
+    out = pd.read_csv(tmp_path / "metrics" / "study.csv").query("section == 'kd_chosen'").set_index("ratio")
+    assert out.loc[0.98, "kd_minus_finetune"] == pytest.approx(2.0) and out.loc[0.98, "n"] == 3
+    assert out.loc[0.9, "kd_minus_finetune"] == pytest.approx(1.5) and out.loc[0.9, "n"] == 2
+    assert out["p_holm"].notna().all()
 
 
 @pytest.mark.parametrize("name", ["../params", "/etc/passwd", "study-fashion/../../params", ""])
