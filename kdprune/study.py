@@ -426,15 +426,17 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
     cell = fr["cell"]
     probes, seeds, note = study_probes(plan, runs), fr["seeds"], ""
     if len(probes) < 2:  # the study is still running: a preliminary frontier on the seeds complete so far, from
-        for cell in dict.fromkeys([fr["cell"], core_cell]):  # the core grid while the frontier's cell has none
-            seeds = preliminary_seeds(plan, runs, cell)
-            if seeds:
-                break
+        # the frontier's cell, or from the core grid while that has more complete seeds (kd at other settings)
+        own = preliminary_seeds(plan, runs)
+        cell, seeds = fr["cell"], own
+        if cell != core_cell and len(core_seeds := preliminary_seeds(plan, runs, core_cell)) > len(own):
+            cell, seeds = core_cell, core_seeds
         probes = study_probes(plan, runs, seeds, cell) if seeds else []
+        done = f"for seed(s) {', '.join(map(str, own))} only" if own else "for no seed yet"
         which = (f"only seed(s) {', '.join(map(str, seeds))} of {len(fr['seeds'])} have finished every ratio of the "
                  f"{cell} cell" if cell == fr["cell"] else
-                 f"the frontier's own cell, {fr['cell']}, has no seed with every ratio yet, so this is the {cell} "
-                 f"cell's frontier on seed(s) {', '.join(map(str, seeds))}")
+                 f"the frontier's own cell, {fr['cell']}, has every ratio done {done}, so this is the "
+                 f"{cell} cell's frontier on seed(s) {', '.join(map(str, seeds))}")
         note = (f" PRELIMINARY: {which}; the search has not run yet"
                 + ("" if len(seeds) > 1 else ", and one seed gives no interval") + ".")
     core_ratios = frontier_cell_ratios(plan, cell)

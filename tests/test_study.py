@@ -177,7 +177,7 @@ def test_a_partial_study_reports_a_preliminary_frontier_on_the_complete_seeds(tm
     text, files = study.analyse(plan, runs, tmp_path)
     assert "PRELIMINARY: the frontier's own cell" in text and "one seed gives no interval" in text
     assert "not run yet: 63;" in text and (tmp_path / "plots" / "frontier.png").exists()
-    assert "kd_chosen, has no seed with every ratio yet, so this is the core cell's frontier on seed(s) 0;" in text
+    assert "kd_chosen, has every ratio done for no seed yet, so this is the core cell's frontier on seed(s) 0;" in text
     points = pd.read_csv(tmp_path / "metrics" / "frontier_points.csv")
     assert points["ci95_low"].isna().all()  # n = 1: no bootstrap bracket is claimed
     # seed 0 finishes kd_chosen: the preliminary frontier moves to the frontier's own cell (kd at alpha 0.5)
@@ -187,6 +187,12 @@ def test_a_partial_study_reports_a_preliminary_frontier_on_the_complete_seeds(tm
     text, files = study.analyse(plan, study.load(plan, None), tmp_path)
     assert "PRELIMINARY: only seed(s) 0 of 5 have finished every ratio of the kd_chosen cell" in text
     assert "kd at alpha 0.5, temperature 2" in text and "kd reaches < " in text  # kd at 11 %: below every budget
+    # the core grid gets ahead (seeds 0 and 1 complete): its frontier is shown until kd_chosen catches up
+    rows += [fake_row(plan, e, 300 + i) for i, e in enumerate(x for x in core if x.seed == 1)]
+    pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
+    text, files = study.analyse(plan, study.load(plan, None), tmp_path)
+    assert ("kd_chosen, has every ratio done for seed(s) 0 only, so this is the core cell's frontier on seed(s) 0, 1;"
+            in text) and "kd at alpha 0.9, temperature 4" in text
 
 
 def test_a_frontier_from_the_core_grid_alone_says_it_is_not_searched_yet(tmp_path, monkeypatch, params_path):
