@@ -43,6 +43,9 @@ MAX_EXPERIMENTS = 2000
 MAX_LIST = 64
 CELL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 FORBIDDEN = ("prune.ratio", "seed")
+# a budget, not a choice: a longer schedule is expected to fit the training data better, so a check along it
+# reports the trend and chooses no setting
+BUDGET_KEYS = frozenset({"distill.epochs"})
 
 
 class StudyError(ValueError):
@@ -614,18 +617,22 @@ def section(plan: Plan, cell: str, res, core, rows: list, choices: dict[str, dic
             rows.append({"section": cell, "setting": v, "n": len(vals), "mean": float(np.mean(vals)) if vals else None})
         return lines + [""]
     has_train = any("train_acc_kd" in r and not pd.isna(r.get("train_acc_kd")) for rs in settings.values() for r in rs)
-    head = [*varied, *variants] + (["train_acc_kd (selection)"] if has_train else []) + (
+    selects = has_train and not set(varied) & BUDGET_KEYS
+    head = [*varied, *variants] + ([f"train_acc_kd{' (selection)' if selects else ''}"] if has_train else []) + (
         ["KD − FT (95 % CI)"] if {"kd", "finetune"} <= set(variants) else []) + ["n"]
     lines = [f"## {cell} (ratio {', '.join(f'{x:g}' for x in sorted(ratios))})", "",
-             "Test accuracy %, mean ± std over seeds" + ("; train_acc_kd: accuracy on a fixed 10k subset of the "
-                                                         "training split, the only number the choice looks at" if has_train else "")
+             "Test accuracy %, mean ± std over seeds"
+             + ("; train_acc_kd: accuracy on a fixed 10k subset of the training split" if has_train else "")
+             + (", the only number the choice looks at" if selects else "")
+             + (f" ({', '.join(varied)} is a budget: nothing is chosen along it)" if has_train and not selects else "")
              + ". The row with the core grid's setting uses its runs."
              + (f" Fine-tuning reads none of {', '.join(varied)} (alpha = 0 is plain cross-entropy; the teacher is "
                 "not run), so every row's finetune is the core grid's finetune run of the same seed and ratio (same "
                 "teacher, mask and batch order), and KD − FT pairs by seed." if borrowed else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    best, diffs = None, {}
-    for key in sorted(settings, key=lambda k: tuple(float(x) if isinstance(x, (int, float)) else 0 for x in k)):
+    diffs = {}
+    order = sorted(settings, key=lambda k: tuple(float(x) if isinstance(x, (int, float)) else 0 for x in k))
+    for key in order:
         rs = settings[key]
         cells = [str(x) for x in key]
         for v in variants:
@@ -633,8 +640,6 @@ def section(plan: Plan, cell: str, res, core, rows: list, choices: dict[str, dic
         if has_train:
             tr = [float(r["train_acc_kd"]) for r in rs if not pd.isna(r.get("train_acc_kd"))]
             cells.append(ms(tr) if tr else "-")
-            if tr and len(tr) == len(rs) and (best is None or np.mean(tr) > best[1]):
-                best = (key, float(np.mean(tr)), float(np.mean([float(r["acc_kd"]) for r in rs])))
         if {"kd", "finetune"} <= set(variants):
             both = [r for r in rs if not pd.isna(r.get("acc_kd")) and not pd.isna(r.get("acc_finetune"))]
             p = paired(np.array([float(r["acc_kd"]) for r in both]), np.array([float(r["acc_finetune"]) for r in both]))
@@ -649,13 +654,49 @@ def section(plan: Plan, cell: str, res, core, rows: list, choices: dict[str, dic
                          "n": len(rs), "kd_mean": np.mean([float(r["acc_kd"]) for r in rs])})
         cells.append(str(len(rs)))
         lines.append("| " + " | ".join(cells) + " |")
-    if best is not None and has_train and len(settings) > 1:
+    best = best_setting(settings, order, "kd") if selects and len(settings) > 1 else None
+    if best is not None:
         choices[cell] = dict(zip(varied, best[0]))
         vs = diffs.get(best[0], "-")
-        lines += ["", f"Chosen on training accuracy: {', '.join(f'{k}={x}' for k, x in zip(varied, best[0]))} "
-                      f"(train_acc_kd {best[1]:.2f} %); its test accuracy: {best[2]:.2f} %"
+        test = np.mean([float(r["acc_kd"]) for r in settings[best[0]]])
+        lines += ["", f"Chosen on training accuracy: {fmt_setting(varied, best[0])} "
+                      f"(train_acc_kd {best[1]:.2f} %); its test accuracy: {test:.2f} %"
                       + (f", KD − FT {vs} (95 % CI, not adjusted for the choice)." if vs != "-" else ".")]
+        ft = best_setting(settings, order, "finetune") if not set(varied) <= F.KD_KEYS else None
+        if ft is not None and {"kd", "finetune"} <= set(variants):
+            # both methods read the varied keys: each at its own train-selected setting, paired by seed
+            a, b = by_seed(settings[best[0]], "kd"), by_seed(settings[ft[0]], "finetune")
+            common = sorted(set(a) & set(b))
+            p = paired(np.array([a[x] for x in common]), np.array([b[x] for x in common]))
+            ci = "" if math.isnan(p["lo"]) else f" [{p['lo']:+.2f}, {p['hi']:+.2f}] (95 % CI, not adjusted for the choices)"
+            lines += ["", f"Each method at its own setting chosen on its own training accuracy: kd at "
+                          f"{fmt_setting(varied, best[0])}, finetune at {fmt_setting(varied, ft[0])} (train_acc_finetune "
+                          f"{ft[1]:.2f} %; test {np.mean([b[x] for x in common]):.2f} %): KD − FT {p['diff']:+.2f}{ci}, "
+                          f"paired by seed (n = {p['n']})."]
+            rows.append({"section": cell, "setting": f"each method's own choice: kd {fmt_setting(varied, best[0])}, "
+                         f"finetune {fmt_setting(varied, ft[0])}", "n": p["n"], "kd_minus_finetune": p["diff"],
+                         "ci95_low": p["lo"], "ci95_high": p["hi"]})
     return lines + [""]
+
+
+def fmt_setting(keys: list[str], values: tuple) -> str:
+    return ", ".join(f"{k}={x}" for k, x in zip(keys, values))
+
+
+def best_setting(settings: dict[tuple, list[pd.Series]], order: list[tuple], variant: str) -> tuple[tuple, float] | None:
+    """The setting with the highest mean train_acc_<variant> (every run of it reporting one; the first in
+    ``order`` on a tie), and that mean; None when no setting qualifies."""
+    best = None
+    for key in order:
+        tr = [r.get(f"train_acc_{variant}") for r in settings[key]]
+        if tr and not any(pd.isna(x) for x in tr) and (best is None or np.mean(tr) > best[1]):
+            best = (key, float(np.mean(tr)))
+    return best
+
+
+def by_seed(runs: list[pd.Series], variant: str) -> dict[str, float]:
+    """seed -> acc_<variant> of these runs (one setting's: one run per seed)."""
+    return {str(r["params.seed"]): float(r[f"acc_{variant}"]) for r in runs if not pd.isna(r.get(f"acc_{variant}"))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -252,6 +252,35 @@ def test_a_check_compares_its_seeds_with_the_core_runs_of_the_same_seeds(tmp_pat
     assert row[1].startswith(f"{expected:.2f}") and row[-1].strip(" |") == "3", row
 
 
+def test_each_method_is_also_compared_at_its_own_train_selected_learning_rate(tmp_path, monkeypatch, params_path):
+    """The lr check chooses kd's lr on train_acc_kd and finetune's on train_acc_finetune, and pairs the two choices
+    by seed; the epochs check is a budget axis and chooses nothing."""
+    monkeypatch.chdir(tmp_path)
+    plan = study.load_plan("study-fashion", params_path)
+    runs = [e for e in plan.experiments if (e.cell == "core" and e.ratio == 0.98) or e.cell in ("lr", "epochs")]
+    plan.records.parent.mkdir(parents=True)
+    rows = [fake_row(plan, e, i) for i, e in enumerate(runs)]
+    for r in rows:
+        seed, lr = int(r["params.seed"]), float(r["params.distill.lr"])
+        if lr == 0.2:  # finetune fits train best at 0.2, kd at 0.05 (the fake's default curve)
+            r.update(acc_finetune=85.0 + seed, train_acc_finetune=99.0)
+        if lr == 0.05 and int(r["params.distill.epochs"]) == 5:
+            r.update(acc_kd=80.0 + 2 * seed)
+    pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
+    text, _ = study.analyse(plan, study.load(plan, None), tmp_path)
+    lr = text.split("## lr")[1].split("\n## ")[0]
+    assert "Chosen on training accuracy: distill.lr=0.05" in lr
+    assert ("Each method at its own setting chosen on its own training accuracy: kd at distill.lr=0.05, finetune at "
+            "distill.lr=0.2 (train_acc_finetune 99.00 %; test 86.00 %): KD − FT -4.00 [" in lr)  # 80+2s - (85+s), s<3
+    assert "(n = 3)" in lr
+    epochs = text.split("## epochs")[1].split("\n## ")[0]
+    assert "| 10 |" in epochs and "Chosen" not in epochs and "own setting" not in epochs and "(selection)" not in epochs
+    assert "distill.epochs is a budget: nothing is chosen along it" in epochs
+    out = pd.read_csv(tmp_path / "metrics" / "study.csv")
+    own = out[out["setting"].astype(str).str.startswith("each method's own choice")]
+    assert len(own) == 1 and own["kd_minus_finetune"].item() == pytest.approx(-4.0)
+
+
 def test_kd_settings_pair_each_setting_with_the_core_finetune_of_the_same_seeds(tmp_path, monkeypatch, params_path):
     """kd_settings runs kd alone (fine-tuning reads neither alpha nor temperature): each setting's KD − FT pairs
     its kd runs with the core grid's finetune runs of the same seeds and ratio, and the chosen setting says its
