@@ -307,15 +307,19 @@ def study_probes(plan: Plan, runs: pd.DataFrame, seeds: list[int] | None = None,
     method that does not distil may come from a run of the same seed and ratio at other KD settings
     (frontier.joined), e.g. the core grid's finetune next to a kd-only cell's kd."""
     fr = plan.frontier
-    flat = {**plan.base, **cell_experiment(plan, cell).flat}
-    return F.probes_from_runs(F.joined(runs, flat, fr["methods"]), fr["methods"], seeds or fr["seeds"])
+    return F.probes_from_runs(probe_runs(plan, runs, cell), fr["methods"], seeds or fr["seeds"])
+
+
+def probe_runs(plan: Plan, runs: pd.DataFrame, cell: str | None = None) -> pd.DataFrame:
+    """One row per (ratio, seed) with every frontier method, at the cell's params (frontier.joined)."""
+    return F.joined(runs, {**plan.base, **cell_experiment(plan, cell).flat}, plan.frontier["methods"])
 
 
 def preliminary_seeds(plan: Plan, runs: pd.DataFrame, cell: str | None = None) -> list[int]:
     """While a cell is incomplete: the frontier's seeds with a probe at every one of its ratios."""
     ratios = {round(r, 6) for r in frontier_cell_ratios(plan, cell)}
-    return [s for s in plan.frontier["seeds"]
-            if ratios <= {round(p.ratio, 6) for p in study_probes(plan, runs, [s], cell)}]
+    j = probe_runs(plan, runs, cell)
+    return [s for s in plan.frontier["seeds"] if not j.empty and ratios <= set(j.loc[j["seed"] == s, "ratio"])]
 
 
 # ---------------------------------------------------------------------------------------------- analysis
