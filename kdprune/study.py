@@ -567,7 +567,7 @@ def paired_cell(plan: Plan, cell: str, res, core, rows: list, choices: dict[str,
     for source, choice in choices.items():
         if set(choice) <= set(kd):
             same = all(F.same_value(str(kd[k]), v) for k, v in choice.items())
-            chosen = ", ".join(f"{k}={v}" for k, v in choice.items())
+            chosen = fmt_setting(list(choice), tuple(choice.values()))
             lines += [(f"These are the KD settings the {source} cell chose on training accuracy ({chosen})." if same
                        else f"NOTE: the {source} cell chose {chosen} on training accuracy; this cell runs other "
                             "settings."), ""]
