@@ -1,8 +1,10 @@
 """Smoke test: the benchmark code runs on a tiny size so it cannot rot. Speed is never asserted."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from kdprune.data import prepare_dataset
 
@@ -84,3 +86,23 @@ def test_channel_speedup_benchmark_runs_tiny():
     assert rec["mac_reduction"] >= 1.5 and rec["params_pruned"] < rec["params_dense"]
     assert rec["b1_dense_ms"] > 0 and rec["b2_speedup"] > 0
     assert "| mobilenet_v3_small |" in mod.report(res, (1, 2))
+
+
+def test_cuda_check_runs_the_real_stages_tiny_on_cpu(fake_root, tmp_path, monkeypatch):
+    """benchmarks/cuda_check.py is meant for a GPU machine; its --device cpu dry run checks the same things here."""
+    spec = importlib.util.spec_from_file_location("cuda_check", ROOT / "benchmarks" / "cuda_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "check.json"
+    assert mod.main(["--data", str(fake_root), "--device", "cpu", "--no-bf16", "--min-teacher-acc", "0",
+                     "--skip-ddp", "--repeat-teacher", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert "failed" not in record, record.get("failed")
+    pipe = record["pipeline"]
+    assert set(pipe["stage_seconds"]) == {"prepare", "train_teacher", "prune", "distill", "evaluate"}
+    assert pipe["device_lines"] and all(line.startswith("device: cpu") for line in pipe["device_lines"])
+    assert pipe["nonzero_prunable"]["kd"] == pipe["nonzero_prunable"]["finetune"] > 0
+    assert pipe["teacher_repeat"]["bit_identical"]  # on the CPU the same params give the same teacher
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the GPU check on a machine without one
+    assert mod.main(["--data", str(fake_root)]) == 2
