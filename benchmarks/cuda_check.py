@@ -11,7 +11,8 @@ on CUDA, NCCL process groups, DDP with ``device_ids``) cannot run. This script r
 2. ``train_teacher`` and ``distill`` (kd with attention transfer, so the student's features pass through DDP)
    under ``torchrun --standalone --nproc_per_node=1``: the NCCL process group and DDP on ``cuda:0``,
    for one epoch on a train subset; it checks the log names the nccl backend and that the outputs exist.
-3. with ``--repeat-teacher``, the teacher stage a second time: are its weights bit-identical on this device?
+3. with ``--repeat-teacher``, the teacher stage a second time: its weights must be bit-identical on the CPU;
+   on CUDA the difference is reported.
 
 It prints one JSON record (stage wall times, accuracies, the CPU figures committed in metrics/ for comparison)
 and writes it to ``--json``. Exit status 1 when a check fails.
