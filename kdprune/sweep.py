@@ -22,6 +22,7 @@ the teacher, mask and batch order of their (ratio, seed).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -56,11 +57,67 @@ def start_workers(jobs: int) -> None:
         raise SystemExit(f"error: dvc queue start failed:\n{log.read_text()}")
 
 
-def wait_for_queue(poll: float = 5.0) -> list[dict]:
+WORKER_PIDS = Path(".dvc/tmp/exps/celery")  # dvc-exp-worker-N.pid: DVC's queue workers (dvc-task)
+RUN_PIDS = Path(".dvc/tmp/exps/run")  # <rev>/<rev>.pid: a queued experiment's own `dvc exp run` process
+LOST_AFTER = 120.0  # seconds with tasks pending and none of these processes alive: the tasks are lost
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def queue_alive(revs: list[str]) -> bool:
+    """A DVC queue worker, or the process of one of these queued experiments, is still running."""
+    files = [*WORKER_PIDS.glob("dvc-exp-worker-*.pid"), *(RUN_PIDS / r / f"{r}.pid" for r in revs)]
+    for f in files:
+        try:
+            pid = int(f.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid > 0 and pid_alive(pid):
+            return True
+    return False
+
+
+def wait_for_queue(poll: float = 5.0, lost_after: float = LOST_AFTER,
+                   log=lambda m: print(m, flush=True)) -> list[dict]:
+    """Wait until no experiment is Queued or Running, and return the queue's entries.
+
+    DVC's worker can exit with a task unfinished: its monitor stops it when an inspect call finds no task in
+    time (seen here under load: the task stayed 'Running' with no process for 20 minutes, and a plain wait
+    never ends; treeverse/dvc-task#77, treeverse/dvc#8165). So when tasks stay pending while no worker and
+    none of their experiments' processes has been alive for ``lost_after`` seconds: queued tasks get a
+    fresh worker, once; after that, or for a task left 'Running', the tasks are removed from the queue and
+    named in the log. The caller then finds no result for them and reports them as failed; a study or a
+    frontier search reruns them on its next run (nothing is recorded for them)."""
+    dead_since: float | None = None
+    restarted = False
     while True:
         status = queue_status()
-        if not any(s.get("status") in ("Queued", "Running") for s in status):
+        pending = [s for s in status if s.get("status") in ("Queued", "Running")]
+        if not pending:
             return status
+        if queue_alive([str(s.get("rev")) for s in pending]):
+            dead_since = None
+        elif dead_since is None:
+            dead_since = time.monotonic()
+        elif time.monotonic() - dead_since >= lost_after:
+            names = ", ".join(f"{s.get('name') or s.get('rev')} ({s.get('status')})" for s in pending)
+            if not restarted and all(s.get("status") == "Queued" for s in pending):
+                log(f"sweep: no DVC queue worker has run for {lost_after:g} s with {names} pending; starting one")
+                start_workers(1)
+                restarted, dead_since = True, None
+            else:
+                log(f"sweep: LOST {names}: no DVC queue worker or experiment process has run for {lost_after:g} s "
+                    "(DVC's worker exited with the task unfinished); removed from the queue, to rerun")
+                dvc("queue", "remove", *(str(s.get("rev")) for s in pending), check=False)
+                return queue_status()
         time.sleep(poll)
 
 
@@ -158,7 +215,7 @@ def run_grid(grid: list[tuple], extra: list[str], jobs: int, prefix: str, experi
         n_jobs = min(jobs, len(phase))
         log(f"phase {i}: {len(phase)} experiments queued, starting {n_jobs} worker(s)")
         start_workers(n_jobs)
-        wait_for_queue()
+        wait_for_queue(log=log)
     status = {s.get("name"): str(s.get("status")) for s in queue_status()}
     return names, status, run_names(experiment), time.time() - t0
 

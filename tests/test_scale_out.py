@@ -27,6 +27,91 @@ def test_shard_must_be_k_of_n(bad, capsys):
     assert sweep.parse_shard("2/3") == (2, 3) and sweep.parse_shard("1000/1000") == (1000, 1000)
 
 
+class FakeQueue:
+    """DVC's queue as wait_for_queue sees it: entries per poll, live processes, a clock that polls advance."""
+
+    def __init__(self, monkeypatch, entries, alive):
+        self.entries, self.alive, self.now, self.calls = entries, alive, 0.0, []
+        monkeypatch.setattr(sweep, "queue_status", lambda: [dict(e) for e in self.entries])
+        monkeypatch.setattr(sweep, "queue_alive", lambda revs: self.alive(self.now, revs))
+        monkeypatch.setattr(sweep, "start_workers", lambda n: self.calls.append(("start", n)))
+        monkeypatch.setattr(sweep, "dvc", lambda *a, check=True: self.remove(a))
+        monkeypatch.setattr(sweep.time, "monotonic", lambda: self.now)
+        monkeypatch.setattr(sweep.time, "sleep", self.sleep)
+
+    def sleep(self, seconds):
+        self.now += seconds
+        assert self.now < 10_000, "wait_for_queue never returned"
+
+    def remove(self, args):
+        self.calls.append(args)
+        if args[:2] == ("queue", "remove"):
+            for e in self.entries:
+                if e["rev"] in args[2:]:
+                    e["status"] = "Failed"
+
+
+def test_a_task_left_running_by_a_dead_worker_is_removed_and_named_not_waited_on_forever(monkeypatch):
+    # seen in the study: the worker's monitor stopped it at 18:50:22, the task stayed 'Running' with no process
+    q = FakeQueue(monkeypatch, [{"rev": "aa", "name": "done", "status": "Success"},
+                                {"rev": "9852a3d", "name": "study-kd_chosen-r0p9-s3", "status": "Running"}],
+                  alive=lambda now, revs: now < 30)  # the worker dies 30 s in
+    logs = []
+    status = sweep.wait_for_queue(poll=5, lost_after=120, log=logs.append)
+    assert q.calls == [("queue", "remove", "9852a3d")]  # not restarted: a running task cannot be resumed
+    assert 150 <= q.now <= 160  # 30 s alive + 120 s without any process (+ one poll)
+    assert [s["status"] for s in status] == ["Success", "Failed"]
+    assert "LOST study-kd_chosen-r0p9-s3 (Running)" in logs[0] and "to rerun" in logs[0]
+
+
+def test_queued_tasks_without_a_worker_get_one_fresh_worker_then_are_removed(monkeypatch):
+    q = FakeQueue(monkeypatch, [{"rev": "bb", "name": "q1", "status": "Queued"}], alive=lambda now, revs: False)
+    logs = []
+    sweep.wait_for_queue(poll=5, lost_after=60, log=logs.append)
+    assert q.calls == [("start", 1), ("queue", "remove", "bb")]  # one restart, then given up
+    assert "starting one" in logs[0] and "LOST q1 (Queued)" in logs[1]
+
+    # the fresh worker picks the task up and finishes it: nothing is removed
+    entries = [{"rev": "cc", "name": "q2", "status": "Queued"}]
+    q = FakeQueue(monkeypatch, entries, alive=lambda now, revs: False)
+
+    def start(n):
+        q.calls.append(("start", n))
+        entries[0]["status"] = "Success"
+    monkeypatch.setattr(sweep, "start_workers", start)
+    assert sweep.wait_for_queue(poll=5, lost_after=60, log=logs.append)[0]["status"] == "Success"
+    assert q.calls == [("start", 1)]
+
+
+def test_a_long_experiment_with_a_live_worker_is_waited_for(monkeypatch):
+    entries = [{"rev": "dd", "name": "long", "status": "Running"}]
+    q = FakeQueue(monkeypatch, entries, alive=lambda now, revs: True)
+
+    def sleep(seconds):  # finishes after 2 hours, far beyond lost_after
+        q.now += seconds
+        if q.now >= 7200:
+            entries[0]["status"] = "Success"
+    monkeypatch.setattr(sweep.time, "sleep", sleep)
+    assert sweep.wait_for_queue(poll=5, lost_after=120, log=print)[0]["status"] == "Success"
+    assert q.calls == []
+
+
+def test_queue_alive_reads_the_worker_and_experiment_pid_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    workers, runs = tmp_path / sweep.WORKER_PIDS, tmp_path / sweep.RUN_PIDS
+    workers.mkdir(parents=True)
+    (workers / "dvc-exp-worker-1.pid").write_text(f"{dead.pid}\n")
+    (workers / "dvc-exp-worker-2.pid").write_text("not a pid")
+    assert not sweep.queue_alive(["abc"])  # a dead worker, a garbled file, no experiment file
+    (runs / "abc").mkdir(parents=True)
+    (runs / "abc" / "abc.pid").write_text(str(os.getpid()))
+    assert sweep.queue_alive(["abc"]) and not sweep.queue_alive(["other"])
+    (workers / "dvc-exp-worker-3.pid").write_text(str(os.getpid()))
+    assert sweep.queue_alive([])
+
+
 @pytest.mark.parametrize("n_seeds,n", [(1, 2), (2, 2), (3, 2), (5, 3), (2, 4), (1, 1)])
 def test_shards_are_disjoint_deterministic_and_cover_the_grid(n_seeds, n):
     grid = [(s, r) for s in range(n_seeds) for r in (0.9, 0.5, 0.8)]
