@@ -319,7 +319,8 @@ def preliminary_seeds(plan: Plan, runs: pd.DataFrame, cell: str | None = None) -
     """While a cell is incomplete: the frontier's seeds with a probe at every one of its ratios."""
     ratios = {round(r, 6) for r in frontier_cell_ratios(plan, cell)}
     j = probe_runs(plan, runs, cell)
-    return [s for s in plan.frontier["seeds"] if not j.empty and ratios <= set(j.loc[j["seed"] == s, "ratio"])]
+    return [s for s in plan.frontier["seeds"]
+            if not j.empty and ratios <= {round(float(r), 6) for r in j.loc[j["seed"] == s, "ratio"]}]
 
 
 # ---------------------------------------------------------------------------------------------- analysis
