@@ -15,7 +15,8 @@ Resume: an experiment is done when a finished run with its params is in MLflow o
 an experiment whose ``distill.variants`` it includes (each variant trains independently from the same
 seed), so a cell never retrains what the core grid already ran. A part runs the missing experiments in
 plan order, one queued DVC experiment at a time, and starts no new one after ``--part-minutes``; the
-records file is rewritten after every experiment. A part killed mid-experiment loses that experiment only.
+records file is rewritten after every experiment. The frontier's probes run the same way, one seed at a time
+(a ratio becomes a probe once every seed has a run). A part killed mid-experiment loses that experiment only.
 
 The analysis (metrics/study.md, metrics/study.csv; metrics/frontier.*, plots/frontier.png) reads the runs
 from MLflow and the records alike.
@@ -265,13 +266,20 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
     fr = plan.frontier
 
     def run_batch(ratios: list[float]) -> list[F.Probe]:
-        if clock() - t0 > minutes * 60:
-            raise PartOver
-        core = dict(cell_experiment(plan).overrides)
-        core["distill.variants"] = fr["methods"]
-        grid = [(s, r, Experiment("frontier", s, r, tuple(sorted(core.items()))).sets())
-                for s in fr["seeds"] for r in ratios]
-        sweep.run_grid(grid, [], jobs, "study-frontier", plan.experiment, log)
+        # one experiment at a time, ratio by ratio, like the cells: the part stops on time between two of them
+        # (a batch of 5 seeds x 2 ratios is ~3 h here), the records are rewritten after each, and a resumed
+        # part skips the seeds already run (a ratio is a probe once every seed has a run)
+        for e in frontier_experiments(plan, ratios):
+            if run_for(plan, load(plan, uri), e) is not None:
+                continue
+            if clock() - t0 > minutes * 60:
+                raise PartOver
+            log(f"study: {e.describe()}")
+            names, _, _, seconds = sweep.run_grid([(e.seed, e.ratio, e.sets())], [], jobs, "study-frontier",
+                                                  plan.experiment, log)
+            ok = run_for(plan, load(plan, uri), e) is not None
+            log(f"study: {'done' if ok else 'FAILED (see dvc queue logs ' + ', '.join(names.values()) + ')'} "
+                f"in {seconds:.0f} s")
         return study_probes(plan, load(plan, uri))
 
     lo, hi = frontier_range(plan)
@@ -282,6 +290,14 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
         log(f"study: the part's {minutes:g} minutes are up during the frontier search; rerun to resume")
         return False
     return True
+
+
+def frontier_experiments(plan: Plan, ratios: list[float]) -> list[Experiment]:
+    """The experiments of frontier probes at ``ratios``: the frontier cell's overrides with every frontier method
+    as the variants, one per seed, ratio by ratio."""
+    core = dict(cell_experiment(plan).overrides)
+    core["distill.variants"] = plan.frontier["methods"]
+    return [Experiment("frontier", s, r, tuple(sorted(core.items()))) for r in ratios for s in plan.frontier["seeds"]]
 
 
 def cell_experiment(plan: Plan, cell: str | None = None) -> Experiment:

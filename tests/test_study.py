@@ -100,15 +100,19 @@ def fake_row(plan, e, t: int) -> dict:
     return row
 
 
-def test_parts_stop_on_time_and_resume_from_the_records_alone(tmp_path, monkeypatch, params_path):
+def small_plan(tmp_path, monkeypatch, params_path):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(params_path.read_text())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a.db'}")
     plan = study.load_plan("study-fashion", tmp_path / "params.yaml")
     plan.experiments = [e for e in plan.experiments if e.seed in (0, 1)]  # a smaller plan, the same logic
     plan.frontier["seeds"] = [0, 1]
-    ran: list = []
-    clock = [0.0]
+    plan.records.parent.mkdir(parents=True, exist_ok=True)
+    return plan
+
+
+def fake_sweep(monkeypatch, plan, ran: list, clock: list, minutes_each=lambda prefix: 10):
+    """sweep.run_grid replaced: each point appends a fake run to the records and advances the fake clock."""
     monkeypatch.setattr(study, "clock", lambda: clock[0])
 
     def run_grid(grid, extra, jobs, prefix, experiment, log=print):
@@ -121,10 +125,15 @@ def test_parts_stop_on_time_and_resume_from_the_records_alone(tmp_path, monkeypa
             old = F.read_records(plan.records)
             new = pd.DataFrame([fake_row(plan, e, len(old) + len(ran))]).astype(str)
             pd.concat([old.astype(str), new]).to_csv(plan.records, index=False)
-            clock[0] += 600  # ten minutes each
+            clock[0] += 60 * minutes_each(prefix)
         return {}, {}, {}, 0.0
     monkeypatch.setattr(sweep, "run_grid", run_grid)
-    plan.records.parent.mkdir(parents=True, exist_ok=True)
+
+
+def test_parts_stop_on_time_and_resume_from_the_records_alone(tmp_path, monkeypatch, params_path):
+    plan = small_plan(tmp_path, monkeypatch, params_path)
+    ran: list = []
+    fake_sweep(monkeypatch, plan, ran, [0.0])
     assert study.run_part(plan, 25, 1, None, log=lambda m: None) is False
     assert len(ran) == 3 and [r[0] for r in ran] == ["study-core"] * 3  # 0, 10, 20 min started; none after 25
     first = set(ran)
@@ -161,6 +170,23 @@ def test_parts_stop_on_time_and_resume_from_the_records_alone(tmp_path, monkeypa
     assert "## scratch" in text and "## Frontier" in text and "kd reaches" in text
     assert "Not searched yet" not in text and "PRELIMINARY" not in text  # the bisection ran
     assert (tmp_path / "plots" / "frontier.png").exists()
+
+
+def test_a_part_stops_between_the_frontier_probes_seeds_and_resumes_without_rerunning_one(tmp_path, monkeypatch,
+                                                                                         params_path):
+    plan = small_plan(tmp_path, monkeypatch, params_path)
+    ran: list = []
+    fake_sweep(monkeypatch, plan, ran, [0.0], minutes_each=lambda prefix: 10 if prefix == "study-frontier" else 0)
+    assert study.run_part(plan, 5, 1, None, log=lambda m: None) is False  # the cells cost no time here
+    probes = [r for r in ran if r[0] == "study-frontier"]
+    assert [(r[1], r[2]) for r in probes] == [(0, 0.5)]  # the range's low end (2x), seed 0; seed 1 not started
+    assert study.study_probes(plan, study.load(plan, None)) and 0.5 not in {
+        p.ratio for p in study.study_probes(plan, study.load(plan, None))}  # half a probe is no probe
+    assert len(F.read_records(plan.records)) == len(ran)  # the part's last run is in the records already
+    assert study.run_part(plan, 10_000, 1, None, log=lambda m: None) is True
+    points = [(r[1], r[2]) for r in ran if r[0] == "study-frontier"]
+    assert len(points) == len(set(points)) > 2 and points[1] == (1, 0.5)  # seed 1 next; nothing twice
+    assert {p.ratio for p in study.study_probes(plan, study.load(plan, None))} >= {0.5, 0.9, 0.99}
 
 
 def test_a_partial_study_reports_a_preliminary_frontier_on_the_complete_seeds(tmp_path, monkeypatch, params_path):
