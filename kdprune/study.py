@@ -300,6 +300,16 @@ def frontier_experiments(plan: Plan, ratios: list[float]) -> list[Experiment]:
     return [Experiment("frontier", s, r, tuple(sorted(core.items()))) for r in ratios for s in plan.frontier["seeds"]]
 
 
+def frontier_own(plan: Plan, runs: pd.DataFrame) -> list[tuple[Experiment, pd.Series]]:
+    """The frontier search's own experiments that have a finished run: the probes' params (every frontier method
+    in one run) at a ratio that no cell plans, on the frontier's seeds."""
+    planned = {round(e.ratio, 6) for e in plan.experiments}
+    flat, methods = target(plan, frontier_experiments(plan, [0.5])[0])  # matching ignores ratio and seed
+    m = F.matching(runs, flat, methods)
+    ratios = [] if m.empty else sorted(float(r) for r in set(m["ratio"]) if r not in planned)
+    return [(e, r) for e in frontier_experiments(plan, ratios) if (r := run_for(plan, runs, e)) is not None]
+
+
 def cell_experiment(plan: Plan, cell: str | None = None) -> Experiment:
     """A cell's first experiment (default: the frontier's cell, whose params but ratio, seed and variants are
     every probe's)."""
@@ -426,10 +436,18 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
               "a run covers several planned experiments when their params coincide, e.g. the core grid's kd at the "
               f"default alpha and temperature); not run yet: {len(plan.experiments) - len(got)}; results logged "
               f"twice: {dup}.", ""]
-    if got:
+    own = frontier_own(plan, runs)
+    if own:
+        ratios = sorted({e.ratio for e, _ in own})
+        full = [r for r in ratios if sum(e.ratio == r for e, _ in own) == len(plan.frontier["seeds"])]
+        lines += [f"Frontier search's own runs (probes at ratios no cell plans): {len(own)} at {len(ratios)} "
+                  f"ratio(s) ({', '.join(f'{r:g}' for r in ratios)}); complete probes (every seed): {len(full)}; "
+                  f"results logged twice: {sum(duplicates(plan, runs, e) for e, _ in own)}.", ""]
+    if got or own:
         wall = sum((float(r["end_time"]) - float(r["start_time"])) / 1000 for r in
-                   {r["run_id"]: r for _, r in got}.values() if str(r.get("end_time", "")) not in ("", "nan"))
-        lines += [f"Pipeline wall time summed over those runs (MLflow start to end, each the real pipeline time): "
+                   {r["run_id"]: r for _, r in got + own}.values() if str(r.get("end_time", "")) not in ("", "nan"))
+        which = "those runs and the search's" if own else "those runs"
+        lines += [f"Pipeline wall time summed over {which} (MLflow start to end, each the real pipeline time): "
                   f"{wall / 3600:.2f} h.", ""]
     core_cell = plan.experiments[0].cell
     core = cell_runs(plan, runs, core_cell)

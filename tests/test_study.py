@@ -183,10 +183,19 @@ def test_a_part_stops_between_the_frontier_probes_seeds_and_resumes_without_reru
     assert study.study_probes(plan, study.load(plan, None)) and 0.5 not in {
         p.ratio for p in study.study_probes(plan, study.load(plan, None))}  # half a probe is no probe
     assert len(F.read_records(plan.records)) == len(ran)  # the part's last run is in the records already
+    text = study.analyse(plan, study.load(plan, None), tmp_path)[0]
+    assert ("Frontier search's own runs (probes at ratios no cell plans): 1 at 1 ratio(s) (0.5); complete probes "
+            "(every seed): 0; results logged twice: 0.") in text and "over those runs and the search's" in text
     assert study.run_part(plan, 10_000, 1, None, log=lambda m: None) is True
     points = [(r[1], r[2]) for r in ran if r[0] == "study-frontier"]
     assert len(points) == len(set(points)) > 2 and points[1] == (1, 0.5)  # seed 1 next; nothing twice
-    assert {p.ratio for p in study.study_probes(plan, study.load(plan, None))} >= {0.5, 0.9, 0.99}
+    runs = study.load(plan, None)
+    assert {p.ratio for p in study.study_probes(plan, runs)} >= {0.5, 0.9, 0.99}
+    own = study.frontier_own(plan, runs)
+    assert sorted((e.seed, e.ratio) for e, _ in own) == sorted(points)  # every probe run counted, no cell's run
+    again = runs[runs["run_id"] == own[0][1]["run_id"]].assign(run_id="again", start_time="1")
+    text = study.analyse(plan, pd.concat([runs, again]), tmp_path)[0]
+    assert f"{len(points)} at {len(set(p[1] for p in points))} ratio(s)" in text and "logged twice: 1." in text
 
 
 def test_a_partial_study_reports_a_preliminary_frontier_on_the_complete_seeds(tmp_path, monkeypatch, params_path):
