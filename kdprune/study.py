@@ -269,18 +269,20 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
         # one experiment at a time, ratio by ratio, like the cells: the part stops on time between two of them
         # (a batch of 5 seeds x 2 ratios is ~3 h here), the records are rewritten after each, and a resumed
         # part skips the seeds already run (a ratio is a probe once every seed has a run)
+        runs = load(plan, uri)
         for e in frontier_experiments(plan, ratios):
-            if run_for(plan, load(plan, uri), e) is not None:
+            if run_for(plan, runs, e) is not None:
                 continue
             if clock() - t0 > minutes * 60:
                 raise PartOver
             log(f"study: {e.describe()}")
             names, _, _, seconds = sweep.run_grid([(e.seed, e.ratio, e.sets())], [], jobs, "study-frontier",
                                                   plan.experiment, log)
-            ok = run_for(plan, load(plan, uri), e) is not None
+            runs = load(plan, uri)
+            ok = run_for(plan, runs, e) is not None
             log(f"study: {'done' if ok else 'FAILED (see dvc queue logs ' + ', '.join(names.values()) + ')'} "
                 f"in {seconds:.0f} s")
-        return study_probes(plan, load(plan, uri))
+        return study_probes(plan, runs)
 
     lo, hi = frontier_range(plan)
     try:
