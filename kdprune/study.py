@@ -244,6 +244,18 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
     from kdprune import sweep
 
     t0 = clock()
+
+    def run_one(e: Experiment) -> pd.DataFrame:
+        """Run ``e`` as one queued DVC experiment; the runs afterwards (records rewritten)."""
+        log(f"study: {e.describe()}")
+        names, _, _, seconds = sweep.run_grid([(e.seed, e.ratio, e.sets())], [], jobs, f"study-{e.cell}",
+                                              plan.experiment, log)
+        runs = load(plan, uri)
+        ok = run_for(plan, runs, e) is not None
+        log(f"study: {'done' if ok else 'FAILED (see dvc queue logs ' + ', '.join(names.values()) + ')'} "
+            f"in {seconds:.0f} s")
+        return runs
+
     runs = load(plan, uri)
     todo = [e for e in plan.experiments if run_for(plan, runs, e) is None]
     log(f"study {plan.name}: {len(plan.experiments) - len(todo)} of {len(plan.experiments)} experiments done; "
@@ -255,13 +267,7 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
         runs = load(plan, uri)
         if run_for(plan, runs, e) is not None:
             continue
-        log(f"study: {e.describe()}")
-        names, status, counts, seconds = sweep.run_grid([(e.seed, e.ratio, e.sets())], [], jobs, f"study-{e.cell}",
-                                                        plan.experiment, log)
-        runs = load(plan, uri)
-        ok = run_for(plan, runs, e) is not None
-        log(f"study: {'done' if ok else 'FAILED (see dvc queue logs ' + ', '.join(names.values()) + ')'} "
-            f"in {seconds:.0f} s")
+        runs = run_one(e)
     # the frontier probes: bisection between the cells' range, on the frontier's seeds
     fr = plan.frontier
 
@@ -275,13 +281,7 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
                 continue
             if clock() - t0 > minutes * 60:
                 raise PartOver
-            log(f"study: {e.describe()}")
-            names, _, _, seconds = sweep.run_grid([(e.seed, e.ratio, e.sets())], [], jobs, "study-frontier",
-                                                  plan.experiment, log)
-            runs = load(plan, uri)
-            ok = run_for(plan, runs, e) is not None
-            log(f"study: {'done' if ok else 'FAILED (see dvc queue logs ' + ', '.join(names.values()) + ')'} "
-                f"in {seconds:.0f} s")
+            runs = run_one(e)
         return study_probes(plan, runs)
 
     lo, hi = frontier_range(plan)
