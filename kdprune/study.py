@@ -272,7 +272,7 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
     fr = plan.frontier
 
     def run_batch(ratios: list[float]) -> list[F.Probe]:
-        # one experiment at a time, ratio by ratio, like the cells: the part stops on time between two of them
+        # one experiment at a time, seed by seed, like the cells: the part stops on time between two of them
         # (a batch of 5 seeds x 2 ratios is ~3 h here), the records are rewritten after each, and a resumed
         # part skips the seeds already run (a ratio is a probe once every seed has a run)
         runs = load(plan, uri)
@@ -296,10 +296,11 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
 
 def frontier_experiments(plan: Plan, ratios: list[float]) -> list[Experiment]:
     """The experiments of frontier probes at ``ratios``: the frontier cell's overrides with every frontier method
-    as the variants, one per seed, ratio by ratio."""
+    as the variants, seed by seed like the cells: a part that runs only some of a batch (two ratios are ~3 h here)
+    then needs fewer seeds' teachers, each ~15 minutes to train where the run-cache lacks it (a fresh machine)."""
     core = dict(cell_experiment(plan).overrides)
     core["distill.variants"] = plan.frontier["methods"]
-    return [Experiment("frontier", s, r, tuple(sorted(core.items()))) for r in ratios for s in plan.frontier["seeds"]]
+    return [Experiment("frontier", s, r, tuple(sorted(core.items()))) for s in plan.frontier["seeds"] for r in ratios]
 
 
 def frontier_own(plan: Plan, runs: pd.DataFrame) -> list[tuple[Experiment, pd.Series]]:

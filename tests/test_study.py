@@ -186,6 +186,8 @@ def test_a_part_stops_between_the_frontier_probes_seeds_and_resumes_without_reru
     text = study.analyse(plan, study.load(plan, None), tmp_path)[0]
     assert ("Frontier search's own runs (probes at ratios no cell plans): 1 at 1 ratio(s) (0.5); complete probes "
             "(every seed): 0; results logged twice: 0.") in text and "over those runs and the search's" in text
+    assert [(e.seed, e.ratio) for e in study.frontier_experiments(plan, [0.8, 0.95])][:3] == [
+        (0, 0.8), (0, 0.95), (1, 0.8)]  # a batch runs seed by seed: each seed's teacher is needed once
     assert study.run_part(plan, 10_000, 1, None, log=lambda m: None) is True
     points = [(r[1], r[2]) for r in ran if r[0] == "study-frontier"]
     assert len(points) == len(set(points)) > 2 and points[1] == (1, 0.5)  # seed 1 next; nothing twice
