@@ -28,7 +28,10 @@ every method: variants are trained independently, each from the same seed). A me
 
 The estimate and its interval. Between the last passing probe and the first failing one, the mean
 accuracy is interpolated linearly in log-compression, and the frontier is where it crosses
-``teacher - budget``. The bracket ``[low, high]`` is a 95 % percentile bootstrap over seeds: the seeds are
+``teacher - budget``. Each run is judged against its own teacher: a probe whose teacher differs from its seed's
+other teachers (a teacher retrained on another CPU type or thread count is not bit-identical) has that difference
+taken off its accuracies first (:func:`levelled`); with one teacher per seed, as on one machine, nothing changes.
+The bracket ``[low, high]`` is a 95 % percentile bootstrap over seeds: the seeds are
 resampled with replacement (the same draw for every probe and the teacher, as the runs are paired by seed),
 the estimate is recomputed, 2000 times, seeded. A frontier beyond the probed range is reported as
 ``>= C`` (or ``< C``): the data says no more than that.
@@ -355,6 +358,29 @@ def _crossing(us: np.ndarray, cs: np.ndarray, means: np.ndarray, threshold: floa
     return a, b, math.exp(log_c), ""
 
 
+def levelled(probes: list[Probe], method: str) -> tuple[np.ndarray, np.ndarray]:
+    """``method``'s accuracies (probes x seeds) judged against each run's own teacher, and each seed's teacher.
+
+    A seed's teacher is the mean of its probes' teachers; a run whose teacher differs from it by d has d taken off
+    its accuracy, so the loss from its own teacher is kept: accuracy - own teacher + the seed's teacher. A
+    teacher is the same at every ratio when the run-cache restored it, but one retrained on another CPU type or
+    thread count differs (here: 93.28 vs 93.07 % for one seed), and a probe run there would otherwise gain or
+    lose that difference against the budget. With one teacher per seed this returns the accuracies unchanged."""
+    acc = np.stack([p.acc[method] for p in probes]).astype(float)
+    teachers = np.stack([p.teacher for p in probes]).astype(float)
+    teacher = teachers.mean(axis=0)
+    same = np.isclose(teachers, teacher, rtol=0, atol=1e-9)
+    return np.where(same, acc, acc - (teachers - teacher)), teacher
+
+
+def teacher_spread(probes: list[Probe]) -> float:
+    """The largest difference, in points, between a run's teacher and its seed's teacher (0: one per seed)."""
+    if not probes:
+        return 0.0
+    teachers = np.stack([p.teacher for p in probes]).astype(float)
+    return float(np.abs(teachers - teachers.mean(axis=0)).max())
+
+
 def frontier(probes: list[Probe], method: str, budget: float, bootstrap: int = BOOTSTRAP,
              rng_seed: int = 0) -> Frontier:
     """The frontier of one method at one budget from the probes so far (sorted by ratio)."""
@@ -362,8 +388,7 @@ def frontier(probes: list[Probe], method: str, budget: float, bootstrap: int = B
         return Frontier(method, budget, float("nan"), None, None, float("nan"), "")
     us = np.array([p.u for p in probes])
     cs = np.array([p.compression for p in probes])
-    acc = np.stack([p.acc[method] for p in probes])  # probes x seeds
-    teacher = np.mean([p.teacher for p in probes], axis=0)  # per seed (the same teacher at every ratio)
+    acc, teacher = levelled(probes, method)  # probes x seeds; per seed
     threshold = float(teacher.mean()) - budget
     a, b, est, cens = _crossing(us, cs, acc.mean(axis=1), threshold)
     result = Frontier(method, budget, threshold, probes[a] if a >= 0 else None, probes[b] if b >= 0 else None,
@@ -483,6 +508,7 @@ def markdown(probes: list[Probe], fronts: list[Frontier], methods: list[str], bu
               "log-compression between the last probe within the budget and the first one below it, crosses "
               "`teacher - budget`. The bracket: 95 % percentile bootstrap over seeds (seeds resampled with "
               f"replacement, the same draw for every probe and the teacher; {BOOTSTRAP} draws).", "",
+              teachers_note(probes), "",
               "| budget (pt) | method | frontier | 95 % bootstrap | last probe within | first probe below |",
               "|---|---|---|---|---|---|"]
     for f in fronts:
@@ -499,6 +525,16 @@ def markdown(probes: list[Probe], fronts: list[Frontier], methods: list[str], bu
         lines.append(f"| {p.ratio:g} | {fmt_c(p.compression)} | {p.mac_reduction:.2f}x | {p.teacher.mean():.2f} | "
                      + " | ".join(cells) + f" | {len(p.seeds)} |")
     return "\n".join(lines) + "\n"
+
+
+def teachers_note(probes: list[Probe]) -> str:
+    spread = teacher_spread(probes)
+    if spread == 0:
+        return "Teachers: each seed had one teacher at every probe (the loss is measured from it)."
+    return (f"Teachers: some runs' teachers differ from their seed's other teachers, by up to {spread:.2f} pt "
+            "(a teacher retrained on another CPU type or thread count is not bit-identical), so each run is judged "
+            "against its own teacher: its accuracy minus its teacher's difference from the seed's mean teacher. "
+            "The frontier and the plot use these levelled accuracies; the table below gives the raw ones.")
 
 
 def plot(probes: list[Probe], fronts: list[Frontier], methods: list[str], budgets: list[float], path: Path,
@@ -518,12 +554,13 @@ def plot(probes: list[Probe], fronts: list[Frontier], methods: list[str], budget
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4), dpi=100, layout="constrained", width_ratios=[1.15, 1])
     cs = np.array([p.compression for p in probes])
     teacher = float(np.mean([p.teacher.mean() for p in probes]))
-    lows = [np.stack([p.acc[m] for p in probes]).mean(axis=1).min() for m in methods]
+    levels = {m: levelled(probes, m)[0] for m in methods}  # the accuracies the frontier judges (frontier())
+    lows = [levels[m].mean(axis=1).min() for m in methods]
     ranges = [(max(0.0, min(min(lows), teacher - max(budgets)) - 2), min(100.0, teacher + 1)),
               (max(0.0, teacher - max(budgets) - 1), min(100.0, teacher + 0.5))]
     for ax, (lo, hi), zoom in zip(axes, ranges, (False, True)):
         for m in methods:
-            acc = np.stack([p.acc[m] for p in probes])
+            acc = levels[m]
             mean = acc.mean(axis=1)
             n = acc.shape[1]
             half = (stats.t.ppf(0.975, n - 1) * acc.std(axis=1, ddof=1) / math.sqrt(n) if n > 1
@@ -550,7 +587,7 @@ def plot(probes: list[Probe], fronts: list[Frontier], methods: list[str], budget
         ax.set_xlabel("compression (teacher params / non-zero student params, log scale)", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         ax.set_title("within the budgets (zoom)" if zoom else "all probes", fontsize=9)
-    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_ylabel("test accuracy (%)" + (", levelled to each seed's teacher" if teacher_spread(probes) else ""))
     axes[0].plot([], [], marker="D", color="w", markeredgecolor="k", linestyle="none", label="frontier (per budget)")
     axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle(title, fontsize=10)

@@ -500,7 +500,7 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
                   f"bracket is a 95 % seed-bootstrap interval). The probes run the {cell} cell's params: kd "
                   f"at {kd}; a probe's finetune may come from the run of the same seed and ratio at other KD "
                   f"settings (fine-tuning reads none of them), when both report the same teacher and compression."
-                  f"{note}", ""]
+                  f"{note}", "", F.teachers_note(probes), ""]
         files += ffiles
     text = "\n".join(lines) + "\n"
     io.write_text(files[0], text)

@@ -96,6 +96,21 @@ def test_bootstrap_bracket_is_seeded_and_widens_with_noise():
     assert loud.interval[1] - loud.interval[0] > quiet.interval[1] - quiet.interval[0]
 
 
+def test_each_run_is_judged_against_its_own_teacher():
+    probes = [fake_probe(r, [0, 1, 2]) for r in (0.5, 0.8, 0.9, 0.95, 0.98)]
+    base = {b: F.frontier(probes, "kd", b) for b in (0.5, 1.0)}
+    # the 0.95 probe's seeds 0 and 2 ran on another CPU: teachers 0.4 pt better, and their students with them
+    shift = np.array([0.4, 0.0, 0.4])
+    probes[3].teacher = probes[3].teacher + shift
+    probes[3].acc = {m: a + shift for m, a in probes[3].acc.items()}
+    for b, f0 in base.items():  # the frontier 5 * e^sqrt(b / 0.5) (13.6x, 20.6x) is bracketed by the 0.95 probe
+        f = F.frontier(probes, "kd", b)
+        assert f.estimate == pytest.approx(f0.estimate) and f.interval == pytest.approx(f0.interval)
+        assert (f.lo.ratio, f.hi.ratio) == (f0.lo.ratio, f0.hi.ratio)
+    assert "by up to 0.32 pt" in F.markdown(probes, [F.frontier(probes, "kd", 1.0)], ["kd"], [1.0], "t")
+    assert "each seed had one teacher at every probe" in F.markdown(probes[:3], [], ["kd"], [1.0], "t")
+
+
 @pytest.mark.parametrize("logged,target,same", [
     ("0.05", 0.05, True), ("5", 5, True), ("2.0", 2, True), ("2", 2.0, True), ("0.5", 0.05, False),
     ("None", None, True), ("True", True, True), ("False", True, False), ("['kd', 'finetune']", ["kd", "finetune"], True),
