@@ -534,7 +534,7 @@ def teachers_note(probes: list[Probe]) -> str:
     return (f"Teachers: some runs' teachers differ from their seed's other teachers, by up to {spread:.2f} pt "
             "(a teacher retrained on another CPU type or thread count is not bit-identical), so each run is judged "
             "against its own teacher: its accuracy minus its teacher's difference from the seed's mean teacher. "
-            "The frontier and the plot use these levelled accuracies; the table below gives the raw ones.")
+            "The frontier and the plot use these levelled accuracies; the probe table keeps the raw ones.")
 
 
 def plot(probes: list[Probe], fronts: list[Frontier], methods: list[str], budgets: list[float], path: Path,
