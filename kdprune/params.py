@@ -338,6 +338,7 @@ MAX_EPOCHS = 10_000
 MAX_BATCH = 65_536
 MAX_LR = 10.0
 MAX_WEIGHT_DECAY = 0.1
+MAX_MIN_LAYER_DENSITY = 0.5  # prune.min_layer_density: a layer floor above half its weights is not pruning it
 
 
 @dataclass(frozen=True)
@@ -381,6 +382,7 @@ class PruneParams:
     target_macs_reduction: float | None = None  # channel: prune in steps until MACs fall by this factor (not ratio)
     include_first_conv: bool = True  # magnitude only: l1_filter never prunes the stem, residual path or fc
     include_last_fc: bool = True
+    min_layer_density: float = 0.0  # magnitude only: every prunable layer keeps at least this fraction of its weights
     schedule: Literal["oneshot", "agp"] = "oneshot"  # agp: reach the ratio gradually during recovery
     agp_steps: int = 8  # number of pruning updates of the AGP schedule
     agp_end: float = 0.5  # fraction of the recovery steps by which AGP reaches the target sparsity
@@ -388,6 +390,16 @@ class PruneParams:
     def validate(self, p: str) -> None:
         _check(0 <= self.ratio < 1, f"{p}.ratio", self.ratio,
                "must be in [0, 1) (magnitude: fraction of prunable weights removed; l1_filter: fraction of filters)")
+        _check(_in(0, self.min_layer_density, MAX_MIN_LAYER_DENSITY), f"{p}.min_layer_density", self.min_layer_density,
+               f"must be in [0, {MAX_MIN_LAYER_DENSITY}] (the fraction of its weights every prunable layer keeps; "
+               "0 = only its largest one)")
+        if self.min_layer_density > 0:
+            _check(self.method == "magnitude", f"{p}.min_layer_density", self.min_layer_density,
+                   f"applies to {p}.method: magnitude only (l1_filter and channel keep every layer's structure); "
+                   "set it to 0")
+            _check(self.min_layer_density <= 1 - self.ratio, f"{p}.min_layer_density", self.min_layer_density,
+                   f"must be at most 1 - {p}.ratio = {1 - self.ratio:g}: the floors alone would keep more weights than "
+                   f"ratio {self.ratio:g} leaves")
         _check(self.schedule == "oneshot" or self.method == "magnitude", f"{p}.schedule", self.schedule,
                f"'agp' needs {p}.method: magnitude (gradual pruning of masks; l1_filter and channel remove "
                "channels once)")

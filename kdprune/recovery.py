@@ -75,4 +75,5 @@ def starting_point(variant: str, params, pruned: nn.Module, masks: Masks | None,
 
 def agp_schedule(params, total_steps: int) -> AGPSchedule:
     p = params.prune
-    return AGPSchedule(p.ratio, p.agp_steps, p.agp_end, total_steps, p.include_first_conv, p.include_last_fc)
+    return AGPSchedule(p.ratio, p.agp_steps, p.agp_end, total_steps, p.include_first_conv, p.include_last_fc,
+                       p.min_layer_density)

@@ -91,7 +91,8 @@ def test_repro_then_exp_run_reuses_teacher_and_logs_two_runs(tmp_path, venv_bin)
     assert "Running stage" not in out
     assert len(mlflow_runs(repo)) == 1
 
-    out = dvc(repo, env, "exp", "run", "-S", "prune.ratio=0.95")
+    # with a per-layer floor (prune.min_layer_density): the ratio stays exact, no layer falls below 2 %
+    out = dvc(repo, env, "exp", "run", "-S", "prune.ratio=0.95", "-S", "prune.min_layer_density=0.02")
     assert "Stage 'train_teacher' didn't change" in out and "Running stage 'train_teacher'" not in out
     assert "Running stage 'prune'" in out and "Running stage 'distill'" in out
     assert lock_md5(repo, "train_teacher", "models/teacher.pt") == teacher_md5
@@ -100,6 +101,7 @@ def test_repro_then_exp_run_reuses_teacher_and_logs_two_runs(tmp_path, venv_bin)
     assert second["compression_ratio"] > first["compression_ratio"]
     assert second["nonzero_params_kd"] < first["nonzero_params_kd"]
     assert second["acc_teacher"] == first["acc_teacher"]
+    assert second["min_layer_density_pruned"] >= 0.02 > 0 < first["min_layer_density_pruned"] <= 0.5
 
     runs = mlflow_runs(repo)
     assert sorted(r.data.params["prune.ratio"] for r in runs) == ["0.5", "0.95"]
@@ -107,6 +109,7 @@ def test_repro_then_exp_run_reuses_teacher_and_logs_two_runs(tmp_path, venv_bin)
     assert by_ratio["0.95"].data.metrics["prunable_compression_ratio"] == pytest.approx(20.0, rel=1e-3)
     assert by_ratio["0.95"].data.tags["dvc_exp_name"]  # named after the DVC experiment
     assert by_ratio["0.95"].data.params["model.width"] == "4"
+    assert by_ratio["0.95"].data.params["prune.min_layer_density"] == "0.02"
     for r in runs:
         assert {"acc_teacher", "acc_kd", "acc_finetune", "acc_pruned", "compression_ratio"} <= set(r.data.metrics)
 

@@ -78,12 +78,28 @@ def test_repo_params_are_valid(tmp_path):
     ("runtime.nproc_per_node", 3, "divisible by runtime.nproc_per_node = 3"),  # teacher.batch_size 256
     ("evaluate.batch_size", 0, "[1, 65536]"),
     ("mlflow.experiment", " ", "non-empty"),
+    ("prune.min_layer_density", float("nan"), "finite number"),
+    ("prune.min_layer_density", float("inf"), "finite number"),
+    ("prune.min_layer_density", -0.01, "[0, 0.5]"),
+    ("prune.min_layer_density", 0.6, "[0, 0.5]"),
+    ("prune.min_layer_density", "0.1", "must be a number"),
+    ("prune.min_layer_density", True, "must be a number"),
+    ("prune.min_layer_density", 0.3, "at most 1 - prune.ratio = 0.2"),  # ratio 0.8: the floors would keep 30 %
 ])
 def test_bad_values_name_key_value_and_rule(key, value, needle):
     with pytest.raises(ParamsError) as e:
         params_from_dict(with_value(key, value))
     msg = str(e.value)
     assert key in msg and repr(value) in msg and needle in msg, msg
+
+
+@pytest.mark.parametrize("method", ["l1_filter", "channel"])
+def test_min_layer_density_is_refused_for_structured_pruning(method):
+    raw = params_with("prune.min_layer_density", 0.1, params_with("prune.method", method, BASE))
+    with pytest.raises(ParamsError, match=r"prune.min_layer_density = 0.1 is invalid: applies to prune.method: "
+                                          "magnitude only"):
+        params_from_dict(raw)
+    assert params_from_dict(params_with("prune.min_layer_density", 0, raw)).prune.min_layer_density == 0
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist", "mnist", "cifar10", "cifar100", "svhn"])

@@ -5,8 +5,8 @@ import torch.nn as nn
 from kdprune.data import TensorLoader
 from kdprune.models import build_model, resnet_spec
 from kdprune.params import DistillParams, RuntimeParams
-from kdprune.pruning import (apply_masks, compression_ratio, count_params, count_prunable,
-                             global_magnitude_masks, prunable_modules)
+from kdprune.pruning import (AGPSchedule, apply_masks, compression_ratio, count_params, count_prunable,
+                             global_magnitude_masks, layer_floor, prunable_modules, sparsest_layer)
 from kdprune.train import fit
 
 
@@ -128,3 +128,54 @@ def test_impossible_ratio_leaves_one_weight_per_layer():
     for name, p in model.named_parameters():
         if name in masks:
             assert p.detach().abs().view(-1)[masks[name].view(-1)].item() == p.detach().abs().max().item()
+
+
+def floor_reference(model: nn.Module, ratio: float, d: float) -> dict[str, torch.Tensor]:
+    """prune.min_layer_density one weight at a time: every layer first keeps its ceil(d * n) largest |w|; then
+    the globally smallest of the rest go, one by one, until round(ratio * N) are gone or none is left."""
+    weights = {f"{n}.weight": m.weight.detach().abs().reshape(-1) for n, m in prunable_modules(model)}
+    keep = {n: torch.zeros_like(w, dtype=torch.bool) for n, w in weights.items()}
+    for n, w in weights.items():
+        for i in sorted(range(len(w)), key=lambda i: -float(w[i]))[:layer_floor(len(w), d)]:
+            keep[n][i] = True
+    rest = sorted((float(w[i]), n, i) for n, w in weights.items() for i in range(len(w)) if not keep[n][i])
+    amount = round(ratio * sum(len(w) for w in weights.values()))
+    masks = {n: torch.ones_like(k) for n, k in keep.items()}
+    for _, n, i in rest[:amount]:
+        masks[n][i] = False
+    return masks
+
+
+@pytest.mark.parametrize("seed,ratio,d", [(0, 0.9, 0.05), (1, 0.95, 0.02), (2, 0.99, 0.005), (3, 0.98, 0.01),
+                                          (4, 0.5, 0.3)])
+def test_min_layer_density_keeps_each_layers_floor_and_the_exact_ratio(seed, ratio, d):
+    model = small_model(seed)
+    masks = global_magnitude_masks(model, ratio, min_layer_density=d)
+    ref = floor_reference(model, ratio, d)
+    assert all(torch.equal(masks[n].reshape(-1), ref[n]) for n in masks)  # the vectorised code = the reference
+    total, _ = count_prunable(model)
+    assert sum(int((~m).sum()) for m in masks.values()) == round(ratio * total)  # still exactly the ratio
+    for n, m in masks.items():
+        assert int(m.sum()) >= layer_floor(m.numel(), d), n
+    plain = global_magnitude_masks(model, ratio)
+    if ratio >= 0.95:  # global ranking alone leaves some layer below the floor; the floor lifts it
+        assert min(int(m.sum()) / m.numel() for m in plain.values()) < d
+    apply_masks(model, masks)
+    assert sparsest_layer(model) >= d
+
+
+def test_min_layer_density_zero_is_the_one_weight_floor_and_floors_beyond_the_ratio_keep_only_the_floors():
+    model = small_model()
+    assert all(torch.equal(a, b) for a, b in zip(global_magnitude_masks(model, 0.99).values(),
+                                                 global_magnitude_masks(model, 0.99, min_layer_density=0).values()))
+    masks = global_magnitude_masks(model, 0.9, min_layer_density=0.2)  # the floors keep 20 %: 10 % cannot be met
+    assert all(int(m.sum()) == layer_floor(m.numel(), 0.2) for m in masks.values())
+    assert layer_floor(30, 0.1) == 3 and layer_floor(5, 0.5) == 3 and layer_floor(1, 0.01) == 1
+
+
+def test_agp_updates_keep_the_floor():
+    model = small_model()
+    schedule = AGPSchedule(0.99, 2, 1.0, 10, min_layer_density=0.02)
+    for step in sorted(schedule.at):
+        masks = schedule.masks_at(model, step)
+        assert all(int(m.sum()) >= layer_floor(m.numel(), 0.02) for m in masks.values())
