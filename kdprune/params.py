@@ -297,6 +297,7 @@ class RuntimeParams:
     bf16: bool = False  # bf16 autocast for training forward passes (CPU or CUDA)
     channels_last: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch.cuda.is_available(), else cpu
+    deterministic: bool = True  # CUDA only: bit-identical runs (no cuDNN benchmarking, deterministic kernels)
     nproc_per_node: int = 1  # > 1: teacher and distill train with DDP in this many processes (torchrun)
     # --- multi-node DDP (torchrun's c10d rendezvous; kdprune/distributed.py) ---
     nnodes: int = 1  # machines in one training job, each running the stage with the same params

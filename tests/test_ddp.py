@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from kdprune import distributed, io, stage
+from kdprune import distributed, io, stage, train
 from kdprune.data import TensorLoader
 from kdprune.measure import accuracy, dense_macs
 from kdprune.models import build_model, resnet_spec
@@ -81,6 +81,42 @@ def test_relaunch_checks_the_device_before_starting_processes(monkeypatch, no_to
     (exe, cmd, env), = launched
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3"]
     assert "OMP_NUM_THREADS" in env
+
+
+@pytest.fixture
+def cuda_flags():
+    """Restore the global cuDNN and determinism flags that setup_runtime sets on CUDA."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+    torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cuda_runs_are_deterministic_unless_switched_off(monkeypatch, no_torchrun, one_thread, cuda_flags,
+                                                         deterministic):
+    fake_cuda(monkeypatch, 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    rt = RuntimeParams(device="cuda", threads=1, deterministic=deterministic)
+    assert setup_runtime(rt, 0, log=None) == torch.device("cuda", 0)
+    assert torch.backends.cudnn.benchmark is not deterministic and torch.backends.cudnn.deterministic is deterministic
+    assert torch.are_deterministic_algorithms_enabled() is deterministic
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (train.CUBLAS_WORKSPACE if deterministic else None)
+    if deterministic:
+        assert torch.is_deterministic_algorithms_warn_only_enabled()  # an op without such a kernel warns, no crash
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own choice is kept
+        setup_runtime(rt, 0, log=None)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_the_cpu_path_sets_no_cuda_flags(monkeypatch, no_torchrun, one_thread, cuda_flags):
+    fake_cuda(monkeypatch, 0)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.use_deterministic_algorithms(False)
+    assert setup_runtime(RuntimeParams(threads=1, deterministic=True), 0, log=None) == torch.device("cpu")
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
 
 def test_setup_runtime_returns_cpu_and_splits_cores(monkeypatch, no_torchrun, one_thread):

@@ -78,6 +78,7 @@ def test_repo_params_are_valid(tmp_path):
     ("runtime.nproc_per_node", 3, "divisible by runtime.nproc_per_node = 3"),  # teacher.batch_size 256
     ("evaluate.batch_size", 0, "[1, 65536]"),
     ("mlflow.experiment", " ", "non-empty"),
+    ("runtime.deterministic", "yes", "true or false"),
     ("prune.min_layer_density", float("nan"), "finite number"),
     ("prune.min_layer_density", float("inf"), "finite number"),
     ("prune.min_layer_density", -0.01, "[0, 0.5]"),
