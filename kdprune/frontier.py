@@ -37,7 +37,8 @@ the estimate is recomputed, 2000 times, seeded. A frontier beyond the probed ran
 ``>= C`` (or ``< C``): the data says no more than that.
 
 Output: ``metrics/frontier.csv`` and ``metrics/frontier.md`` (every probe: ratio, compression, MAC
-reduction, per-method mean ± std and n, run ids; the .md also the headline and the frontier per budget and
+reduction, per-method mean ± std and n, the first method minus each other one paired by seed with its 95 % t
+interval (unadjusted), run ids; the .md also the headline and the frontier per budget and
 method, which ``metrics/frontier_points.csv`` holds as numbers),
 ``plots/frontier.png``, and a summary run in the MLflow experiment ``<experiment>-reports``.
 """
@@ -476,6 +477,20 @@ def headline(fronts: list[Frontier], teacher: float, budget: float) -> str:
     return f"within {budget:g} pt of the teacher ({teacher:.2f} %): " + ", ".join(parts)
 
 
+def paired_gap(p: Probe, a: str, b: str) -> tuple[float, float, float]:
+    """``a`` − ``b`` at one probe, paired by seed (same teacher, mask and batch order): the mean difference and its
+    95 % t interval, not adjusted for the number of probes (nan bounds below 2 seeds). Levelling by the teacher
+    cancels in a difference of the same seed's runs."""
+    from kdprune.report import t_interval
+
+    return t_interval(list(np.asarray(p.acc[a], float) - np.asarray(p.acc[b], float)))
+
+
+def gap_pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """The paired differences the tables show: the first method against each other one."""
+    return [(methods[0], m) for m in methods[1:]]
+
+
 def probe_table(probes: list[Probe], methods: list[str]) -> pd.DataFrame:
     rows = []
     for p in probes:
@@ -485,6 +500,10 @@ def probe_table(probes: list[Probe], methods: list[str]) -> pd.DataFrame:
             row[f"{m}_mean"] = round(float(p.acc[m].mean()), 3)
             row[f"{m}_std"] = round(float(p.acc[m].std(ddof=1)), 3) if len(p.seeds) > 1 else float("nan")
             row[f"{m}_n"] = len(p.seeds)
+        for a, b in gap_pairs(methods):
+            gap = paired_gap(p, a, b)
+            for k, v in zip(("", "_ci95_low", "_ci95_high"), gap):
+                row[f"{a}_minus_{b}{k}"] = round(v, 3)
         row["seeds"] = " ".join(map(str, p.seeds))
         row["run_ids"] = " ".join(p.run_ids)
         rows.append(row)
@@ -516,12 +535,19 @@ def markdown(probes: list[Probe], fronts: list[Frontier], methods: list[str], bu
         lines.append(f"| {f.budget:g} | {f.method} | {('>= ' if f.censored == '>=' else '< ' if f.censored else '')}"
                      f"{fmt_c(f.estimate)} | {ci} | {fmt_c(f.lo.compression) if f.lo else '-'} | "
                      f"{fmt_c(f.hi.compression) if f.hi else '-'} |")
-    lines += ["", "Every probe (test accuracy %, mean ± std over seeds):", "",
+    pairs = gap_pairs(methods)
+    lines += ["", "Every probe (test accuracy %, mean ± std over seeds"
+              + ("; a − b: the paired difference by seed in points, with its 95 % t interval, not adjusted for the "
+                 "number of probes" if pairs else "") + "):", "",
               "| prune ratio | compression (params) | MAC reduction | teacher | "
-              + " | ".join(methods) + " | n |", "|---|---|---|---|" + "---|" * len(methods) + "---|"]
+              + " | ".join(methods + [f"{a} − {b} (95 % CI)" for a, b in pairs]) + " | n |",
+              "|---|---|---|---|" + "---|" * (len(methods) + len(pairs)) + "---|"]
     for p in probes:
         cells = [f"{p.acc[m].mean():.2f} ± {p.acc[m].std(ddof=1):.2f}" if len(p.seeds) > 1 else f"{p.acc[m].mean():.2f}"
                  for m in methods]
+        for a, b in pairs:
+            mean, lo, hi = paired_gap(p, a, b)
+            cells.append(f"{mean:+.2f}" + ("" if math.isnan(lo) else f" [{lo:+.2f}, {hi:+.2f}]"))
         lines.append(f"| {p.ratio:g} | {fmt_c(p.compression)} | {p.mac_reduction:.2f}x | {p.teacher.mean():.2f} | "
                      + " | ".join(cells) + f" | {len(p.seeds)} |")
     return "\n".join(lines) + "\n"

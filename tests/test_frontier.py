@@ -111,6 +111,22 @@ def test_each_run_is_judged_against_its_own_teacher():
     assert "each seed had one teacher at every probe" in F.markdown(probes[:3], [], ["kd"], [1.0], "t")
 
 
+def test_probes_show_the_paired_gap_between_methods_with_its_interval():
+    probe = F.Probe(0.9, [0, 1, 2], {"kd": np.array([91.0, 92.0, 93.0]), "finetune": np.array([90.5, 91.0, 93.3])},
+                    np.full(3, TEACHER), 10.0, 1.0, ["a", "b", "c"])
+    # differences +0.5, +1.0, -0.3: mean 0.4, sd 0.6557, t(0.975, 2) = 4.3027 -> half-width 1.6289
+    row = F.probe_table([probe], ["kd", "finetune"]).iloc[0]
+    assert row["kd_minus_finetune"] == pytest.approx(0.4, abs=1e-3)
+    assert (row["kd_minus_finetune_ci95_low"], row["kd_minus_finetune_ci95_high"]) == pytest.approx(
+        (0.4 - 1.629, 0.4 + 1.629), abs=2e-3)
+    md = F.markdown([probe], [], ["kd", "finetune"], [1.0], "t")
+    assert "| kd − finetune (95 % CI) | n |" in md and "| +0.40 [-1.23, +2.03] | 3 |" in md
+    assert "−" not in F.markdown([probe], [], ["kd"], [1.0], "t").split("Every probe")[1]  # one method: no gap
+    one = F.Probe(0.9, [0], {"kd": np.array([91.0]), "finetune": np.array([90.0])}, np.full(1, TEACHER), 10.0, 1.0,
+                  ["a"])
+    assert "| +1.00 | 1 |" in F.markdown([one], [], ["kd", "finetune"], [1.0], "t")  # no interval from one seed
+
+
 @pytest.mark.parametrize("logged,target,same", [
     ("0.05", 0.05, True), ("5", 5, True), ("2.0", 2, True), ("2", 2.0, True), ("0.5", 0.05, False),
     ("None", None, True), ("True", True, True), ("False", True, False), ("['kd', 'finetune']", ["kd", "finetune"], True),
