@@ -116,11 +116,16 @@ def cpu_seconds(params: Params, cores: int) -> float:
     return passes * images * forward / (CPU_GFLOPS_PER_CORE * 1e9 * max(1, cores))
 
 
-def cpu_warning(name: str, params: Params) -> str | None:
-    """A warning when a preset meant for a GPU (``runtime.device`` not 'cpu') would run on the CPU here."""
+def cpu_warning(name: str, params: Params, overrides: dict[str, Any] | None = None) -> str | None:
+    """A warning when a preset meant for a GPU would run on the CPU here.
+
+    A preset is meant for a GPU when its own params set ``runtime.device`` to something other than 'cpu' (the
+    paper presets say ``auto``); one that leaves the device alone, like ``study-fashion``, was sized for this CPU.
+    ``overrides``: the preset's own params, flattened; None judges by the merged ``params`` alone."""
     import torch
 
-    if params.runtime.device == "cpu" or torch.cuda.is_available():
+    device = params.runtime.device if overrides is None else overrides.get("runtime.device", "cpu")
+    if device == "cpu" or torch.cuda.is_available():
         return None
     cores = params.runtime.threads or os.cpu_count() or 1
     hours = cpu_seconds(params, cores) / 3600
@@ -154,7 +159,15 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--queue", action="store_true", help="queue it (dvc queue start runs it)")
             sp.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
             sp.add_argument("extra", nargs="*", help="more dvc exp run arguments, after -- (optional)")
-    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # everything after the first "--" goes to dvc exp run as it is, wherever the options stood before it
+    # (argparse alone rejects `run NAME --dry-run -- ARGS`: its positionals are matched before the options)
+    tail = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = ap.parse_args(argv[:len(argv) - len(tail) - 1] if "--" in argv else argv)
+    if tail and args.cmd != "run":
+        ap.error(f"{args.cmd} takes no dvc exp run arguments after --")
+    if args.cmd == "run":
+        args.extra = list(args.extra) + tail
     try:
         if args.cmd == "list":
             for n in available():
@@ -169,13 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(params.to_dict(), indent=2))
         print(shlex.join(cmd))
         return 0
-    warning = cpu_warning(args.name, params)
+    warning = cpu_warning(args.name, params, overrides)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     print(shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
-    return subprocess.call(cmd)
+    try:
+        return subprocess.call(cmd)
+    except FileNotFoundError:
+        print("error: dvc is not on PATH: run it as ./run.sh preset NAME (which uses the project's .venv), or "
+              "activate the environment that has dvc (. .venv/bin/activate)", file=sys.stderr)
+        return 127
 
 
 if __name__ == "__main__":

@@ -75,6 +75,29 @@ def test_cli_dry_run_and_errors(tmp_path):
     assert r.returncode == 2 and "unknown preset 'cifar1000'" in r.stderr and "svhn-resnet110" in r.stderr
 
 
+def test_options_before_the_double_dash_and_dvc_args_after_it(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # the README's order: NAME, then the options, then -- and dvc exp run's own arguments (argparse alone refused it)
+    assert presets.main(["run", "study-fashion", "--queue", "--dry-run", "--", "-S", "seed=1", "--temp"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("dvc exp run -n study-fashion --queue -S ") and out.rstrip().endswith("-S seed=1 --temp")
+    assert err == ""  # study-fashion leaves runtime.device alone: sized for the CPU, no GPU warning
+    assert presets.main(["run", "cifar10-resnet20", "--dry-run", "--"]) == 0  # an empty tail
+    out, err = capsys.readouterr()
+    assert out.startswith("dvc exp run -n cifar10-resnet20 -S ") and " --" not in out and "meant for a GPU" in err
+    with pytest.raises(SystemExit):
+        presets.main(["show", "study-fashion", "--", "-S", "seed=1"])
+    assert "show takes no dvc exp run arguments" in capsys.readouterr().err
+
+
+def test_a_missing_dvc_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no dvc to start
+    assert presets.main(["run", "study-fashion", "--", "-S", "seed=1"]) == 127
+    assert "error: dvc is not on PATH" in capsys.readouterr().err
+
+
 def test_an_invalid_preset_names_its_file_and_key(tmp_path, monkeypatch, committed):
     (tmp_path / "bad.yaml").write_text("description: x\nparams:\n  prune:\n    ratio: 1.5\n")
     monkeypatch.setattr(presets, "PRESETS", tmp_path)
