@@ -294,13 +294,48 @@ def test_outputs_get_the_mode_open_would_give(umask, tmp_path):
 # ---------------------------------------------------------------- NaN in numeric checks
 
 
+@pytest.mark.skipif(not export.onnx_available(), reason="onnxruntime not installed")
+def test_onnx_parity_is_relative_to_large_logits_and_still_catches_a_wrong_export(tmp_path, monkeypatch):
+    """A student at 54x with prune.min_layer_density gave logits of 3.5e6 on the check's random inputs, and
+    onnxruntime differed from torch by 1.0 (relative 3e-7): the absolute 1e-3 failed a correct export."""
+    from stages import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluate, "EXPORT", tmp_path)
+    torch.manual_seed(0)
+    model = build_model(resnet_spec(8, 4, 1, 10)).eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(1e7)  # logits around 1e6-1e7, as that student's
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    export.export_onnx(model, tmp_path / "big.onnx", (1, 28, 28))
+    diff, scale = export.onnx_parity(model, tmp_path / "big.onnx", x)
+    assert scale > 1e5 and 0 <= diff <= 1e-3 * scale
+    params = SimpleNamespace(seed=0, evaluate=SimpleNamespace(onnx=True))
+    dense = tmp_path / "kd.pt"
+    dense.write_bytes(b"x")
+    out = {}
+    evaluate.export_student("kd", model, (1, 28, 28), dense, out, params)  # passes: relative to the logits
+    assert out["onnx_max_abs_diff_kd"] == pytest.approx(diff, rel=0.5, abs=1e-3 * scale)
+    # a wrong export still fails: another model's ONNX file in its place
+    other = build_model(resnet_spec(8, 4, 1, 10)).eval()
+    with torch.no_grad():
+        other.fc.weight.mul_(1e7)
+    monkeypatch.setattr(evaluate, "export_onnx", lambda m, path, shape: export.export_onnx(other, path, shape))
+    with pytest.raises(stage.StageError, match=r"differ from torch by .* x max\(1, largest \|torch logit\|"):
+        evaluate.export_student("kd", model, (1, 28, 28), dense, {}, params)
+    # non-finite logits are never a pass
+    with torch.no_grad():
+        model.fc.bias.fill_(float("inf"))
+    assert all(math.isnan(v) for v in export.onnx_parity(model, tmp_path / "big.onnx", x))
+
+
 def test_a_nan_onnx_difference_fails_the_parity_check(tmp_path, monkeypatch):
     from stages import evaluate
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(evaluate, "onnx_available", lambda: True)
     monkeypatch.setattr(evaluate, "export_onnx", lambda model, path, shape: pathlib.Path(path).write_bytes(b"x"))
-    monkeypatch.setattr(evaluate, "onnx_max_abs_diff", lambda model, path, x: float("nan"))
+    monkeypatch.setattr(evaluate, "onnx_parity", lambda model, path, x: (float("nan"), float("nan")))
     dense = tmp_path / "kd.pt"
     dense.write_bytes(b"x")
     params = SimpleNamespace(seed=0, evaluate=SimpleNamespace(onnx=True))
