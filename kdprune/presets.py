@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # everything after the first "--" goes to dvc exp run as it is, wherever the options stood before it
     # (argparse alone rejects `run NAME --dry-run -- ARGS`: its positionals are matched before the options)
-    tail = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = ap.parse_args(argv[:len(argv) - len(tail) - 1] if "--" in argv else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, tail = ap.parse_args(argv[:cut]), argv[cut + 1:]
     if tail and args.cmd != "run":
         ap.error(f"{args.cmd} takes no dvc exp run arguments after --")
     if args.cmd == "run":
