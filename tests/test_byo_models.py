@@ -24,7 +24,7 @@ from kdprune.pruning import apply_masks, count_params, global_magnitude_masks
 from kdprune.structured import ChannelPruningError, channel_prune
 from kdprune.teacher import TeacherError, import_weights
 from kdprune.train import fit
-from tests.conftest import default_params
+from tests.helpers import default_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (3, 32, 32)
@@ -426,7 +426,7 @@ def test_stages_run_a_torchvision_model_with_an_imported_teacher_and_channel_pru
     target) -> distill (kd with attention transfer on a named layer, finetune) -> evaluate (ONNX, compact, latency)."""
     import shutil
 
-    from tests.conftest import write_fake_dataset
+    from tests.helpers import write_fake_dataset
 
     raw = write_fake_dataset(tmp_path / "raw", n_train=200, n_test=100)
     repo = tmp_path / "repo"

@@ -13,7 +13,7 @@ import torch
 import kdprune.__main__ as cli
 from kdprune import envcheck, presets, tracking, train
 from kdprune.params import RuntimeParams, TrainParams
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 STAGES = sorted(f"stages.{p.stem}" for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__")
 TOOLS = ["kdprune", "kdprune.sweep", "kdprune.report", "kdprune.presets", "kdprune.tracking", "kdprune.runcache"]

@@ -65,7 +65,7 @@ def test_prepare_reads_root_and_subsets(fake_root):
 
 
 def test_prepare_torchvision_layout(tmp_path):
-    from tests.conftest import write_fake_dataset
+    from tests.helpers import write_fake_dataset
 
     write_fake_dataset(tmp_path / "FashionMNIST" / "raw", gz=False)
     d = prepare_dataset("fashion_mnist", str(tmp_path), False, 0, 0, seed=0)
@@ -136,7 +136,7 @@ def test_wrong_format_dataset_dir_names_the_problem(tmp_path, monkeypatch, layou
         for i in range(3):
             (root / f"img{i}.png").write_bytes(b"\x89PNG\r\n")
     else:  # three of the four IDX files
-        from tests.conftest import write_fake_dataset
+        from tests.helpers import write_fake_dataset
         write_fake_dataset(root)
         (root / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DatasetError) as e:
@@ -163,7 +163,7 @@ def test_wrong_root_outside_the_repository_is_not_listed(tmp_path, monkeypatch, 
 
 
 def test_right_names_wrong_content_is_refused(tmp_path):
-    from tests.conftest import write_fake_dataset
+    from tests.helpers import write_fake_dataset
     root = write_fake_dataset(tmp_path / "root", gz=False)
     (root / "train-images-idx3-ubyte").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
     with pytest.raises(DatasetError, match="train-images-idx3-ubyte: not an IDX file"):
@@ -172,7 +172,7 @@ def test_right_names_wrong_content_is_refused(tmp_path):
 
 # ---- the five datasets, each from tiny files in its real on-disk format ----
 
-from tests.conftest import write_fake_cifar, write_fake_idx, write_fake_svhn  # noqa: E402
+from tests.helpers import write_fake_cifar, write_fake_idx, write_fake_svhn  # noqa: E402
 
 
 def _no_debian_dirs(monkeypatch, tmp_path):

@@ -20,7 +20,7 @@ from kdprune.models import build_model, resnet_spec
 from kdprune.params import Params, ParamsError, RuntimeParams, params_from_dict
 from kdprune.pruning import count_prunable
 from kdprune.train import setup_runtime
-from tests.conftest import default_params, make_fake_images, write_fake_dataset
+from tests.helpers import default_params, make_fake_images, write_fake_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",

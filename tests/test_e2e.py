@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from kdprune import metrics
-from tests.conftest import default_params, write_fake_dataset
+from tests.helpers import default_params, write_fake_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 COPY = ["kdprune", "stages", "teachers", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]  # params.yaml: tiny_params

@@ -15,7 +15,7 @@ import yaml
 
 from kdprune import io
 from kdprune.models import build_model, resnet_spec
-from tests.conftest import default_params, write_fake_dataset
+from tests.helpers import default_params, write_fake_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

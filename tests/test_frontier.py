@@ -12,7 +12,7 @@ import yaml
 from kdprune import frontier as F
 from kdprune import sweep
 from kdprune.params import flatten
-from tests.conftest import default_params
+from tests.helpers import default_params
 
 TEACHER = 93.0
 SLOPE = {"kd": 0.5, "finetune": 0.8}  # points lost per (ln c - ln 5)^2: kd degrades more slowly

@@ -18,7 +18,7 @@ from kdprune.params import (MAX_PARAMS_BYTES, DistillParams, ParamsError, Runtim
                             max_threads, params_from_dict)
 from kdprune.pruning import PruningError, global_magnitude_masks, l1_filter_prune
 from kdprune.train import TrainingDiverged, fit
-from tests.conftest import params_with, committed_params_text, default_params, write_fake_dataset
+from tests.helpers import params_with, committed_params_text, default_params, write_fake_dataset
 
 BASE = default_params()
 

@@ -19,7 +19,7 @@ from kdprune.data import imagefolder, streaming
 from kdprune.data import DatasetError, TensorLoader, channel_stats, read_idx
 from kdprune.params import ParamsError, params_from_dict
 from kdprune.data.preprocessing import folder_settings, override_stats, pretrained_interpolation, pretrained_preprocessing
-from tests.conftest import default_params, make_fake_images
+from tests.helpers import default_params, make_fake_images
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -539,7 +539,7 @@ def test_prepare_stage_streams_an_image_folder_and_exits_2_naming_a_bad_file(tmp
 
 
 def test_prepare_stage_applies_data_mean_std_to_a_builtin_dataset(tmp_path, monkeypatch, capsys):
-    from tests.conftest import write_fake_dataset
+    from tests.helpers import write_fake_dataset
 
     raw_dir = write_fake_dataset(tmp_path / "raw", n_train=40, n_test=10)
     monkeypatch.chdir(tmp_path)

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from kdprune.params import ParamsError, flatten, load_params, params_from_dict
-from tests.conftest import params_with, committed_params_text, default_params
+from tests.helpers import params_with, committed_params_text, default_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = default_params()

@@ -10,7 +10,7 @@ from kdprune import presets
 from kdprune.models import build_model, spec_from_params
 from kdprune.params import PRUNE_METHODS
 from kdprune.pruning import count_params, count_prunable, prunable_modules
-from tests.conftest import committed_params_text
+from tests.helpers import committed_params_text
 
 PAPER = {"cifar100-resnet152": (100, 3, 22.0), "svhn-resnet110": (10, 3, 49.0)}
 

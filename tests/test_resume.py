@@ -11,7 +11,7 @@ from kdprune.models import build_model, resnet_spec
 from kdprune.params import DistillParams, RuntimeParams, TrainParams
 from kdprune.pruning import global_magnitude_masks
 from kdprune.train import RESUME_FORMAT, fit
-from tests.conftest import make_fake_images
+from tests.helpers import make_fake_images
 
 RUNTIME = RuntimeParams(threads=1, bf16=True, channels_last=True)  # the default params' runtime settings
 

@@ -497,7 +497,7 @@ def test_queued_sweep_loses_and_duplicates_no_run_across_a_server_restart(tmp_pa
 def test_multi_node_params_and_launch_command():
     from kdprune import distributed
     from kdprune.params import ParamsError, RuntimeParams, params_from_dict
-    from tests.conftest import default_params
+    from tests.helpers import default_params
 
     cmd = distributed.launch_command(2, ["stages/train_teacher.py"], "stages.train_teacher", nnodes=3,
                                      rdzv_endpoint="node-0.cluster:29400")
@@ -534,7 +534,7 @@ def test_teacher_on_two_nodes_matches_the_single_process_layout(tmp_path):
     torchrun --nnodes 2 --rdzv-backend c10d, and exactly one of them (global rank 0) writes the outputs, with
     the layout, shapes and metrics keys of the single-process run."""
     from kdprune import stage
-    from tests.conftest import write_fake_dataset
+    from tests.helpers import write_fake_dataset
     from tests.test_ddp import TORCHRUN_VARS, checkpoint_shape, files, make_repo as ddp_repo, run_stage
 
     raw = write_fake_dataset(tmp_path / "raw", n_train=120, n_test=40)

@@ -9,7 +9,7 @@ import yaml
 
 from kdprune import presets, study, sweep
 from kdprune import frontier as F
-from tests.conftest import committed_params_text
+from tests.helpers import committed_params_text
 
 
 @pytest.fixture
