@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from kdprune.measure import latency_ms  # noqa: E402
 from kdprune.models import build_model, record_pruning  # noqa: E402
-from kdprune.pruning import count_params  # noqa: E402
-from kdprune.structured import channel_prune  # noqa: E402
+from kdprune.prune.counts import count_params  # noqa: E402
+from kdprune.prune.channel import channel_prune  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2", "efficientnet_b0", "vgg11_bn")
 

@@ -31,11 +31,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdprune import io  # noqa: E402
+from kdprune import checkpoint, io  # noqa: E402
 from kdprune.export import compact_bound_bytes, export_compact  # noqa: E402
-from kdprune.measure import dense_macs, fold_batchnorm, latency_ms  # noqa: E402
+from kdprune.measure import fold_batchnorm, latency_ms  # noqa: E402
+from kdprune.prune.counts import dense_macs  # noqa: E402
 from kdprune.models import build_model, resnet_spec, spec_of  # noqa: E402
-from kdprune.pruning import apply_masks, global_magnitude_masks, l1_filter_prune  # noqa: E402
+from kdprune.prune.filters import l1_filter_prune  # noqa: E402
+from kdprune.prune.masks import apply_masks, global_magnitude_masks  # noqa: E402
 
 CASES = [  # (name, depth, width, input shape)
     ("resnet8-w16 1x28x28 (default)", 8, 16, (1, 28, 28)),
@@ -96,7 +98,7 @@ def compact_case(depth: int, width: int, shape: tuple, sparsity: float = 0.9) ->
     apply_masks(model, masks)
     with tempfile.TemporaryDirectory() as d:
         compact = export_compact(model, Path(d) / "m.kdc")
-        io.save_checkpoint(Path(d) / "m.pt", model, masks)
+        checkpoint.save_checkpoint(Path(d) / "m.pt", model, masks)
         dense = (Path(d) / "m.pt").stat().st_size
     bound = compact_bound_bytes(model)
     return {"bytes_compact": compact, "bytes_bound": bound, "compact_over_bound": compact / bound,

@@ -38,8 +38,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdprune import io, stage  # noqa: E402
-from kdprune.pruning import count_prunable  # noqa: E402
+from kdprune import checkpoint, io, stage  # noqa: E402
+from kdprune.prune.counts import count_prunable  # noqa: E402
 
 PIPELINE = ("stages.prepare", "stages.train_teacher", "stages.prune", "stages.distill", "stages.evaluate")
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -84,11 +84,11 @@ def metrics(repo: Path, name: str) -> dict:
 
 
 def student_checks(repo: Path, variants: list[str]) -> dict:
-    pruned, masks, _ = io.load_checkpoint(repo / stage.PRUNED)
+    pruned, masks, _ = checkpoint.load_checkpoint(repo / stage.PRUNED)
     kept = count_prunable(pruned)[1]
     out = {}
     for v in variants:
-        student = io.load_checkpoint(repo / stage.student_path(v))[0]
+        student = checkpoint.load_checkpoint(repo / stage.student_path(v))[0]
         weights = dict(student.named_parameters())
         check(all(not weights[n][~m].any() for n, m in masks.items()), f"{v}: a pruned weight became non-zero")
         check(count_prunable(student)[1] == kept, f"{v}: {count_prunable(student)[1]} non-zero weights, not {kept}")

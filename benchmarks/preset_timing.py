@@ -30,7 +30,9 @@ sys.path.insert(0, str(ROOT))
 from kdprune import presets  # noqa: E402
 from kdprune.data import REGISTRY, TensorLoader  # noqa: E402
 from kdprune.models import build_model, spec_from_params  # noqa: E402
-from kdprune.train import fit, setup_runtime, to_runtime  # noqa: E402
+from kdprune.train.loop import fit  # noqa: E402
+from kdprune.train.objective import Objective  # noqa: E402
+from kdprune.train.runtime import setup_runtime, to_runtime  # noqa: E402
 
 TRAIN_SIZES = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257, "mnist": 60000, "fashion_mnist": 60000}
 
@@ -55,7 +57,7 @@ def images_per_second(model, teacher, params, cfg, device, steps: int, warmup: i
                             device=device, channels_last=params.runtime.channels_last)
 
     run_cfg = dataclasses.replace(cfg, epochs=1, eval_every=0, checkpoint_every=0)
-    kw = dict(runtime=params.runtime, teacher=teacher, alpha=alpha, temperature=params.distill.temperature,
+    kw = dict(runtime=params.runtime, objective=Objective(teacher, alpha, params.distill.temperature),
               log=lambda m: None)
     fit(model, loader(0, bs * warmup), loader(0, bs, train=False), run_cfg, **kw)  # cuDNN autotune, allocator
     history = fit(model, loader(bs * warmup, bs * (warmup + steps)), loader(0, bs, train=False), run_cfg, **kw)

@@ -18,11 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kdprune.data import TensorLoader, prepare_dataset  # noqa: E402
-from kdprune.losses import kd_loss  # noqa: E402
+from kdprune.train.losses import kd_loss  # noqa: E402
 from kdprune.models import build_model, spec_from_params  # noqa: E402
 from kdprune.params import load_params  # noqa: E402
-from kdprune.pruning import apply_masks, global_magnitude_masks, mask_grads  # noqa: E402
-from kdprune.train import make_optimizer, setup_runtime, to_runtime  # noqa: E402
+from kdprune.prune.masks import apply_masks, global_magnitude_masks, mask_grads  # noqa: E402
+from kdprune.train.loop import make_optimizer  # noqa: E402
+from kdprune.train.runtime import setup_runtime, to_runtime  # noqa: E402
 
 
 def profile_steps(steps: int = 20, kd: bool = False, data: dict | None = None, row_limit: int = 15) -> str:

@@ -40,7 +40,8 @@ from kdprune import metrics  # noqa: E402
 from kdprune.data import TensorLoader, prepare_dataset  # noqa: E402
 from kdprune.models import build_model, spec_from_params  # noqa: E402
 from kdprune.params import load_params  # noqa: E402
-from kdprune.train import fit, setup_runtime  # noqa: E402
+from kdprune.train.loop import fit  # noqa: E402
+from kdprune.train.runtime import setup_runtime  # noqa: E402
 
 
 def matmul_peak_gflops(dtype=torch.float32, sizes=(1024, 2048, 3072), reps=5) -> float:

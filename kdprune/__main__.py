@@ -18,6 +18,8 @@ import importlib
 import importlib.util
 import sys
 
+from kdprune import envcheck
+
 # command -> (module, arguments put before the user's)
 COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sweep": ("kdprune.sweep", ()),
@@ -53,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: '{command}' is not available in this version of kdprune "
               f"(no module {COMMANDS[command][0]})", file=sys.stderr)
         return 2
-    from kdprune import envcheck
-
     envcheck.require()
     module, prefix = COMMANDS[command]
     return importlib.import_module(module).main([*prefix, *rest])

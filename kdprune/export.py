@@ -19,6 +19,7 @@ compressed.
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import torch.nn as nn
 
 from kdprune import io
 from kdprune.io import ExportError
+from kdprune.models import build_model, check_spec, is_zoo, spec_of
 
 MAGIC = b"KDPC1\n"
 COMPACT_FORMAT = "kdprune-compact-v1"
@@ -71,8 +73,6 @@ def export_compact(model: nn.Module, path: str | os.PathLike, meta: dict | None 
                 entry.update(encoding="dense")
                 values.append(flat.numpy().tobytes())
         entries.append(entry)
-    from kdprune.models import spec_of
-
     header = zlib.compress(json.dumps({"format": COMPACT_FORMAT, "spec": spec_of(model), "meta": meta or {},
                                        "tensors": entries}, sort_keys=True).encode(), 9)
     blob = MAGIC + struct.pack("<I", len(header)) + header + b"".join(bits) + b"".join(values)
@@ -116,8 +116,6 @@ def _check_header(path: Path, header: dict, allowed_factory: str | None = None
     The spec must be one ``kdprune.models.check_spec`` accepts (which bounds its parameter count), and the
     entries must be exactly the model's state_dict, name for name and shape for shape, so no entry can
     make the loader allocate more than the model it describes."""
-    from kdprune.models import build_model, check_spec, is_zoo
-
     if header.get("format") != COMPACT_FORMAT:
         raise ExportError(f"{path}: unknown format {header.get('format')!r}, expected {COMPACT_FORMAT!r}")
     if set(header) != {"format", "spec", "meta", "tensors"}:
@@ -184,13 +182,11 @@ def _check_header(path: Path, header: dict, allowed_factory: str | None = None
 
 def load_compact(path: str | os.PathLike, allowed_factory: str | None = None) -> tuple[nn.Module, dict]:
     """Rebuild the model from a compact file. Returns ``(model, meta)``; floats come back as fp32.
-    ``allowed_factory``: as for ``io.load_checkpoint``, the only custom factory that may be imported.
+    ``allowed_factory``: as for ``checkpoint.load_checkpoint``, the only custom factory that may be imported.
 
     Every malformed file raises :class:`ExportError` naming the file and what is wrong: the header is
     capped (MAX_HEADER_BYTES, MAX_HEADER_JSON_BYTES) and checked field by field (:func:`_check_header`)
     and the payload's size against it before anything else is read or allocated."""
-    from kdprune.models import build_model
-
     path = Path(path)
     try:
         fh = open(path, "rb")
@@ -258,8 +254,6 @@ def compact_bound_bytes(model: nn.Module) -> int:
 
 def onnx_available() -> bool:
     """Both ``onnx`` (the exporter needs it) and ``onnxruntime`` (the parity check) are installed."""
-    import importlib.util
-
     return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
@@ -291,7 +285,7 @@ def onnx_parity(model: nn.Module, path: str | os.PathLike, x: torch.Tensor) -> t
     logits, so a student whose logits reach 1e6 (seen at 54x with ``prune.min_layer_density``, on the random
     inputs of the check) differs by 1.0 at a relative error of 3e-7. Non-finite logits from either give NaN
     for both: a broken export, never a pass."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy optional dependency: only for the parity check
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(["logits"], {"x": x.contiguous().numpy()})[0]

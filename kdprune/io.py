@@ -1,4 +1,4 @@
-"""Atomic file writes and safe checkpoint loading.
+"""Atomic file writes, safe loading of JSON and torch files, and paths that stay inside the repository.
 
 Every file a stage produces goes through these helpers: the content is written to a temp file
 in the destination directory and then moved into place with ``os.replace``, so a killed process
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:  # torch is imported where it is used: stages/validate.py imports this module without it
-    import torch
+    import torch  # heavy: imported only here, so stages/validate.py can use this module without torch
 
 
 from kdprune.errors import UserError
@@ -130,7 +130,7 @@ def read_json(path: str | os.PathLike) -> Any:
 def torch_save(path: str | os.PathLike, obj: Any) -> None:
     # Save through a file object: given a path, torch.save names the zip archive's records after the
     # file, and the random temp name would make every save differ (non-deterministic DVC hashes).
-    import torch
+    import torch  # heavy: imported only here, so stages/validate.py can use this module without torch
 
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
@@ -138,7 +138,7 @@ def torch_save(path: str | os.PathLike, obj: Any) -> None:
 
 def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """Load a torch file with ``weights_only=True``: tensors and plain containers only, never code."""
-    import torch
+    import torch  # heavy: imported only here, so stages/validate.py can use this module without torch
 
     path = Path(path)
     if not path.exists():
@@ -154,141 +154,28 @@ def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         ) from None
 
 
-CHECKPOINT_FORMAT = "kdprune-checkpoint-v1"
-
-
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, masks: dict | None = None,
-                    meta: dict | None = None) -> None:
-    """Save the arch spec + state_dict (+ masks, + metadata). Never a pickled module."""
-    from kdprune.models import spec_of
-
-    torch_save(path, {
-        "format": CHECKPOINT_FORMAT,
-        "spec": spec_of(model),
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        "masks": {k: v.cpu() for k, v in masks.items()} if masks else None,
-        "meta": meta or {},
-    })
-
-
-def load_checkpoint(path: str | os.PathLike, expect_classes: int | None = None, expect_model=None,
-                    allowed_factory: str | None = None):
-    """Rebuild the model from a checkpoint. Returns ``(model, masks, meta)``.
-
-    The stored spec is checked (:func:`kdprune.models.check_spec`: a known arch, a consistent structure,
-    bounded sizes) before anything is built. ``expect_model`` (``params.model``): the checkpoint must hold
-    that model (:func:`check_spec_matches`). ``allowed_factory``: the validated ``model.factory`` of
-    params.yaml; a checkpoint whose spec names another custom factory is refused before anything is
-    imported (kdprune.models.custom)."""
-    import torch
-
-    from kdprune.models import build_model, check_spec
-
-    ckpt = torch_load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a kdprune checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    missing = [k for k in ("spec", "state_dict") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: the checkpoint has no {' and no '.join(missing)}; the file is damaged")
-    spec, meta = ckpt["spec"], ckpt.get("meta") or {}
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: meta is a {type(meta).__name__}, expected a dict; the file is damaged")
+def resolves_inside(path: str | Path, base: str | Path | None = None) -> bool:
+    """Does ``path`` (relative to ``base``, default the working directory: the repository root, where
+    stages run) lead into ``base`` once symlinks are resolved? A link inside the repository to a
+    directory outside it does not count as inside."""
+    root = Path.cwd() if base is None else Path(base)
     try:
-        check_spec(spec)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: its architecture spec is not one kdprune can build: {e}") from None
-    if expect_classes is not None and spec["num_classes"] != expect_classes:
-        raise CheckpointError(
-            f"{path}: the model has {spec['num_classes']} output classes but the dataset has "
-            f"{expect_classes}; it was trained on another dataset (meta: {meta.get('dataset')})")
-    if expect_model is not None:
-        check_spec_matches(spec, expect_model, path)
-    try:
-        model = build_model(spec, allowed_factory=allowed_factory)
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: weights do not match the stored architecture spec: {first}") from None
-    masks = ckpt.get("masks")
-    if masks:
-        if not isinstance(masks, dict) or not all(isinstance(m, torch.Tensor) for m in masks.values()):
-            raise CheckpointError(f"{path}: masks must be a dict of tensors; the file is damaged")
-        shapes = {n: p.shape for n, p in model.named_parameters()}
-        bad = [n for n, m in masks.items() if n not in shapes or shapes[n] != m.shape]
-        if bad:
-            raise CheckpointError(f"{path}: masks do not match the model's parameters: {bad[:3]}")
-    return model, masks, meta
+        root = root.resolve()
+        return (root / path).resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        return False
 
 
-def check_spec_matches(spec: dict, model_params, path: str | os.PathLike) -> None:
-    """CheckpointError unless the (checked) ``spec`` is of ``model_params``' arch, depth and width.
-
-    A stage that loads the teacher calls this (via ``load_checkpoint(expect_model=params.model)``): a
-    teacher trained for other ``model`` params would otherwise be pruned and distilled silently."""
-    from kdprune.models import is_zoo
-    from kdprune.models.zoo import spec_width
-    from kdprune.params import show
-
-    if is_zoo(spec):
-        stored = {"arch": spec["arch"], "depth": spec["depth"], "width": spec_width(spec)}
-        what = f"{spec['arch']} depth {spec['depth']} width {stored['width']}"
-    elif spec["arch"] == "torchvision":
-        stored, what = {"arch": spec["arch"], "name": spec["name"]}, f"torchvision {spec['name']}"
-    else:
-        stored = {"arch": spec["arch"], "factory": spec["factory"], "kwargs": spec["kwargs"]}
-        what = f"custom {spec['factory']}"
-    for field, value in stored.items():
-        wanted = getattr(model_params, field)
-        if value != wanted:
-            raise CheckpointError(
-                f"{path} was trained as {what}, but model.{field} is {show(wanted)} (the file has "
-                f"{show(value)}); run `dvc repro` (or `dvc exp run`) to retrain it")
-
-
-def state_dict_of(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The weights in ``path``: a kdprune checkpoint, or what a plain script writes with
-    ``torch.save(model.state_dict(), path)`` (also inside ``{"state_dict": ...}`` or ``{"model": ...}``, and with
-    DDP's ``module.`` prefix). Loaded with ``weights_only=True``."""
-    import torch
-
-    obj = torch_load(path)
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        obj = obj.get("state_dict")
-    elif isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not (isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                  for k, v in obj.items())):
-        raise CheckpointError(f"{path}: neither a kdprune checkpoint nor a state_dict (a mapping of names to "
-                              "tensors, as torch.save(model.state_dict(), path) writes)")
-    if all(k.startswith("module.") for k in obj):  # saved from a DDP- or DataParallel-wrapped model
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
-
-
-def _first(names, n: int = 3) -> str:
-    names = sorted(names)
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``model.load_state_dict(state)`` with every mismatch named: missing and unexpected keys, then shapes."""
-    own = model.state_dict()
-    missing, unexpected = set(own) - set(state), set(state) - set(own)
-    shapes = [f"{k} {tuple(state[k].shape)} vs the model's {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys ({_first(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:3])})")
-    if problems:
-        raise CheckpointError(f"{source}: the weights do not fit the model of params.yaml: " + ", ".join(problems)
-                              + "; is model.arch / model.name / the data's class count the one it was trained with?")
-    model.load_state_dict(state, strict=True)
+def path_stays_inside(path: str, base: str | Path | None = None) -> bool:
+    """Paths from params: absolute ones are explicit and allowed; relative ones may not climb out of the
+    repository (``base``, default the working directory): neither lexically (no '..' out of it) nor
+    through a symlink (``resolves_inside``)."""
+    p = Path(path)
+    if p.is_absolute():
+        return True
+    depth = 0
+    for part in p.parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            return False
+    return resolves_inside(p, base)

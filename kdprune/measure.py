@@ -1,14 +1,16 @@
-"""Measurements: accuracy, parameter counts, compression ratios, MACs, bytes on disk."""
+"""Measurements of a model: accuracy, the size report against the teacher, CPU latency, BatchNorm folding.
+Counting (parameters, MACs) lives in kdprune/prune/counts.py."""
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from kdprune.pruning import compression_ratio, count_params, count_prunable
+from kdprune.prune.counts import compression_ratio, count_params, count_prunable, device_of
 
 
 @torch.inference_mode()
@@ -16,7 +18,7 @@ def accuracy(model: nn.Module, loader) -> float:
     """Top-1 accuracy in percent over every sample the loader yields, on the model's device."""
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = device_of(model)
     correct = total = 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # no-op when already there
@@ -24,47 +26,6 @@ def accuracy(model: nn.Module, loader) -> float:
         total += len(y)
     model.train(was_training)
     return 100.0 * correct / max(total, 1)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def dense_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass of a single input, counted by FlopCounterMode."""
-    was_training = model.training
-    model.eval()
-    x = torch.zeros(1, *input_shape, device=_device(model))
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        model(x)
-    model.train(was_training)
-    return counter.get_total_flops() // 2
-
-
-def nonzero_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """MACs that a sparse kernel would need: each conv/linear counts only its non-zero weights.
-
-    Dense kernels (what PyTorch runs) do the full dense MACs whatever the sparsity; this is the
-    theoretical figure papers quote for unstructured pruning.
-    """
-    total = 0
-
-    def hook(module, inputs, output):
-        nonlocal total
-        nz = int(torch.count_nonzero(module.weight))
-        positions = output[0, 0].numel() if isinstance(module, nn.Conv2d) else 1
-        total += nz * positions
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        model(torch.zeros(1, *input_shape, device=_device(model)))
-    model.train(was_training)
-    for h in handles:
-        h.remove()
-    return total
 
 
 def size_report(model: nn.Module, reference: nn.Module, include_first_conv: bool, include_last_fc: bool) -> dict:
@@ -144,10 +105,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     in eval mode, as every deployment runtime (ONNX Runtime, TensorRT, oneDNN graph) runs it. A conv is
     folded with the BN that directly follows it among its parent's children (conv1/bn1, ... and the
     shortcut's Sequential(conv, bn))."""
-    import copy
-
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     folded = copy.deepcopy(model).eval()
     for parent in list(folded.modules()):
         children = list(parent.named_children())

@@ -23,6 +23,8 @@ import math
 import re
 from typing import Any
 
+from kdprune.schema import safe_load_yaml
+
 MAX_STRING = 4096  # characters of one string value (params' longest legitimate strings are paths)
 
 
@@ -129,6 +131,7 @@ def dvc_args(base: dict, values: dict[str, Any]) -> list[str]:
     sets = [override(k, v) for k, v in values.items()]
     if not sets:
         return []
+    # heavy optional dependencies (DVC and its Hydra/OmegaConf), imported only when overrides are checked
     from dvc.utils.hydra import get_hydra_sweeps, to_hydra_overrides
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.errors import HydraException
@@ -158,8 +161,6 @@ def dvc_args(base: dict, values: dict[str, Any]) -> list[str]:
 
 def parse(text: str) -> tuple[str, Any]:
     """A user's ``key=value`` (the value read as YAML, as params.yaml would hold it)."""
-    from kdprune.params import safe_load_yaml
-
     key, eq, value = text.partition("=")
     key = key.strip()
     if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key) or len(text) > MAX_STRING:

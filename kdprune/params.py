@@ -6,46 +6,21 @@ the bad value and what is allowed, and all of them are raised before any work st
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
 import os
 import re
-import reprlib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from kdprune.schema import ParamsError, build, check, json_like, safe_load_yaml, show, within  # noqa: F401
+from kdprune.archs import ARCHS, MAX_CHANNELS, TORCHVISION_CLASSIFIERS, depth_rule, stage_blocks, widest_factor
+from kdprune.io import path_stays_inside
+
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")  # = kdprune.data.REGISTRY
 # + kdprune.data.FOLDER_DATASETS
-ARCHS = {  # the model zoo (kdprune/models/zoo.py): arch -> (what it is, its depths); see stage_blocks
-    "resnet": ("CIFAR ResNet, BasicBlock, 3 stages", "6n+2: 8, 14, 20, 32, 44, 56, 110, ..."),
-    "resnet_bottleneck": ("CIFAR ResNet, Bottleneck, 3 stages", "9n+2: 11, 20, 29, 47, 56, 110, 164, ..."),
-    "resnet_imagenet": ("ResNet-50/101/152 layout, Bottleneck, 4 stages, CIFAR 3x3 stem without max-pool",
-                        "50, 101 or 152"),
-}
-MODEL_ARCHS = (*ARCHS, "torchvision", "custom")  # the zoo, any torchvision classifier, the user's own factory
-# torchvision.models.list_models(module=torchvision.models) of torchvision 0.29: its classification builders,
-# all of which take num_classes. Listed here so that validation needs no torch (stages/validate.py);
-# tests/test_byo_models.py checks the list against the installed torchvision, and kdprune.models checks
-# every name it builds against torchvision itself.
-TORCHVISION_CLASSIFIERS = (
-    "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny", "densenet121", "densenet161",
-    "densenet169", "densenet201", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
-    "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_l",
-    "efficientnet_v2_m", "efficientnet_v2_s", "googlenet", "inception_v3", "maxvit_t", "mnasnet0_5", "mnasnet0_75",
-    "mnasnet1_0", "mnasnet1_3", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "regnet_x_16gf",
-    "regnet_x_1_6gf", "regnet_x_32gf", "regnet_x_3_2gf", "regnet_x_400mf", "regnet_x_800mf", "regnet_x_8gf",
-    "regnet_y_128gf", "regnet_y_16gf", "regnet_y_1_6gf", "regnet_y_32gf", "regnet_y_3_2gf", "regnet_y_400mf",
-    "regnet_y_800mf", "regnet_y_8gf", "resnet101", "resnet152", "resnet18", "resnet34", "resnet50",
-    "resnext101_32x8d", "resnext101_64x4d", "resnext50_32x4d", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
-    "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "squeezenet1_0", "squeezenet1_1", "swin_b", "swin_s", "swin_t",
-    "swin_v2_b", "swin_v2_s", "swin_v2_t", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19",
-    "vgg19_bn", "vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32", "wide_resnet101_2", "wide_resnet50_2")
 # model.factory: "package.module:function", identifiers only (no paths, no attribute chains after the colon)
 FACTORY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 MAX_FACTORY_CHARS = 200
@@ -57,62 +32,13 @@ TEACHER_DIR = "teachers"  # imported teacher checkpoints live here: a DVC depend
 MAX_AT_LAYERS = 32
 
 
-class ParamsError(ValueError):
-    """Invalid params.yaml content. The message names the key, the value and what is allowed."""
-
-
-_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
-_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel, _REPR.maxlong = 60, 60, 4, 4, 3, 40
 MAX_PARAMS_BYTES = 1 << 20  # params.yaml is a few KB; a larger file is not a params file (or is a YAML bomb)
-
-
-def show(value: Any) -> str:
-    """``repr`` of a param value, bounded: a huge or deeply nested value never floods (or hangs) a message."""
-    return _REPR.repr(value)
-
-
-def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ParamsError(f"params.yaml: {show(key)[1:-1] if isinstance(key, str) else show(key)} = {show(value)} "
-                          f"is invalid: {allowed}")
-
-
-def _in(lo: float, value: float, hi: float) -> bool:
-    """lo <= value <= hi, False for NaN."""
-    return lo <= value <= hi
 
 
 def max_threads() -> int:
     """Torch threads allowed per process: 4x this machine's cores. More only adds contention (and 10,000
     threads stall the machine; 100,000 crash torch)."""
     return 4 * (os.cpu_count() or 1)
-
-
-def resolves_inside(path: str | Path, base: str | Path | None = None) -> bool:
-    """Does ``path`` (relative to ``base``, default the working directory: the repository root, where
-    stages run) lead into ``base`` once symlinks are resolved? A link inside the repository to a
-    directory outside it does not count as inside."""
-    root = Path.cwd() if base is None else Path(base)
-    try:
-        root = root.resolve()
-        return (root / path).resolve().is_relative_to(root)
-    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
-        return False
-
-
-def path_stays_inside(path: str, base: str | Path | None = None) -> bool:
-    """Paths from params: absolute ones are explicit and allowed; relative ones may not climb out of the
-    repository (``base``, default the working directory): neither lexically (no '..' out of it) nor
-    through a symlink (``resolves_inside``)."""
-    p = Path(path)
-    if p.is_absolute():
-        return True
-    depth = 0
-    for part in p.parts:
-        depth += -1 if part == ".." else (0 if part == "." else 1)
-        if depth < 0:
-            return False
-    return resolves_inside(p, base)
 
 
 MAX_SUBSET = 100_000_000  # images: ImageNet-1k has 1.3M, SVHN with extra 604k
@@ -148,100 +74,52 @@ class DataParams:
     def validate_folder(self, p: str) -> None:
         folder = self.name == "imagefolder"
         for key in ("image_size", "resize_size"):  # (interpolation below)
-            _check(folder or getattr(self, key) is None, f"{p}.{key}", getattr(self, key),
+            check(folder or getattr(self, key) is None, f"{p}.{key}", getattr(self, key),
                    f"applies to {p}.name = imagefolder only (the size of {self.name!r} is fixed); set it to null")
-        _check(folder or self.interpolation is None, f"{p}.interpolation", self.interpolation,
+        check(folder or self.interpolation is None, f"{p}.interpolation", self.interpolation,
                f"applies to {p}.name = imagefolder only; set it to null")
-        _check(folder or self.loader != "stream", f"{p}.loader", self.loader,
+        check(folder or self.loader != "stream", f"{p}.loader", self.loader,
                f"stream applies to {p}.name = imagefolder only ({self.name!r} is always tensor-resident); "
                "use auto or tensor")
         if folder:
-            _check(self.root is not None, f"{p}.root", self.root,
+            check(self.root is not None, f"{p}.root", self.root,
                    f"{p}.name = imagefolder needs {p}.root: a directory holding train/<class>/* and val/<class>/*")
-        _check(self.image_size is None or _in(MIN_IMAGE_SIZE, self.image_size, MAX_IMAGE_SIZE), f"{p}.image_size",
+        check(self.image_size is None or within(MIN_IMAGE_SIZE, self.image_size, MAX_IMAGE_SIZE), f"{p}.image_size",
                self.image_size, f"must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, or null "
                f"({DEFAULT_IMAGE_SIZE})")
         crop = self.image_size_or_default
-        _check(self.resize_size is None or _in(crop, self.resize_size, 2 * crop), f"{p}.resize_size",
+        check(self.resize_size is None or within(crop, self.resize_size, 2 * crop), f"{p}.resize_size",
                self.resize_size, f"must be in [{p}.image_size, 2 x {p}.image_size] = [{crop}, {2 * crop}] (the "
                f"centre crop must fit in the resized image), or null (= {p}.image_size)")
         for key, lo, hi, what in (("mean", 0.0, 1.0, "[0, 1]"), ("std", 1e-3, 1.0, "[0.001, 1]")):
             v = getattr(self, key)
-            _check(v is None or (len(v) in (1, 3) and all(_in(lo, x, hi) for x in v)), f"{p}.{key}", v,
+            check(v is None or (len(v) in (1, 3) and all(within(lo, x, hi) for x in v)), f"{p}.{key}", v,
                    f"must be null (computed from the train split) or a list of 1 or 3 numbers (one per channel) in "
                    f"{what}, in [0, 1] pixel units (ImageNet: mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225])")
-        _check(self.mean is None or self.std is None or len(self.mean) == len(self.std), f"{p}.std", self.std,
+        check(self.mean is None or self.std is None or len(self.mean) == len(self.std), f"{p}.std", self.std,
                f"must have as many values as {p}.mean ({len(self.mean or [])}), one per channel")
-        _check(_in(1, self.memory_budget_mb, MAX_MEMORY_BUDGET_MB), f"{p}.memory_budget_mb", self.memory_budget_mb,
+        check(within(1, self.memory_budget_mb, MAX_MEMORY_BUDGET_MB), f"{p}.memory_budget_mb", self.memory_budget_mb,
                f"must be in [1, {MAX_MEMORY_BUDGET_MB:,}] MiB")
-        _check(self.num_workers is None or _in(0, self.num_workers, MAX_WORKERS), f"{p}.num_workers",
+        check(self.num_workers is None or within(0, self.num_workers, MAX_WORKERS), f"{p}.num_workers",
                self.num_workers, f"must be in [0, {MAX_WORKERS}] (0 = decode in the main process), or null "
                f"(min(8, cores))")
 
     def validate(self, p: str) -> None:
         if self.root is not None:
-            _check(bool(self.root.strip()), f"{p}.root", self.root, "must be a directory path or null")
-            _check(len(self.root) <= 4096 and "\x00" not in self.root, f"{p}.root", self.root,
+            check(bool(self.root.strip()), f"{p}.root", self.root, "must be a directory path or null")
+            check(len(self.root) <= 4096 and "\x00" not in self.root, f"{p}.root", self.root,
                    "must be a path of at most 4096 characters, without NUL bytes")
-            _check(path_stays_inside(self.root), f"{p}.root", self.root,
+            check(path_stays_inside(self.root), f"{p}.root", self.root,
                    "a relative path must stay inside the repository (no '..' out of it, no symlink "
                    "to a directory outside it); "
                    "write an absolute path to use a directory elsewhere")
         for key in ("train_subset", "test_subset"):
-            _check(_in(0, getattr(self, key), MAX_SUBSET), f"{p}.{key}", getattr(self, key),
+            check(within(0, getattr(self, key), MAX_SUBSET), f"{p}.{key}", getattr(self, key),
                    f"must be in [0, {MAX_SUBSET:,}] (0 = the whole split; no supported dataset is larger)")
-        _check(0 <= self.crop_padding <= 8, f"{p}.crop_padding", self.crop_padding, "must be in [0, 8]")
-        _check(not self.svhn_extra or self.name == "svhn", f"{p}.svhn_extra", self.svhn_extra,
+        check(0 <= self.crop_padding <= 8, f"{p}.crop_padding", self.crop_padding, "must be in [0, 8]")
+        check(not self.svhn_extra or self.name == "svhn", f"{p}.svhn_extra", self.svhn_extra,
                f"applies to {p}.name = svhn only (it is {self.name!r}); set it to false")
         self.validate_folder(p)
-
-
-# Blocks per stage of the 4-stage ImageNet ResNets (He et al. 2016, Table 1).
-IMAGENET_LAYOUTS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-MAX_CHANNELS = 2048  # widest layer allowed: that of the standard ResNet-50/101/152 (and ResNet-164 at width 128)
-
-
-# Deepest networks allowed: the deepest CIFAR ResNets published (He et al. 2016: ResNet-1202; He et al.
-# 2016b: the pre-activation ResNet-1001, Bottleneck). Deeper ones only exhaust memory.
-MAX_DEPTH = {"resnet": 1202, "resnet_bottleneck": 1001}
-
-
-def stage_blocks(arch: str, depth: int) -> list[int] | None:
-    """Residual blocks per stage of ``arch`` at ``depth``; None where ``arch`` has no such depth.
-
-    Depth counts the weighted layers: stem conv + 2 (BasicBlock) or 3 (Bottleneck) per block + fc;
-    projection shortcuts are not counted (He et al.)."""
-    if arch in MAX_DEPTH and not 1 <= depth <= MAX_DEPTH[arch]:
-        return None
-    if arch == "resnet":
-        return [(depth - 2) // 6] * 3 if depth >= 8 and (depth - 2) % 6 == 0 else None
-    if arch == "resnet_bottleneck":
-        return [(depth - 2) // 9] * 3 if depth >= 11 and (depth - 2) % 9 == 0 else None
-    if arch == "resnet_imagenet":
-        return list(IMAGENET_LAYOUTS[depth]) if depth in IMAGENET_LAYOUTS else None
-    return None
-
-
-def depth_rule(arch: str) -> str:
-    what, depths = ARCHS[arch]
-    top = f", at most {MAX_DEPTH[arch]}" if arch in MAX_DEPTH else ""
-    return f"depth {depths}{top} ({what})"
-
-
-def widest_factor(arch: str) -> int:
-    """Channels of the widest layer of ``arch`` divided by its ``width`` (the stage-1 width)."""
-    return {"resnet": 4, "resnet_bottleneck": 16, "resnet_imagenet": 32}[arch]
-
-
-def json_like(value: Any, depth: int = 0) -> bool:
-    """A small JSON-like value: null, bool, int, finite float, str, or a list (nested at most 2 deep) of them."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return True
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list) and depth < 2:
-        return all(json_like(v, depth + 1) for v in value)
-    return False
 
 
 @dataclass(frozen=True)
@@ -258,35 +136,35 @@ class ModelParams:
 
     def validate(self, p: str) -> None:
         if self.arch == "torchvision":
-            _check(self.name in TORCHVISION_CLASSIFIERS, f"{p}.name", self.name,
+            check(self.name in TORCHVISION_CLASSIFIERS, f"{p}.name", self.name,
                    f"{p}.arch torchvision needs a classification builder of torchvision.models; one of: "
                    + ", ".join(TORCHVISION_CLASSIFIERS))
         else:
-            _check(self.name is None, f"{p}.name", self.name, f"applies to {p}.arch: torchvision only; set it to null")
+            check(self.name is None, f"{p}.name", self.name, f"applies to {p}.arch: torchvision only; set it to null")
         if self.arch == "custom":
-            _check(isinstance(self.factory, str) and len(self.factory) <= MAX_FACTORY_CHARS
+            check(isinstance(self.factory, str) and len(self.factory) <= MAX_FACTORY_CHARS
                    and FACTORY_RE.fullmatch(self.factory) is not None, f"{p}.factory", self.factory,
                    f"{p}.arch custom needs \"package.module:function\" (Python identifiers only, at most "
                    f"{MAX_FACTORY_CHARS} characters), a function that returns an nn.Module")
         else:
-            _check(self.factory is None, f"{p}.factory", self.factory,
+            check(self.factory is None, f"{p}.factory", self.factory,
                    f"applies to {p}.arch: custom only; set it to null")
-            _check(not self.kwargs, f"{p}.kwargs", self.kwargs, f"applies to {p}.arch: custom only; set it to {{}}")
-        _check(len(self.kwargs) <= MAX_KWARGS_ITEMS
+            check(not self.kwargs, f"{p}.kwargs", self.kwargs, f"applies to {p}.arch: custom only; set it to {{}}")
+        check(len(self.kwargs) <= MAX_KWARGS_ITEMS
                and all(isinstance(k, str) and k.isidentifier() for k in self.kwargs)
                and all(json_like(v) for v in self.kwargs.values())
                and len(json.dumps(self.kwargs)) <= MAX_KWARGS_CHARS, f"{p}.kwargs", self.kwargs,
                f"must be a mapping of at most {MAX_KWARGS_ITEMS} identifier keys to null, true/false, numbers, strings "
                f"or short lists of them ({MAX_KWARGS_CHARS} characters as JSON at most)")
-        _check(not {"num_classes", "in_channels"} & set(self.kwargs), f"{p}.kwargs", self.kwargs,
+        check(not {"num_classes", "in_channels"} & set(self.kwargs), f"{p}.kwargs", self.kwargs,
                "must not set num_classes or in_channels: kdprune passes them from the data")
         if self.arch not in ARCHS:
             return  # depth and width describe the zoo only
-        _check(stage_blocks(self.arch, self.depth) is not None, f"{p}.depth", self.depth,
+        check(stage_blocks(self.arch, self.depth) is not None, f"{p}.depth", self.depth,
                f"{p}.arch {self.arch!r} needs {depth_rule(self.arch)}. The archs: "
                + "; ".join(f"{a!r}: {depth_rule(a)}" for a in ARCHS))
         top = MAX_CHANNELS // widest_factor(self.arch)
-        _check(1 <= self.width <= top, f"{p}.width", self.width,
+        check(1 <= self.width <= top, f"{p}.width", self.width,
                f"must be in [1, {top}] for arch {self.arch!r} (its widest layer has {widest_factor(self.arch)} x width "
                f"channels, at most {MAX_CHANNELS})")
 
@@ -299,21 +177,21 @@ class RuntimeParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch.cuda.is_available(), else cpu
     deterministic: bool = True  # CUDA only: bit-identical runs (no cuDNN benchmarking, deterministic kernels)
     nproc_per_node: int = 1  # > 1: teacher and distill train with DDP in this many processes (torchrun)
-    # --- multi-node DDP (torchrun's c10d rendezvous; kdprune/distributed.py) ---
+    # --- multi-node DDP (torchrun's c10d rendezvous; kdprune/train/distributed.py) ---
     nnodes: int = 1  # machines in one training job, each running the stage with the same params
     rdzv_endpoint: str = ""  # "host:port" every node reaches (e.g. node 0); "" = torchrun's env or one node
 
     def validate(self, p: str) -> None:
         top = max_threads()
-        _check(_in(0, self.threads, top), f"{p}.threads", self.threads,
+        check(within(0, self.threads, top), f"{p}.threads", self.threads,
                f"must be in [0, {top}] (0 = all cores; at most 4x this machine's {os.cpu_count() or 1} cores: "
                "more threads only contend, and thousands stall the machine)")
-        _check(1 <= self.nproc_per_node <= 1024, f"{p}.nproc_per_node", self.nproc_per_node,
+        check(1 <= self.nproc_per_node <= 1024, f"{p}.nproc_per_node", self.nproc_per_node,
                "must be in [1, 1024] (1 = one process, no DDP)")
         # 1024 nodes x 1024 processes bounds the world size (and the batch-size divisibility check) at 2^20
-        _check(1 <= self.nnodes <= MAX_NODES, f"{p}.nnodes", self.nnodes,
+        check(1 <= self.nnodes <= MAX_NODES, f"{p}.nnodes", self.nnodes,
                f"must be in [1, {MAX_NODES}] (1 = this machine only)")
-        _check(self.rdzv_endpoint == "" or valid_endpoint(self.rdzv_endpoint), f"{p}.rdzv_endpoint",
+        check(self.rdzv_endpoint == "" or valid_endpoint(self.rdzv_endpoint), f"{p}.rdzv_endpoint",
                self.rdzv_endpoint, "must be '' or 'host:port': a hostname (letters, digits, '-', '.'), an IPv4 address "
                "or a bracketed IPv6 address, and a port in [1, 65535]")
 
@@ -357,20 +235,20 @@ class TrainParams:
     checkpoint_every: int = 1  # epochs between resume checkpoints under checkpoints/ (0 = off)
 
     def validate(self, p: str) -> None:
-        _check(_in(1, self.epochs, MAX_EPOCHS), f"{p}.epochs", self.epochs, f"must be in [1, {MAX_EPOCHS}]")
-        _check(_in(1, self.batch_size, MAX_BATCH), f"{p}.batch_size", self.batch_size,
+        check(within(1, self.epochs, MAX_EPOCHS), f"{p}.epochs", self.epochs, f"must be in [1, {MAX_EPOCHS}]")
+        check(within(1, self.batch_size, MAX_BATCH), f"{p}.batch_size", self.batch_size,
                f"must be in [1, {MAX_BATCH}]")
-        _check(0 < self.lr <= MAX_LR, f"{p}.lr", self.lr,
+        check(0 < self.lr <= MAX_LR, f"{p}.lr", self.lr,
                f"must be in (0, {MAX_LR}] (peak SGD learning rate; larger ones diverge to NaN)")
-        _check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "must be in [0, 1)")
-        _check(_in(0, self.weight_decay, MAX_WEIGHT_DECAY), f"{p}.weight_decay", self.weight_decay,
+        check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "must be in [0, 1)")
+        check(within(0, self.weight_decay, MAX_WEIGHT_DECAY), f"{p}.weight_decay", self.weight_decay,
                f"must be in [0, {MAX_WEIGHT_DECAY}] (typical: 1e-4 to 5e-4; larger ones shrink every weight to 0 "
                "or diverge)")
-        _check(0 <= self.warmup_frac < 1, f"{p}.warmup_frac", self.warmup_frac, "must be in [0, 1)")
-        _check(0 <= self.label_smoothing < 1, f"{p}.label_smoothing", self.label_smoothing, "must be in [0, 1)")
-        _check(_in(0, self.eval_every, MAX_EPOCHS), f"{p}.eval_every", self.eval_every,
+        check(0 <= self.warmup_frac < 1, f"{p}.warmup_frac", self.warmup_frac, "must be in [0, 1)")
+        check(0 <= self.label_smoothing < 1, f"{p}.label_smoothing", self.label_smoothing, "must be in [0, 1)")
+        check(within(0, self.eval_every, MAX_EPOCHS), f"{p}.eval_every", self.eval_every,
                f"must be in [0, {MAX_EPOCHS}] (0 = only at the end)")
-        _check(_in(0, self.checkpoint_every, MAX_EPOCHS), f"{p}.checkpoint_every", self.checkpoint_every,
+        check(within(0, self.checkpoint_every, MAX_EPOCHS), f"{p}.checkpoint_every", self.checkpoint_every,
                f"must be in [0, {MAX_EPOCHS}] (epochs between resume checkpoints; 0 = off)")
 
 
@@ -389,28 +267,28 @@ class PruneParams:
     agp_end: float = 0.5  # fraction of the recovery steps by which AGP reaches the target sparsity
 
     def validate(self, p: str) -> None:
-        _check(0 <= self.ratio < 1, f"{p}.ratio", self.ratio,
+        check(0 <= self.ratio < 1, f"{p}.ratio", self.ratio,
                "must be in [0, 1) (magnitude: fraction of prunable weights removed; l1_filter: fraction of filters)")
-        _check(_in(0, self.min_layer_density, MAX_MIN_LAYER_DENSITY), f"{p}.min_layer_density", self.min_layer_density,
+        check(within(0, self.min_layer_density, MAX_MIN_LAYER_DENSITY), f"{p}.min_layer_density", self.min_layer_density,
                f"must be in [0, {MAX_MIN_LAYER_DENSITY}] (the fraction of its weights every prunable layer keeps; "
                "0 = only its largest one)")
         if self.min_layer_density > 0:
-            _check(self.method == "magnitude", f"{p}.min_layer_density", self.min_layer_density,
+            check(self.method == "magnitude", f"{p}.min_layer_density", self.min_layer_density,
                    f"applies to {p}.method: magnitude only (l1_filter and channel keep every layer's structure); "
                    "set it to 0")
-            _check(self.min_layer_density <= 1 - self.ratio, f"{p}.min_layer_density", self.min_layer_density,
+            check(self.min_layer_density <= 1 - self.ratio, f"{p}.min_layer_density", self.min_layer_density,
                    f"must be at most 1 - {p}.ratio = {1 - self.ratio:g}: the floors alone would keep more weights than "
                    f"ratio {self.ratio:g} leaves")
-        _check(self.schedule == "oneshot" or self.method == "magnitude", f"{p}.schedule", self.schedule,
+        check(self.schedule == "oneshot" or self.method == "magnitude", f"{p}.schedule", self.schedule,
                f"'agp' needs {p}.method: magnitude (gradual pruning of masks; l1_filter and channel remove "
                "channels once)")
         if self.target_macs_reduction is not None:
-            _check(self.method == "channel", f"{p}.target_macs_reduction", self.target_macs_reduction,
+            check(self.method == "channel", f"{p}.target_macs_reduction", self.target_macs_reduction,
                    f"applies to {p}.method: channel only; set it to null")
-            _check(1 < self.target_macs_reduction <= 100, f"{p}.target_macs_reduction", self.target_macs_reduction,
+            check(1 < self.target_macs_reduction <= 100, f"{p}.target_macs_reduction", self.target_macs_reduction,
                    "must be in (1, 100] (the factor by which the MACs fall, e.g. 2.0; null = use prune.ratio)")
-        _check(_in(1, self.agp_steps, 10_000), f"{p}.agp_steps", self.agp_steps, "must be in [1, 10000]")
-        _check(0 < self.agp_end <= 1, f"{p}.agp_end", self.agp_end, "must be in (0, 1] (fraction of recovery steps)")
+        check(within(1, self.agp_steps, 10_000), f"{p}.agp_steps", self.agp_steps, "must be in [1, 10000]")
+        check(0 < self.agp_end <= 1, f"{p}.agp_end", self.agp_end, "must be in (0, 1] (fraction of recovery steps)")
 
 
 def teacher_path_problem(path: str) -> str | None:
@@ -438,17 +316,17 @@ class TeacherParams(TrainParams):
         if self.init != "scratch" and self.epochs == 0:  # 0 epochs: measure the imported teacher as it is
             TrainParams.validate(dataclasses.replace(self, epochs=1), p)
         else:
-            _check(_in(1, self.epochs, MAX_EPOCHS), f"{p}.epochs", self.epochs,
+            check(within(1, self.epochs, MAX_EPOCHS), f"{p}.epochs", self.epochs,
                    f"must be in [1, {MAX_EPOCHS}] ({p}.epochs: 0 is allowed only with {p}.init checkpoint or "
                    "pretrained)")
             super().validate(p)
         if self.init == "checkpoint":
-            _check(self.checkpoint is not None, f"{p}.checkpoint", self.checkpoint,
+            check(self.checkpoint is not None, f"{p}.checkpoint", self.checkpoint,
                    f"{p}.init checkpoint needs the file to load, a path inside {TEACHER_DIR}/")
             problem = teacher_path_problem(self.checkpoint)
-            _check(problem is None, f"{p}.checkpoint", self.checkpoint, problem or "")
+            check(problem is None, f"{p}.checkpoint", self.checkpoint, problem or "")
         else:
-            _check(self.checkpoint is None, f"{p}.checkpoint", self.checkpoint,
+            check(self.checkpoint is None, f"{p}.checkpoint", self.checkpoint,
                    f"applies to {p}.init: checkpoint only; set it to null")
 
 
@@ -471,17 +349,17 @@ class DistillParams(TrainParams):
 
     def validate(self, p: str) -> None:
         super().validate(p)
-        _check(len(self.variants) > 0, f"{p}.variants", self.variants, f"must list at least one of {list(VARIANTS)}")
+        check(len(self.variants) > 0, f"{p}.variants", self.variants, f"must list at least one of {list(VARIANTS)}")
         for v in self.variants:
-            _check(v in VARIANTS, f"{p}.variants", self.variants, f"each entry must be one of {list(VARIANTS)}")
-        _check(len(set(self.variants)) == len(self.variants), f"{p}.variants", self.variants, "has duplicates")
-        _check(_in(MIN_TEMPERATURE, self.temperature, MAX_TEMPERATURE), f"{p}.temperature", self.temperature,
+            check(v in VARIANTS, f"{p}.variants", self.variants, f"each entry must be one of {list(VARIANTS)}")
+        check(len(set(self.variants)) == len(self.variants), f"{p}.variants", self.variants, "has duplicates")
+        check(within(MIN_TEMPERATURE, self.temperature, MAX_TEMPERATURE), f"{p}.temperature", self.temperature,
                f"must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (Hinton et al. use 1-20; near 0 the softened "
                "logits overflow to NaN, and the KD term is scaled by T^2)")
-        _check(_in(0, self.alpha, 1), f"{p}.alpha", self.alpha, "must be in [0, 1]")
-        _check(_in(0, self.at_beta, MAX_AT_BETA), f"{p}.at_beta", self.at_beta,
+        check(within(0, self.alpha, 1), f"{p}.alpha", self.alpha, "must be in [0, 1]")
+        check(within(0, self.at_beta, MAX_AT_BETA), f"{p}.at_beta", self.at_beta,
                f"must be in [0, {MAX_AT_BETA:.0f}] (0 = no attention transfer; Zagoruyko & Komodakis use 1000)")
-        _check(len(self.at_layers) <= MAX_AT_LAYERS and len(set(self.at_layers)) == len(self.at_layers)
+        check(len(self.at_layers) <= MAX_AT_LAYERS and len(set(self.at_layers)) == len(self.at_layers)
                and all(0 < len(n) <= 200 and re.fullmatch(r"[A-Za-z0-9_.]+", n) for n in self.at_layers),
                f"{p}.at_layers", self.at_layers,
                f"must list at most {MAX_AT_LAYERS} distinct module names (as model.named_modules() spells them, "
@@ -495,8 +373,8 @@ class EvaluateParams:
     onnx: bool = True  # export students to ONNX and check them with onnxruntime (when onnx is installed)
 
     def validate(self, p: str) -> None:
-        _check(_in(1, self.batch_size, MAX_BATCH), f"{p}.batch_size", self.batch_size, f"must be in [1, {MAX_BATCH}]")
-        _check(_in(0, self.latency_repeats, 10_000), f"{p}.latency_repeats", self.latency_repeats,
+        check(within(1, self.batch_size, MAX_BATCH), f"{p}.batch_size", self.batch_size, f"must be in [1, {MAX_BATCH}]")
+        check(within(0, self.latency_repeats, 10_000), f"{p}.latency_repeats", self.latency_repeats,
                "must be in [0, 10000] (0 = skip)")
 
 
@@ -506,7 +384,7 @@ class MlflowParams:
     experiment: str = "kdprune"
 
     def validate(self, p: str) -> None:
-        _check(bool(self.experiment.strip()) and len(self.experiment) <= 200 and self.experiment.isprintable(),
+        check(bool(self.experiment.strip()) and len(self.experiment) <= 200 and self.experiment.isprintable(),
                f"{p}.experiment", self.experiment, "must be a non-empty name of at most 200 printable characters")
 
 
@@ -526,103 +404,26 @@ class Params:
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
     def validate(self, p: str = "") -> None:
-        _check(_in(0, self.seed, MAX_SEED), "seed", self.seed,
+        check(within(0, self.seed, MAX_SEED), "seed", self.seed,
                f"must be an integer in [0, {MAX_SEED}] (numpy's seed range: 2^32 - 1)")
         n = self.runtime.world
         what = (f"runtime.nproc_per_node = {n}" if self.runtime.nnodes == 1 else
                 f"runtime.nnodes x runtime.nproc_per_node = {n}")
         for section in ("teacher", "distill"):  # DDP splits every global batch evenly over the processes
             bs = getattr(self, section).batch_size
-            _check(bs % n == 0, f"{section}.batch_size", bs,
+            check(bs % n == 0, f"{section}.batch_size", bs,
                    f"must be divisible by {what} (each process takes batch_size / {n} images of every step)")
         if self.teacher.init == "pretrained":
-            _check(self.model.arch == "torchvision", "teacher.init", self.teacher.init,
+            check(self.model.arch == "torchvision", "teacher.init", self.teacher.init,
                    f"'pretrained' needs model.arch: torchvision (torchvision's weights); model.arch is "
                    f"{self.model.arch!r}")
         if self.distill.at_beta > 0 and self.model.arch not in ARCHS:
-            _check(bool(self.distill.at_layers), "distill.at_layers", self.distill.at_layers,
+            check(bool(self.distill.at_layers), "distill.at_layers", self.distill.at_layers,
                    f"distill.at_beta > 0 with model.arch {self.model.arch} needs the module names whose outputs "
                    "attention transfer compares (e.g. [layer2, layer3] for torchvision's resnet18)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if tp is type(None):
-        return "null"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        _check(value in typing.get_args(tp), key, value, f"must be {_type_name(tp)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(key, value, arg)
-            except ParamsError:
-                continue
-        raise ParamsError(f"params.yaml: {key} = {show(value)} is invalid: must be {_type_name(tp)}")
-    if origin is list:
-        _check(isinstance(value, list), key, value, f"must be {_type_name(tp)}")
-        (inner,) = typing.get_args(tp)
-        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
-    if tp is type(None):
-        _check(value is None, key, value, "must be null")
-        return None
-    if tp is bool:
-        _check(isinstance(value, bool), key, value, "must be true or false")
-        return value
-    if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, value, "must be an integer")
-        return value
-    if tp is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "must be a number")
-        try:
-            value = float(value)
-        except OverflowError:  # an integer too large for a float
-            value = math.inf
-        _check(math.isfinite(value), key, value, "must be a finite number (not .nan or .inf)")
-        return value
-    if tp is str:
-        _check(isinstance(value, str), key, value, "must be a string")
-        return value
-    if tp is dict:  # checked by the section's validate (model.kwargs)
-        _check(isinstance(value, dict), key, value, "must be a mapping")
-        return value
-    if dataclasses.is_dataclass(tp):
-        _check(isinstance(value, dict), key, value, "must be a mapping of keys (a section)")
-        return _build(tp, value, key)
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for k in raw:
-        if k not in fields:
-            where = show(f"{prefix}.{k}" if prefix else str(k))[1:-1]
-            close = difflib.get_close_matches(str(k)[:100], list(fields), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ParamsError(f"params.yaml: unknown key '{where}'{hint} Allowed keys here: {sorted(fields)}")
-    kwargs = {}
-    for name in fields:
-        if name in raw:
-            kwargs[name] = _coerce(f"{prefix}.{name}" if prefix else name, raw[name], hints[name])
-    obj = cls(**kwargs)
-    obj.validate(prefix)
-    return obj
 
 
 REQUIRED_SECTIONS = ("data", "model", "teacher", "prune", "distill")
@@ -634,38 +435,7 @@ def params_from_dict(raw: Any) -> Params:
     for section in REQUIRED_SECTIONS:
         if section not in raw:
             raise ParamsError(f"params.yaml: missing section '{section}' (required sections: {list(REQUIRED_SECTIONS)})")
-    return _build(Params, raw, "")
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with two changes for hand-written params files:
-
-    - no aliases (``*name``): a few KB of nested aliases expand to gigabytes (a "billion laughs" YAML bomb),
-      and params.yaml has no use for them;
-    - YAML 1.2 floats: ``1e-3`` is a float, as in YAML 1.2 and in DVC's own parser (PyYAML follows YAML 1.1,
-      which needs a dot, ``1.0e-3``, and reads ``1e-3`` as a string).
-    """
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.YAMLError(f"YAML aliases (*{show(event.anchor)[1:-1]}) are not allowed in params files "
-                                 f"{event.start_mark}".rstrip())
-        return super().compose_node(parent, index)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def safe_load_yaml(text: str) -> Any:
-    """Parse params YAML with :class:`_Loader` (no aliases, YAML 1.2 floats)."""
-    loader = _Loader(text)  # what yaml.load does, with our SafeLoader subclass
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
+    return build(Params, raw, "")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -22,9 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from kdprune import overrides as ovr
+from kdprune.data import REGISTRY
+from kdprune.models import build_model, spec_from_params
+from kdprune.prune.counts import dense_macs
 from kdprune.params import Params, ParamsError, flatten, params_from_dict, safe_load_yaml
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
@@ -94,12 +98,6 @@ def cpu_seconds(params: Params, cores: int) -> float:
     Training FLOPs per image = 3 x the forward (forward + backward), the forward counted on the
     preset's model; the KD variants add a teacher forward; evaluation and export are left out.
     """
-    import torch
-
-    from kdprune.data import REGISTRY
-    from kdprune.measure import dense_macs
-    from kdprune.models import build_model, spec_from_params
-
     d = params.data
     if d.name in REGISTRY:
         info = REGISTRY[d.name]
@@ -122,8 +120,6 @@ def cpu_warning(name: str, params: Params, overrides: dict[str, Any] | None = No
     A preset is meant for a GPU when its own params set ``runtime.device`` to something other than 'cpu' (the
     paper presets say ``auto``); one that leaves the device alone, like ``study-fashion``, was sized for this CPU.
     ``overrides``: the preset's own params, flattened; None judges by the merged ``params`` alone."""
-    import torch
-
     device = params.runtime.device if overrides is None else overrides.get("runtime.device", "cpu")
     if device == "cpu" or torch.cuda.is_available():
         return None

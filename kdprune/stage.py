@@ -11,11 +11,12 @@ from typing import Callable
 
 import torch
 
-from kdprune import distributed, io
+from kdprune import checkpoint, io
 from kdprune.data import DatasetError, TensorLoader, load_prepared, streaming
 from kdprune.errors import UserError
 from kdprune.io import CheckpointError, ExportError, OutputError
 from kdprune.params import Params, ParamsError, load_params
+from kdprune.train import distributed
 
 PREPARED = Path("data/prepared/dataset.pt")
 TEACHER = Path("models/teacher.pt")
@@ -28,12 +29,12 @@ CHECKPOINTS = Path("checkpoints")  # resume state of training stages: git-ignore
 
 
 def load_model(path: Path, params: Params, expect_classes: int | None = None):
-    """``io.load_checkpoint`` of a model of this project: the only custom factory it may import is params.yaml's
+    """``checkpoint.load_checkpoint`` of a model of this project: the only custom factory it may import is params.yaml's
     ``model.factory`` (None unless ``model.arch: custom``). Returns ``(model, masks, meta)``."""
     # the teacher must be of params.yaml's model (another arch/depth/width/name is refused, not pruned silently);
     # a pruned model's spec has its own channel counts
     expect_model = params.model if Path(path) == TEACHER else None
-    return io.load_checkpoint(path, expect_classes, expect_model=expect_model, allowed_factory=params.model.factory)
+    return checkpoint.load_checkpoint(path, expect_classes, expect_model=expect_model, allowed_factory=params.model.factory)
 
 
 def student_path(variant: str) -> Path:
@@ -77,7 +78,7 @@ def run(main: Callable[[Params], None], ddp: bool = False, doc: str | None = Non
     """Validate params, then run ``main``; user errors exit 2 with one clear line, no traceback.
 
     ``ddp``: a training stage; with ``runtime.nproc_per_node > 1`` it re-executes itself
-    under torchrun, and under torchrun ``main`` runs inside the DDP process group (kdprune/distributed.py).
+    under torchrun, and under torchrun ``main`` runs inside the DDP process group (kdprune/train/distributed.py).
     ``doc``: the stage's docstring; given, the command line is parsed first (``parse_args``), so
     ``--help`` prints it and exits 0 and an unknown argument exits 2, before anything is read or written.
     """
@@ -144,6 +145,30 @@ def test_loader(params: Params, data: dict, device: torch.device | str = "cpu") 
     return TensorLoader(to_device(data["test_x"], device), to_device(data["test_y"], device), data["mean"],
                         data["std"], params.evaluate.batch_size, train=False, device=device,
                         channels_last=params.runtime.channels_last)
+
+
+TRAIN_EVAL = 10_000  # training images scored per variant (train_acc_<variant>): ~1/6 of a test pass per 10k
+
+
+def train_eval_indices(n: int, limit: int = TRAIN_EVAL) -> torch.Tensor:
+    """``min(n, limit)`` evenly spaced indices into a split of ``n`` (the same for every seed and variant;
+    splits are stored class by class or shuffled, and even spacing covers every class either way)."""
+    k = min(n, limit)
+    return torch.div(torch.arange(k, dtype=torch.int64) * n, k, rounding_mode="floor") if k else torch.zeros(0, dtype=torch.int64)
+
+
+def train_eval_loader(params: Params, data: dict, device):
+    """Unaugmented batches of the fixed training subset (train_eval_indices), on the tensor or stream path."""
+    y = data["train_y"]
+    idx = train_eval_indices(len(y))
+    common = dict(batch_size=params.evaluate.batch_size, train=False, device=device,
+                  channels_last=params.runtime.channels_last)
+    if data.get("loader") == "stream":
+        files = streaming.split_files(data, "train").subset(idx)
+        return streaming.StreamLoader(files, data["preprocessing"], y[idx], data["mean"], data["std"],
+                                      num_workers=params.data.num_workers, **common)
+    return TensorLoader(to_device(data["train_x"][idx], device), to_device(y[idx], device),
+                        data["mean"], data["std"], **common)
 
 
 def data_meta(data: dict) -> dict:

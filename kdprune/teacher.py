@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kdprune import io
+from kdprune import checkpoint
 from kdprune.errors import UserError
 from kdprune.models import torchvision as tvmodels
-from kdprune.structured import output_layer
+from kdprune.prune.channel import output_layer
 
 
 class TeacherError(UserError, ValueError):
@@ -47,7 +47,7 @@ def import_weights(model: nn.Module, params, input_shape: tuple[int, ...]) -> st
     """Load the weights ``teacher.init`` names into ``model``; returns a line saying what was loaded."""
     t = params.teacher
     if t.init == "checkpoint":
-        io.load_weights(model, io.state_dict_of(t.checkpoint), t.checkpoint)
+        checkpoint.load_weights(model, checkpoint.state_dict_of(t.checkpoint), t.checkpoint)
         return f"imported {t.checkpoint}"
     if t.init == "pretrained":
         name = params.model.name
@@ -62,6 +62,6 @@ def import_weights(model: nn.Module, params, input_shape: tuple[int, ...]) -> st
                                    f"{own[mismatched[0]].shape[0]}; its classifier must be trained: set "
                                    "teacher.epochs > 0")
             state = {**state, **{k: own[k] for k in mismatched}}
-        io.load_weights(model, state, f"torchvision {name} DEFAULT weights")
+        checkpoint.load_weights(model, state, f"torchvision {name} DEFAULT weights")
         return f"torchvision's pretrained {name}" + (f" (new {head_name} for the data's classes)" if mismatched else "")
     return "trained from scratch"

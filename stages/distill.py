@@ -2,12 +2,12 @@
 -> models/students/<variant>.pt, metrics/distill/<variant>.json, plots/distill/<variant>.csv.
 
 The variants (kd, finetune, scratch, scratch_kd) share epochs, schedule, data order and masks;
-kdprune/recovery.py says where each one starts and which loss it uses. They run one after another in
+kdprune/train/recovery.py says where each one starts and which loss it uses. They run one after another in
 this one stage, each from the same seed, so each gives exactly what it gave in a process of its own.
 The stage's command names no variant: a param value never reaches the shell (dvc.yaml).
 
 Besides test accuracy, each variant's accuracy on a fixed subset of the training split (at most
-TRAIN_EVAL images, evenly spaced, no augmentation) is written as ``train_acc_<variant>``: a number a
+stage.TRAIN_EVAL images, evenly spaced, no augmentation) is written as ``train_acc_<variant>``: a number a
 study may select settings on (for example KD's alpha and temperature) without looking at the test split.
 
 Resume: each variant keeps its resume checkpoint (checkpoints/distill_<variant>.pt) until the whole
@@ -16,44 +16,14 @@ that was running.
 """
 import time
 
-import torch
-
-from kdprune import distributed, io, stage
-from kdprune.data.imagefolder import FileIndex
-from kdprune.data.loader import TensorLoader
-from kdprune.data.streaming import StreamLoader, split_files
+from kdprune import checkpoint, io, stage
 from kdprune.measure import accuracy
 from kdprune.params import Params
-from kdprune.pruning import count_params, count_prunable
-from kdprune.recovery import agp_schedule, starting_point
-from kdprune.train import fit, seed_everything, setup_runtime
-
-
-TRAIN_EVAL = 10_000  # training images scored per variant (train_acc_<variant>): ~1/6 of a test pass per 10k
-
-
-def train_eval_indices(n: int, limit: int = TRAIN_EVAL) -> torch.Tensor:
-    """``min(n, limit)`` evenly spaced indices into a split of ``n`` (the same for every seed and variant;
-    splits are stored class by class or shuffled, and even spacing covers every class either way)."""
-    k = min(n, limit)
-    return torch.div(torch.arange(k, dtype=torch.int64) * n, k, rounding_mode="floor") if k else torch.zeros(0, dtype=torch.int64)
-
-
-def train_eval_loader(params: Params, data: dict, device):
-    """Unaugmented batches of the fixed training subset (train_eval_indices), on the tensor or stream path."""
-    y = data["train_y"]
-    idx = train_eval_indices(len(y))
-    common = dict(batch_size=params.evaluate.batch_size, train=False, device=device,
-                  channels_last=params.runtime.channels_last)
-    if data.get("loader") == "stream":
-        files = split_files(data, "train")
-        rel = [files.blob[files.offsets[i]:files.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
-               for i in idx.tolist()]
-        sub = FileIndex.pack(files.root, rel, files.sizes[idx.numpy()])
-        return StreamLoader(sub, data["preprocessing"], y[idx], data["mean"], data["std"],
-                            num_workers=params.data.num_workers, **common)
-    return TensorLoader(stage.to_device(data["train_x"][idx], device), stage.to_device(y[idx], device),
-                        data["mean"], data["std"], **common)
+from kdprune.prune.counts import count_params, count_prunable
+from kdprune.train import distributed
+from kdprune.train.loop import fit
+from kdprune.train.recovery import agp_schedule, starting_point
+from kdprune.train.runtime import seed_everything, setup_runtime
 
 
 def recover(params: Params, variant: str, data: dict, device) -> None:
@@ -65,16 +35,13 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
     teacher = stage.load_model(stage.TEACHER, params, expect_classes=n_classes)[0]
     start = starting_point(variant, params, pruned, pruned_masks, teacher)
     student, masks = start.student.to(device), start.masks
-    uses_teacher = start.alpha > 0 or start.at_beta > 0
     _, nz_before = count_prunable(pruned)
     loader = stage.train_loader(params, data, params.distill, device)
     t0 = time.perf_counter()
-    history = fit(student, loader, stage.test_loader(params, data, device),
-                  params.distill, runtime=params.runtime, teacher=teacher if uses_teacher else None,
-                  alpha=start.alpha, temperature=params.distill.temperature, masks=masks, name=variant,
-                  section="distill", log=stage.log, checkpoint=stage.resume_path(f"distill_{variant}"),
-                  at_beta=start.at_beta, at_layers=params.distill.at_layers or None,
-                  prune_schedule=agp_schedule(params, params.distill.epochs * len(loader)) if start.gradual else None)
+    history = fit(student, loader, stage.test_loader(params, data, device), params.distill, runtime=params.runtime,
+                  objective=start.objective(teacher, params.distill), masks=masks,
+                  prune_schedule=agp_schedule(params.prune, params.distill.epochs * len(loader)) if start.gradual else None,
+                  name=variant, section="distill", log=stage.log, checkpoint=stage.resume_path(f"distill_{variant}"))
     _, nz_after = count_prunable(student)
     if masks and nz_after > nz_before:  # the loop's invariant; never ship a student whose mask leaked
         raise RuntimeError(f"{variant}: non-zero prunable weights grew from {nz_before} to {nz_after}; masks leaked")
@@ -83,11 +50,11 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
                            f"model {count_params(pruned)[0]}")
     if not distributed.is_main():  # DDP: rank 0 writes the outputs
         return
-    io.save_checkpoint(stage.student_path(variant), student, masks=masks,
-                       meta={**meta, "variant": variant, "alpha": start.alpha, "at_beta": start.at_beta,
-                             "gradual": start.gradual})
+    checkpoint.save_checkpoint(stage.student_path(variant), student, masks=masks,
+                               meta={**meta, "variant": variant, "alpha": start.alpha, "at_beta": start.at_beta,
+                                     "gradual": start.gradual})
     # metrics only, each in one file (kdprune/metrics.py); alpha, at_beta, gradual: in the checkpoint's meta
-    train_acc = round(accuracy(student, train_eval_loader(params, data, device)), 2)
+    train_acc = round(accuracy(student, stage.train_eval_loader(params, data, device)), 2)
     io.write_json(stage.METRICS / "distill" / f"{variant}.json",
                   {f"acc_{variant}": history[-1]["test_acc"], f"train_acc_{variant}": train_acc})
     columns = ("epoch", "lr", "train_loss", "train_acc", "test_acc") + (("prunable_sparsity",) if start.gradual else ())

@@ -21,11 +21,11 @@ import torch  # noqa: E402
 from kdprune import io, stage  # noqa: E402
 from kdprune.export import (compact_bound_bytes, export_compact, export_onnx, onnx_available,  # noqa: E402
                             onnx_parity)
-from kdprune.measure import (BUSY_WARNING, cpu_busy_fraction, dense_macs, latency_ms, nonzero_macs,  # noqa: E402
-                             size_report)
+from kdprune.measure import BUSY_WARNING, cpu_busy_fraction, latency_ms, size_report
+from kdprune.prune.counts import dense_macs, nonzero_macs
 from kdprune.models import spec_name, spec_of  # noqa: E402
 from kdprune.params import Params  # noqa: E402
-from kdprune.train import setup_runtime, to_runtime  # noqa: E402
+from kdprune.train.runtime import setup_runtime, to_runtime  # noqa: E402
 
 EXPORT = Path("models/export")
 ONNX_TOLERANCE = 1e-3  # max |onnxruntime - torch| on the logits, fp32 on CPU, per unit of max(1, max |logit|)

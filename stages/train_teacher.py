@@ -5,13 +5,16 @@ teachers/, or torchvision's pretrained weights. ``teacher.epochs: 0`` only measu
 """
 import time
 
-from kdprune import distributed, io, stage
-from kdprune.measure import accuracy, dense_macs
+from kdprune import checkpoint, io, stage
+from kdprune.train import distributed
+from kdprune.measure import accuracy
+from kdprune.prune.counts import dense_macs
 from kdprune.models import build_model, params_name, spec_from_params
 from kdprune.params import Params
-from kdprune.pruning import count_params
+from kdprune.prune.counts import count_params
 from kdprune.teacher import check_runs, import_weights
-from kdprune.train import fit, setup_runtime, to_runtime
+from kdprune.train.loop import fit
+from kdprune.train.runtime import setup_runtime, to_runtime
 
 
 def main(params: Params) -> None:
@@ -35,7 +38,7 @@ def main(params: Params) -> None:
         stage.log(f"teacher: teacher.epochs 0: measured only, test {history[0]['test_acc']:.2f}%")
     if not distributed.is_main():  # DDP: rank 0 writes the outputs
         return
-    io.save_checkpoint(stage.TEACHER, model, meta=stage.data_meta(data))
+    checkpoint.save_checkpoint(stage.TEACHER, model, meta=stage.data_meta(data))
     total, _ = count_params(model)
     io.write_json(stage.METRICS / "teacher.json", {
         "acc_teacher": history[-1]["test_acc"],

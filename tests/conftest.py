@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, kdata, write_fake_dataset
+from tests.helpers import write_fake_dataset  # first: it puts the repository root on sys.path
+from kdprune import data as kdata  # noqa: E402
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from kdprune import data as kdata  # noqa: E402
 from kdprune.data import REGISTRY, write_idx  # noqa: E402
 
 

@@ -12,18 +12,20 @@ import pytest
 import torch
 import yaml
 
-from kdprune import io, metrics
+from kdprune import checkpoint, io, metrics
 from kdprune.export import ExportError, export_compact, export_onnx, load_compact, onnx_available, onnx_max_abs_diff
-from kdprune.features import FeatureError
-from kdprune.losses import AttentionTransferError
+from kdprune.train.features import FeatureError
+from kdprune.train.losses import AttentionTransferError
 from kdprune.models import build_model, record_pruning, spec_from_params, spec_of
 from kdprune.models import torchvision as tvmodels
-from kdprune.params import (TORCHVISION_CLASSIFIERS, DistillParams, ModelParams, ParamsError, RuntimeParams,
-                            params_from_dict)
-from kdprune.pruning import apply_masks, count_params, global_magnitude_masks
-from kdprune.structured import ChannelPruningError, channel_prune
+from kdprune.archs import TORCHVISION_CLASSIFIERS
+from kdprune.params import DistillParams, ModelParams, params_from_dict, ParamsError, RuntimeParams
+from kdprune.prune.counts import count_params
+from kdprune.prune.masks import apply_masks, global_magnitude_masks
+from kdprune.prune.channel import channel_prune, ChannelPruningError
 from kdprune.teacher import TeacherError, import_weights
-from kdprune.train import fit
+from kdprune.train.loop import fit
+from kdprune.train.objective import Objective
 from tests.helpers import default_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,8 +101,8 @@ def test_torchvision_model_prunes_distils_reloads_and_exports(name, channels, sa
     apply_masks(student, masks)
     nonzero = {k: int(torch.count_nonzero(p)) for k, p in student.named_parameters() if k in masks}
     before = copy.deepcopy(student.state_dict())
-    fit(student, data, data, KD, runtime=RUNTIME, teacher=teacher, alpha=0.9, temperature=4.0, masks=masks,
-        name=name, log=lambda m: None, at_beta=100.0, at_layers=[layer])
+    fit(student, data, data, KD, runtime=RUNTIME, masks=masks, name=name, log=lambda m: None,
+        objective=Objective(teacher=teacher, alpha=0.9, temperature=4.0, at_beta=100.0, at_layers=[layer]))
     params = dict(student.named_parameters())
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())  # it trained
     for k, m in masks.items():
@@ -112,7 +114,7 @@ def test_torchvision_model_prunes_distils_reloads_and_exports(name, channels, sa
     with torch.inference_mode():
         logits = student(x)
     assert torch.isfinite(logits).all()
-    io.save_checkpoint(saved / f"{name}-{channels}.pt", student, masks=masks)
+    checkpoint.save_checkpoint(saved / f"{name}-{channels}.pt", student, masks=masks)
     torch.save({"x": x, "logits": logits}, saved / f"{name}-{channels}.logits")
     if onnx_available():
         path = saved / f"{name}-{channels}.onnx"
@@ -132,7 +134,7 @@ RELOAD = textwrap.dedent("""
     from kdprune import io
     torch.set_num_threads(1)
     for ckpt in sorted(Path(sys.argv[1]).glob("*.pt")):
-        model, masks, _ = io.load_checkpoint(ckpt)
+        model, masks, _ = checkpoint.load_checkpoint(ckpt)
         ref = torch.load(ckpt.with_suffix(".logits"), weights_only=True)
         with torch.inference_mode():
             got = model.eval()(ref["x"])
@@ -194,8 +196,8 @@ def test_a_custom_factory_builds_prunes_and_reloads_with_its_kwargs(tmp_path):
     assert result.mac_reduction >= 1.5 and result.ratio < 0.95  # stopped once the target was reached
     record_pruning(model, result.history, (1, 16, 16))
     assert model.stem[0].out_channels < 12
-    io.save_checkpoint(tmp_path / "m.pt", model)
-    loaded, _, _ = io.load_checkpoint(tmp_path / "m.pt", allowed_factory=factory)
+    checkpoint.save_checkpoint(tmp_path / "m.pt", model)
+    loaded, _, _ = checkpoint.load_checkpoint(tmp_path / "m.pt", allowed_factory=factory)
     x = torch.randn(2, 1, 16, 16)
     with torch.inference_mode():
         assert torch.equal(loaded.eval()(x), model(x))
@@ -213,14 +215,14 @@ def test_a_model_file_naming_a_factory_never_imports_it(tmp_path, monkeypatch, f
     sys.modules.pop("tests.hostile_factory", None)
     good = build_model({"arch": "custom", "factory": "tests.custom_models:tiny_net", "kwargs": {}, "num_classes": 3,
                         "in_channels": 3}, allowed_factory="tests.custom_models:tiny_net")
-    io.save_checkpoint(tmp_path / "m.pt", good)
+    checkpoint.save_checkpoint(tmp_path / "m.pt", good)
     export_compact(good, tmp_path / "m.kdc")
     ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
     ckpt["spec"]["factory"] = factory
     torch.save(ckpt, tmp_path / "hostile.pt")
     for allowed in (None, "tests.custom_models:tiny_net"):
         with pytest.raises(io.CheckpointError, match=f"names the custom factory '{factory}'"):
-            io.load_checkpoint(tmp_path / "hostile.pt", allowed_factory=allowed)
+            checkpoint.load_checkpoint(tmp_path / "hostile.pt", allowed_factory=allowed)
     # the compact file: the same header with the hostile factory
     import struct
     import zlib
@@ -302,10 +304,11 @@ def _tv(name="resnet18"):
 def test_attention_transfer_layers_must_exist_and_are_listed():
     data = batches(3)
     with pytest.raises(FeatureError, match="'layer9'.*some valid names: conv1, bn1"):
-        fit(_tv(), data, data, KD, runtime=RUNTIME, teacher=_tv(), alpha=0.9, at_beta=1.0, at_layers=["layer9"],
-            log=lambda m: None)
+        fit(_tv(), data, data, KD, runtime=RUNTIME, log=lambda m: None,
+            objective=Objective(teacher=_tv(), alpha=0.9, at_beta=1.0, at_layers=["layer9"]))
     with pytest.raises(FeatureError, match="at_layers is empty"):
-        fit(_tv(), data, data, KD, runtime=RUNTIME, teacher=_tv(), alpha=0.9, at_beta=1.0, log=lambda m: None)
+        fit(_tv(), data, data, KD, runtime=RUNTIME, objective=Objective(teacher=_tv(), alpha=0.9, at_beta=1.0),
+            log=lambda m: None)
 
 
 def test_attention_transfer_maps_of_other_sizes_are_an_error():
@@ -314,8 +317,8 @@ def test_attention_transfer_maps_of_other_sizes_are_an_error():
     teacher.layer2[0].conv1.stride = (4, 4)
     teacher.layer2[0].downsample[0].stride = (4, 4)
     with pytest.raises(AttentionTransferError, match="layer 'layer2' maps are \\(4, 4\\) \\(student\\) and \\(2, 2\\)"):
-        fit(_tv("resnet18"), data, data, KD, runtime=RUNTIME, teacher=teacher, alpha=0.9, at_beta=1.0,
-            at_layers=["layer2"], log=lambda m: None)
+        fit(_tv("resnet18"), data, data, KD, runtime=RUNTIME, log=lambda m: None,
+            objective=Objective(teacher=teacher, alpha=0.9, at_beta=1.0, at_layers=["layer2"]))
 
 
 def test_at_beta_without_at_layers_on_a_torchvision_model_is_a_params_error():
@@ -343,7 +346,7 @@ def test_a_plain_state_dict_and_a_kdprune_checkpoint_are_imported(tmp_path, monk
     user = _tv()  # what a user's own script trained and saved
     torch.save(user.state_dict(), tmp_path / "teachers" / "plain.pt")
     torch.save({"model": torch.nn.DataParallel(user).state_dict()}, tmp_path / "teachers" / "wrapped.pt")
-    io.save_checkpoint(tmp_path / "teachers" / "kdprune.pt", user)
+    checkpoint.save_checkpoint(tmp_path / "teachers" / "kdprune.pt", user)
     x = torch.randn(2, *SHAPE)
     for f in ("plain.pt", "wrapped.pt", "kdprune.pt"):
         params = teacher_params(tmp_path, init="checkpoint", checkpoint=f"teachers/{f}", epochs=0)
@@ -452,7 +455,7 @@ def test_stages_run_a_torchvision_model_with_an_imported_teacher_and_channel_pru
                            timeout=600)
         assert r.returncode == 0, f"{st}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
     m = metrics.collect(repo)  # each metric from its one file
-    loaded = io.load_checkpoint(repo / "models/teacher.pt")[0]
+    loaded = checkpoint.load_checkpoint(repo / "models/teacher.pt")[0]
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), user.state_dict().values()))
     assert m["reached_macs_reduction"] >= 1.5
     assert abs(m["mac_reduction"] - m["reached_macs_reduction"]) < 1e-9 and m["params_pruned"] < m["params_teacher"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import kdprune.__main__ as cli
-from kdprune import envcheck, presets, tracking, train
+from kdprune import envcheck, presets, tracking
+from kdprune.train import loop, runtime
 from kdprune.params import RuntimeParams, TrainParams
 from tests.helpers import ROOT
 
@@ -143,7 +144,7 @@ def test_setup_runtime_names_the_device(monkeypatch):
     threads = torch.get_num_threads()
     lines = []
     try:
-        assert train.setup_runtime(RuntimeParams(device="cpu", threads=1), 0, log=lines.append).type == "cpu"
+        assert runtime.setup_runtime(RuntimeParams(device="cpu", threads=1), 0, log=lines.append).type == "cpu"
     finally:
         torch.set_num_threads(threads)
     assert lines == ["device: cpu (1 threads)"]
@@ -151,7 +152,7 @@ def test_setup_runtime_names_the_device(monkeypatch):
 
 def test_the_device_line_names_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"NVIDIA H100 80GB HBM3 #{i}")
-    assert train.describe_device(torch.device("cuda", 0)) == "device: cuda:0 NVIDIA H100 80GB HBM3 #0"
+    assert runtime.describe_device(torch.device("cuda", 0)) == "device: cuda:0 NVIDIA H100 80GB HBM3 #0"
 
 
 class FakeClock:
@@ -164,17 +165,17 @@ class FakeClock:
 
 
 def test_without_a_terminal_a_long_epoch_prints_progress_lines(monkeypatch):
-    monkeypatch.setattr(train, "progress_enabled", lambda: False)  # stdout is a log file, not a TTY
+    monkeypatch.setattr(loop, "progress_enabled", lambda: False)  # stdout is a log file, not a TTY
     from tests.test_resume import loaders, setup
 
     model, _, _ = setup("teacher")
     tr, te = loaders()  # 256 images, batches of 64: 4 batches per epoch
     lines = []
-    hb = train.Heartbeat(every=30.0, clock=FakeClock(step=11.0))  # 11 s per clock read: a line every 3rd batch
+    hb = loop.Heartbeat(every=30.0, clock=FakeClock(step=11.0))  # 11 s per clock read: a line every 3rd batch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train.fit(model, tr, te, TrainParams(epochs=2, batch_size=64), runtime=RuntimeParams(threads=1), name="t",
+        loop.fit(model, tr, te, TrainParams(epochs=2, batch_size=64), runtime=RuntimeParams(threads=1), name="t",
                   log=lines.append, heartbeat=hb)
     finally:
         torch.set_num_threads(threads)
@@ -184,7 +185,7 @@ def test_without_a_terminal_a_long_epoch_prints_progress_lines(monkeypatch):
 
 
 def test_heartbeat_is_due_every_interval():
-    hb = train.Heartbeat(every=30.0, clock=FakeClock(step=10.0))
+    hb = loop.Heartbeat(every=30.0, clock=FakeClock(step=10.0))
     assert [hb.due() for _ in range(7)] == [False, False, True, False, False, True, False]
 
 

@@ -1,4 +1,4 @@
-"""Devices and DDP (kdprune/distributed.py): device resolution (CUDA faked with monkeypatch: this box has no
+"""Devices and DDP (kdprune/train/distributed.py): device resolution (CUDA faked with monkeypatch: this box has no
 GPU), the sharded loader, and the real teacher + distill stages in 2 gloo processes on the CPU against the
 single-process run: same files, same model spec and state_dict keys/shapes, same metrics keys, masks kept."""
 import csv
@@ -13,13 +13,15 @@ import pytest
 import torch
 import yaml
 
-from kdprune import distributed, io, stage, train
+from kdprune import checkpoint, io, stage
+from kdprune.train import distributed, runtime
 from kdprune.data import TensorLoader
-from kdprune.measure import accuracy, dense_macs
+from kdprune.measure import accuracy
+from kdprune.prune.counts import dense_macs
 from kdprune.models import build_model, resnet_spec
 from kdprune.params import Params, ParamsError, RuntimeParams, params_from_dict
-from kdprune.pruning import count_prunable
-from kdprune.train import setup_runtime
+from kdprune.prune.counts import count_prunable
+from kdprune.train.runtime import setup_runtime
 from tests.helpers import default_params, make_fake_images, write_fake_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +105,7 @@ def test_cuda_runs_are_deterministic_unless_switched_off(monkeypatch, no_torchru
     assert setup_runtime(rt, 0, log=None) == torch.device("cuda", 0)
     assert torch.backends.cudnn.benchmark is not deterministic and torch.backends.cudnn.deterministic is deterministic
     assert torch.are_deterministic_algorithms_enabled() is deterministic
-    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (train.CUBLAS_WORKSPACE if deterministic else None)
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (runtime.CUBLAS_WORKSPACE if deterministic else None)
     if deterministic:
         assert torch.is_deterministic_algorithms_warn_only_enabled()  # an op without such a kernel warns, no crash
         monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own choice is kept
@@ -278,7 +280,7 @@ def test_teacher_and_distill_under_ddp_match_the_single_process_layout(tmp_path)
     # (BatchNorm's per-rank statistics differ). Measured: 0.20 of the distance trained; 0.90 without DDP's all-reduce.
     torch.manual_seed(0)  # the stage's init: setup_runtime seeds, then build_model
     init, one, two = (torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (
-        build_model(spec), io.load_checkpoint(single / stage.TEACHER)[0], io.load_checkpoint(ddp / stage.TEACHER)[0]))
+        build_model(spec), checkpoint.load_checkpoint(single / stage.TEACHER)[0], checkpoint.load_checkpoint(ddp / stage.TEACHER)[0]))
     assert (one - init).norm() < 0.2 * init.norm(), "not the stage's initial weights"
     assert (two - one).norm() < 0.45 * (one - init).norm()
     assert json.loads((ddp / "logs/teacher.json").read_text())["images_per_second"]  # all ranks' images counted
@@ -292,8 +294,8 @@ def test_teacher_and_distill_under_ddp_match_the_single_process_layout(tmp_path)
     assert checkpoint_shape(single / stage.student_path("kd")) == checkpoint_shape(ddp / stage.student_path("kd"))
     assert (json.loads((single / "metrics/distill/kd.json").read_text()).keys()
             == json.loads((ddp / "metrics/distill/kd.json").read_text()).keys())
-    pruned, masks, _ = io.load_checkpoint(ddp / stage.PRUNED)
-    student = io.load_checkpoint(ddp / stage.student_path("kd"))[0]
+    pruned, masks, _ = checkpoint.load_checkpoint(ddp / stage.PRUNED)
+    student = checkpoint.load_checkpoint(ddp / stage.student_path("kd"))[0]
     assert count_prunable(student)[1] == count_prunable(pruned)[1] < count_prunable(pruned)[0]
     weights = dict(student.named_parameters())
     assert all(not weights[n][~m].any() for n, m in masks.items())  # pruned weights are still exactly 0
@@ -306,7 +308,7 @@ def test_teacher_and_distill_under_ddp_match_the_single_process_layout(tmp_path)
     (ddp / "params.yaml").write_text(yaml.safe_dump(agp, sort_keys=False))
     out = run_stage(ddp, "stages.distill")
     assert out.count("finetune epoch 1/1") == 1
-    student, final_masks, _ = io.load_checkpoint(ddp / stage.student_path("finetune"))
+    student, final_masks, _ = checkpoint.load_checkpoint(ddp / stage.student_path("finetune"))
     assert count_prunable(student)[1] == count_prunable(pruned)[1]  # AGP reached prune.ratio exactly
     assert sum(int(m.sum()) for m in final_masks.values()) == count_prunable(pruned)[1]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from kdprune import io
+from kdprune import checkpoint, io
 from kdprune.models import build_model, resnet_spec
 from tests.helpers import default_params, write_fake_dataset
 
@@ -68,7 +68,7 @@ def test_sigkill_during_teacher_training_resumes(tmp_path):
     start = int(line.split("at epoch ")[1].split("/")[0])
     assert start >= killed_at > 0, line  # resumed, not started over
     assert f"teacher epoch {start}/5" not in r.stdout and "teacher epoch 5/5" in r.stdout
-    model, _, meta = io.load_checkpoint(work / "models" / "teacher.pt", expect_classes=10)
+    model, _, meta = checkpoint.load_checkpoint(work / "models" / "teacher.pt", expect_classes=10)
     assert meta["dataset"] == "fashion_mnist" and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     metrics = json.loads((work / "metrics" / "teacher.json").read_text())
     assert set(metrics) == {"acc_teacher", "macs_teacher", "params_teacher"} and 0 <= metrics["acc_teacher"] <= 100
@@ -97,7 +97,7 @@ def test_sigkill_halfway_through_writes_leaves_no_torn_file(tmp_path):
         r = stage(work, env, "stages.train_teacher", check=False, hook=(Path(target).name, 1))
         assert r.returncode == -signal.SIGKILL and "killhook" in r.stdout, r.stdout + r.stderr
         assert (work / target).read_bytes() == good[target], f"{target} changed by a write that was killed"
-        io.load_checkpoint(work / "models" / "teacher.pt")  # old, or the complete new one
+        checkpoint.load_checkpoint(work / "models" / "teacher.pt")  # old, or the complete new one
         json.loads((work / "metrics" / "teacher.json").read_text())
 
     # killed while writing the resume checkpoint of epoch 2: the epoch-1 checkpoint is intact and used
@@ -109,7 +109,7 @@ def test_sigkill_halfway_through_writes_leaves_no_torn_file(tmp_path):
     assert leftovers  # SIGKILL leaves the temp files of the torn writes behind ...
     r = stage(work, env, "stages.train_teacher")
     assert "resuming from checkpoints/teacher.pt at epoch 1/2" in r.stdout
-    assert io.load_checkpoint(work / "models" / "teacher.pt")[2]["dataset"] == "fashion_mnist"
+    assert checkpoint.load_checkpoint(work / "models" / "teacher.pt")[2]["dataset"] == "fashion_mnist"
     assert sorted(p.name for p in work.rglob(".*.tmp")) == []  # ... and the next write of each output removes them
 
 
@@ -117,7 +117,7 @@ def test_teacher_from_another_dataset_is_refused_by_the_stage(tmp_path):
     work, env = make_workdir(tmp_path, n_train=100)
     stage(work, env, "stages.prepare")
     other = build_model(resnet_spec(8, 8, 1, 100))  # e.g. a CIFAR-100 teacher
-    io.save_checkpoint(work / "models" / "teacher.pt", other, meta={"dataset": "cifar100"})
+    checkpoint.save_checkpoint(work / "models" / "teacher.pt", other, meta={"dataset": "cifar100"})
     r = stage(work, env, "stages.prune", check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "100 output classes but the dataset has 10" in r.stderr and "cifar100" in r.stderr
@@ -160,9 +160,9 @@ def test_sigkill_during_distill_resumes_with_the_mask(tmp_path):
     assert "finetune: resuming from checkpoints/distill_finetune.pt at epoch 1/3" in r.stdout
     assert "finetune epoch 1/3" not in r.stdout and "finetune epoch 3/3" in r.stdout
     assert (work / "models" / "students" / "kd.pt").read_bytes() == kd_before  # same weights, same bytes
-    pruned, pruned_masks, _ = io.load_checkpoint(work / "models" / "pruned.pt")
+    pruned, pruned_masks, _ = checkpoint.load_checkpoint(work / "models" / "pruned.pt")
     for variant in ("kd", "finetune"):
-        student, masks, meta = io.load_checkpoint(work / "models" / "students" / f"{variant}.pt", expect_classes=10)
+        student, masks, meta = checkpoint.load_checkpoint(work / "models" / "students" / f"{variant}.pt", expect_classes=10)
         assert meta["variant"] == variant and masks.keys() == pruned_masks.keys()
         for name, p in student.named_parameters():  # the mask survived the kill and the resume
             if name in masks:
@@ -177,8 +177,8 @@ def test_teacher_of_another_architecture_is_refused_by_every_stage_that_loads_it
     work, env = make_workdir(tmp_path, n_train=100)  # model: resnet depth 8 width 8
     stage(work, env, "stages.prepare")
     meta = {"dataset": "fashion_mnist", "input_shape": [1, 28, 28]}
-    io.save_checkpoint(work / "models" / "teacher.pt", build_model(resnet_spec(14, 8, 1, 10)), meta=meta)
-    io.save_checkpoint(work / "models" / "pruned.pt", build_model(resnet_spec(8, 8, 1, 10)), meta=meta)
+    checkpoint.save_checkpoint(work / "models" / "teacher.pt", build_model(resnet_spec(14, 8, 1, 10)), meta=meta)
+    checkpoint.save_checkpoint(work / "models" / "pruned.pt", build_model(resnet_spec(8, 8, 1, 10)), meta=meta)
     for module, *args in (("stages.prune",), ("stages.distill",), ("stages.evaluate",)):
         r = stage(work, env, module, *args, check=False)
         assert r.returncode == 2 and "Traceback" not in r.stderr, module + r.stderr

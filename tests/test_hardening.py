@@ -11,13 +11,14 @@ import pytest
 import torch
 import yaml
 
-from kdprune import io, stage
+from kdprune import checkpoint, stage
 from kdprune.data import TensorLoader
 from kdprune.models import build_model, resnet_spec
 from kdprune.params import (MAX_PARAMS_BYTES, DistillParams, ParamsError, RuntimeParams, TrainParams, load_params,
                             max_threads, params_from_dict)
-from kdprune.pruning import PruningError, global_magnitude_masks, l1_filter_prune
-from kdprune.train import TrainingDiverged, fit
+from kdprune.prune.filters import l1_filter_prune
+from kdprune.prune.masks import global_magnitude_masks, PruningError
+from kdprune.train.loop import fit, TrainingDiverged
 from tests.helpers import params_with, committed_params_text, default_params, write_fake_dataset
 
 BASE = default_params()
@@ -155,7 +156,7 @@ def test_a_diverging_stage_exits_2_and_writes_no_outputs(tmp_path, monkeypatch, 
     """The same through the stage: one line, exit 2, none of the stage's outputs."""
     import stages.prepare
     import stages.train_teacher
-    from kdprune import train
+    from kdprune.train import loop
 
     raw = write_fake_dataset(tmp_path / "raw", n_train=60, n_test=20)
     p = copy.deepcopy(BASE)
@@ -166,8 +167,8 @@ def test_a_diverging_stage_exits_2_and_writes_no_outputs(tmp_path, monkeypatch, 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     monkeypatch.chdir(tmp_path)
     stage.run(stages.prepare.main)
-    real = train.kd_loss
-    monkeypatch.setattr(train, "kd_loss", lambda *a, **k: real(*a, **k) * math.nan)  # what lr 1e30 led to
+    real = loop.kd_loss
+    monkeypatch.setattr(loop, "kd_loss", lambda *a, **k: real(*a, **k) * math.nan)  # what lr 1e30 led to
     with pytest.raises(SystemExit) as e:
         stage.run(stages.train_teacher.main)
     err = capsys.readouterr().err.strip()
@@ -207,7 +208,7 @@ def test_prune_stage_refuses_a_diverged_teacher(tmp_path, monkeypatch, capsys):
     model = build_model(resnet_spec(8, 4, 1, 10))
     with torch.no_grad():
         model.layer1[0].conv1.weight[0] = math.nan
-    io.save_checkpoint(tmp_path / stage.TEACHER, model, meta={"dataset": "fashion_mnist", "input_shape": [1, 28, 28]})
+    checkpoint.save_checkpoint(tmp_path / stage.TEACHER, model, meta={"dataset": "fashion_mnist", "input_shape": [1, 28, 28]})
     with pytest.raises(SystemExit) as e:
         stage.run(stages.prune.main)
     err = capsys.readouterr().err
@@ -289,7 +290,7 @@ def test_shell_payload_in_a_param_never_runs_and_failed_experiments_keep_outputs
 def test_narrow_models_stay_nchw_on_the_cpu():
     """torch 2.14.1's oneDNN fp32 channels-last backward aborted the process (double free) for ResNet-8 widths 2-7
     on this CPU; such models now keep NCHW weights, wider ones still go channels-last."""
-    from kdprune.train import nhwc_safe, to_runtime
+    from kdprune.train.runtime import nhwc_safe, to_runtime
 
     rt = RuntimeParams(channels_last=True)
     narrow, wide = build_model(resnet_spec(8, 4, 1, 10)), build_model(resnet_spec(8, 8, 1, 10))

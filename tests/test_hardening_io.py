@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kdprune import export, io, stage
+from kdprune import checkpoint, export, io, stage
 from kdprune.export import MAGIC, ExportError, export_compact, load_compact
 from kdprune.io import CheckpointError, OutputError
 from kdprune.models import MAX_PARAMS, build_model, model_spec, resnet_spec, spec_param_count
 from kdprune.params import ModelParams
-from kdprune.pruning import apply_masks, global_magnitude_masks
+from kdprune.prune.masks import apply_masks, global_magnitude_masks
 
 # ---------------------------------------------------------------- compact files (.kdc) that lie
 
@@ -139,7 +139,7 @@ def test_the_header_is_capped_before_it_is_inflated_or_parsed(probe, good_kdc, t
 
 
 def test_spec_param_count_is_the_built_models_count():
-    from kdprune.pruning import l1_filter_prune
+    from kdprune.prune.filters import l1_filter_prune
     from kdprune.models import spec_of
 
     pruned = build_model(resnet_spec(14, 8, 3, 10))
@@ -158,7 +158,7 @@ def test_spec_param_count_is_the_built_models_count():
 
 
 def _ckpt(tmp_path, edit):
-    ckpt = {"format": io.CHECKPOINT_FORMAT, "spec": resnet_spec(8, 4, 1, 10),
+    ckpt = {"format": checkpoint.CHECKPOINT_FORMAT, "spec": resnet_spec(8, 4, 1, 10),
             "state_dict": build_model(resnet_spec(8, 4, 1, 10)).state_dict(), "masks": None, "meta": {}}
     edit(ckpt)
     torch.save(ckpt, tmp_path / "c.pt")
@@ -176,7 +176,7 @@ def _ckpt(tmp_path, edit):
 def test_a_checkpoint_whose_spec_lies_is_a_checkpoint_error(probe, edit, needle, tmp_path):
     path = _ckpt(tmp_path, edit)
     with pytest.raises(CheckpointError) as e:  # expect_classes: the stages pass it, and it read the spec first
-        io.load_checkpoint(path, expect_classes=10)
+        checkpoint.load_checkpoint(path, expect_classes=10)
     assert str(path) in str(e.value) and needle in str(e.value), str(e.value)
 
 
@@ -190,14 +190,14 @@ def test_a_checkpoint_whose_spec_lies_is_a_checkpoint_error(probe, edit, needle,
     ("width", model_spec("resnet_bottleneck", 20, 8, 1, 10), ModelParams("resnet_bottleneck", 20, 4)),
 ])
 def test_a_teacher_of_other_model_params_is_refused(field, stored, wanted, tmp_path):
-    io.save_checkpoint(tmp_path / "teacher.pt", build_model(stored))
+    checkpoint.save_checkpoint(tmp_path / "teacher.pt", build_model(stored))
     with pytest.raises(CheckpointError) as e:
-        io.load_checkpoint(tmp_path / "teacher.pt", expect_model=wanted)
+        checkpoint.load_checkpoint(tmp_path / "teacher.pt", expect_model=wanted)
     msg = str(e.value)
     assert f"model.{field} is {getattr(wanted, field)!r}" in msg and f"the file has " in msg, msg
     assert f"was trained as {stored['arch']} depth {stored['depth']}" in msg and "dvc repro" in msg, msg
     same = ModelParams(stored["arch"], stored["depth"], stored["channels"].get("stem", stored["channels"]["stages"][0]))
-    io.load_checkpoint(tmp_path / "teacher.pt", expect_model=same)
+    checkpoint.load_checkpoint(tmp_path / "teacher.pt", expect_model=same)
 
 
 # ---------------------------------------------------------------- disk full

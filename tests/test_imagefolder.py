@@ -197,7 +197,7 @@ def test_stream_workers_do_not_change_the_batches_and_ddp_shards_make_up_the_bat
 
 def test_training_on_the_stream_path_gives_the_tensor_paths_model_and_resumes_its_order(rgb_folder):
     from kdprune.params import RuntimeParams, TrainParams
-    from kdprune.train import fit
+    from kdprune.train.loop import fit
 
     params = folder_params(rgb_folder, image_size=16)
     cfg = TrainParams(epochs=2, batch_size=16, lr=0.05, eval_every=0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdprune.losses import kd_loss
+from kdprune.train.losses import kd_loss
 
 
 def test_kd_loss_hand_computed():

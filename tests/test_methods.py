@@ -7,17 +7,20 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kdprune import io
+from kdprune import checkpoint
 from kdprune.data import TensorLoader
 from kdprune.export import (ExportError, compact_bound_bytes, export_compact, export_onnx, load_compact,
                             onnx_max_abs_diff)
-from kdprune.losses import at_loss, attention_map
+from kdprune.train.losses import at_loss, attention_map
 from kdprune.models import build_model, model_spec, resnet_spec, spec_of
 from kdprune.params import DistillParams, RuntimeParams
-from kdprune.pruning import (AGPSchedule, agp_sparsity, apply_masks, count_params, count_prunable,
-                             global_magnitude_masks, inner_convs, l1_filter_prune)
-from kdprune.recovery import reinitialise
-from kdprune.train import fit
+from kdprune.prune.agp import agp_sparsity, AGPSchedule
+from kdprune.prune.counts import count_params, count_prunable
+from kdprune.prune.filters import inner_convs, l1_filter_prune
+from kdprune.prune.masks import apply_masks, global_magnitude_masks
+from kdprune.train.recovery import reinitialise
+from kdprune.train.loop import fit
+from kdprune.train.objective import Objective
 
 
 def l1_pruned(spec, ratio, size):
@@ -44,8 +47,8 @@ def test_l1_filter_gives_a_smaller_working_model(depth, tmp_path):
     model.eval(), rebuilt.eval()
     assert model(x).shape == (2, 10)
     torch.testing.assert_close(rebuilt(x), model(x))
-    io.save_checkpoint(tmp_path / "p.pt", rebuilt)  # save -> load without the original
-    loaded, _, _ = io.load_checkpoint(tmp_path / "p.pt")
+    checkpoint.save_checkpoint(tmp_path / "p.pt", rebuilt)  # save -> load without the original
+    loaded, _, _ = checkpoint.load_checkpoint(tmp_path / "p.pt")
     loaded.eval()
     torch.testing.assert_close(loaded(x), model(x))
 
@@ -65,8 +68,8 @@ def test_l1_filter_on_bottleneck_archs(arch, depth, width, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     model.eval(), rebuilt.eval()
     torch.testing.assert_close(rebuilt(x), model(x))
-    io.save_checkpoint(tmp_path / "p.pt", rebuilt)
-    loaded = io.load_checkpoint(tmp_path / "p.pt")[0].eval()
+    checkpoint.save_checkpoint(tmp_path / "p.pt", rebuilt)
+    loaded = checkpoint.load_checkpoint(tmp_path / "p.pt")[0].eval()
     torch.testing.assert_close(loaded(x), model(x))
 
 
@@ -185,8 +188,8 @@ def test_fit_with_agp_updates_the_callers_masks_in_place_and_ends_at_the_target(
     cfg = DistillParams(epochs=2, batch_size=16, eval_every=0, checkpoint_every=0)
     masks = {}
     sched = AGPSchedule(0.75, steps=3, end=0.5, total_steps=cfg.epochs * len(train))
-    history = fit(student, train, test, cfg, runtime=RuntimeParams(), teacher=teacher, alpha=0.9, temperature=4.0,
-                  masks=masks, log=lambda m: None, prune_schedule=sched, at_beta=10.0)
+    history = fit(student, train, test, cfg, runtime=RuntimeParams(), masks=masks, log=lambda m: None,
+                  objective=Objective(teacher=teacher, alpha=0.9, temperature=4.0, at_beta=10.0), prune_schedule=sched)
     total, nonzero = count_prunable(student)
     assert total - nonzero == round(0.75 * total) == sum(int((~m).sum()) for m in masks.values())
     assert history[0]["prunable_sparsity"] == history[1]["prunable_sparsity"] == pytest.approx(0.75, abs=1e-3)
@@ -211,7 +214,7 @@ def test_compact_export_round_trips_to_identical_weights(tmp_path):
     # at 90 % sparsity the file is within 1.25x of 2 bytes per non-zero + 1 bit per weight
     assert size <= 1.25 * compact_bound_bytes(model)
     dense = tmp_path / "m.pt"
-    io.save_checkpoint(dense, model, masks)
+    checkpoint.save_checkpoint(dense, model, masks)
     assert size < dense.stat().st_size / 3
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from kdprune import io, metrics
+from kdprune import checkpoint, metrics
 from tests.test_e2e import dvc, git, make_repo, mlflow_runs
 
 
@@ -38,9 +38,9 @@ def test_l1_filter_all_variants_then_agp(tmp_path, venv_bin):
     for name in ("teacher", "kd", "scratch"):
         assert lat[f"latency_b1_ms_{name}"] > 0 and lat[f"latency_b128_ms_{name}"] > 0
     assert "does not speed up dense kernels" in lat["note"]
-    kd_meta = io.load_checkpoint(repo / "models/students/kd.pt")[2]  # the variant's settings: checkpoint meta
+    kd_meta = checkpoint.load_checkpoint(repo / "models/students/kd.pt")[2]  # the variant's settings: checkpoint meta
     assert kd_meta["at_beta"] == 100.0 and kd_meta["alpha"] == pytest.approx(0.9)
-    assert io.load_checkpoint(repo / "models/students/finetune.pt")[2]["at_beta"] == 0.0
+    assert checkpoint.load_checkpoint(repo / "models/students/finetune.pt")[2]["at_beta"] == 0.0
     run = mlflow_runs(repo)[0]
     assert {"acc_scratch", "acc_scratch_kd", "latency_b128_ms_kd", "bytes_compact_kd"} <= set(run.data.metrics)
     git(repo, env, "add", "-A")

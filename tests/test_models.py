@@ -5,9 +5,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdprune import io
+from kdprune import checkpoint, io
 from kdprune.models import build_model, check_spec, model_spec, resnet_spec, spec_from_params, spec_of
-from kdprune.params import ARCHS, IMAGENET_LAYOUTS, MODEL_ARCHS, ModelParams, ParamsError
+from kdprune.archs import ARCHS, IMAGENET_LAYOUTS, MODEL_ARCHS
+from kdprune.params import ModelParams, ParamsError
 
 
 def expected_params(depth: int, width: int, in_ch: int, classes: int) -> int:
@@ -58,41 +59,41 @@ def test_checkpoint_roundtrip_without_original(tmp_path):
     model = build_model(resnet_spec(14, 8, 1, 10)).eval()
     x = torch.randn(3, 1, 28, 28)
     masks = {"fc.weight": torch.rand_like(model.fc.weight) > 0.5}
-    io.save_checkpoint(tmp_path / "m.pt", model, masks=masks, meta={"dataset": "x"})
-    loaded, loaded_masks, meta = io.load_checkpoint(tmp_path / "m.pt", expect_classes=10)
+    checkpoint.save_checkpoint(tmp_path / "m.pt", model, masks=masks, meta={"dataset": "x"})
+    loaded, loaded_masks, meta = checkpoint.load_checkpoint(tmp_path / "m.pt", expect_classes=10)
     assert torch.equal(loaded.eval()(x), model(x))
     assert torch.equal(loaded_masks["fc.weight"], masks["fc.weight"]) and meta == {"dataset": "x"}
 
 
 def test_checkpoint_class_mismatch_and_unsafe_pickle(tmp_path):
     model = build_model(resnet_spec(8, 8, 1, 10))
-    io.save_checkpoint(tmp_path / "m.pt", model)
+    checkpoint.save_checkpoint(tmp_path / "m.pt", model)
     with pytest.raises(io.CheckpointError, match="10 output classes but the dataset has 100"):
-        io.load_checkpoint(tmp_path / "m.pt", expect_classes=100)
+        checkpoint.load_checkpoint(tmp_path / "m.pt", expect_classes=100)
 
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
 
-    torch.save({"format": io.CHECKPOINT_FORMAT, "x": Evil()}, tmp_path / "evil.pt")
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(io.CheckpointError, match="weights_only"):
-        io.load_checkpoint(tmp_path / "evil.pt")
+        checkpoint.load_checkpoint(tmp_path / "evil.pt")
 
 
 def test_checkpoint_spec_mismatch_is_clear(tmp_path):
     model = build_model(resnet_spec(8, 8, 1, 10))
-    ckpt = {"format": io.CHECKPOINT_FORMAT, "spec": resnet_spec(8, 16, 1, 10),
+    ckpt = {"format": checkpoint.CHECKPOINT_FORMAT, "spec": resnet_spec(8, 16, 1, 10),
             "state_dict": model.state_dict(), "masks": None, "meta": {}}
     torch.save(ckpt, tmp_path / "m.pt")
     with pytest.raises(io.CheckpointError, match="do not match the stored architecture spec"):
-        io.load_checkpoint(tmp_path / "m.pt")
+        checkpoint.load_checkpoint(tmp_path / "m.pt")
 
 
 def test_torch_save_is_byte_identical_whatever_the_temp_name(tmp_path):
     """io.torch_save goes through a random temp file; the bytes must not depend on its name (DVC hashes)."""
     model = build_model(resnet_spec(8, 4, 1, 10))
-    io.save_checkpoint(tmp_path / "a.pt", model)
-    io.save_checkpoint(tmp_path / "b.pt", model)
+    checkpoint.save_checkpoint(tmp_path / "a.pt", model)
+    checkpoint.save_checkpoint(tmp_path / "b.pt", model)
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
 
 
@@ -229,8 +230,8 @@ def test_every_arch_round_trips_through_a_checkpoint_and_spec_of(spec, tmp_path)
     model.eval()
     assert spec_of(model) == spec and model.spec == spec
     x = torch.randn(2, spec["in_channels"], 32, 32)
-    io.save_checkpoint(tmp_path / "m.pt", model, meta={"dataset": "x"})
-    loaded, masks, meta = io.load_checkpoint(tmp_path / "m.pt", expect_classes=spec["num_classes"])
+    checkpoint.save_checkpoint(tmp_path / "m.pt", model, meta={"dataset": "x"})
+    loaded, masks, meta = checkpoint.load_checkpoint(tmp_path / "m.pt", expect_classes=spec["num_classes"])
     assert loaded.spec == spec and masks is None and meta == {"dataset": "x"}
     out, feats = model(x, return_features=True)
     out2, feats2 = loaded.eval()(x, return_features=True)
@@ -259,8 +260,8 @@ def test_torch_pruning_round_trip(spec, tmp_path):
     rebuilt.load_state_dict(model.state_dict())
     model.eval(), rebuilt.eval()
     assert torch.equal(rebuilt(x), model(x))
-    io.save_checkpoint(tmp_path / "p.pt", model)  # model.spec is read from the pruned modules
-    loaded, _, _ = io.load_checkpoint(tmp_path / "p.pt")
+    checkpoint.save_checkpoint(tmp_path / "p.pt", model)  # model.spec is read from the pruned modules
+    loaded, _, _ = checkpoint.load_checkpoint(tmp_path / "p.pt")
     assert loaded.spec == pruned_spec and torch.equal(loaded.eval()(x), model(x))
 
 
@@ -298,9 +299,9 @@ def test_old_checkpoint_spec_still_loads(tmp_path):
                 "channels": {"stages": [16, 32, 64], "mids": [[16], [32], [64]]}}
     torch.manual_seed(0)
     old = _OldResNet(old_spec)
-    torch.save({"format": io.CHECKPOINT_FORMAT, "spec": old_spec, "state_dict": old.state_dict(),
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "spec": old_spec, "state_dict": old.state_dict(),
                 "masks": None, "meta": {}}, tmp_path / "old.pt")
-    loaded, _, _ = io.load_checkpoint(tmp_path / "old.pt")
+    loaded, _, _ = checkpoint.load_checkpoint(tmp_path / "old.pt")
     x = torch.randn(2, 1, 28, 28)
     assert loaded.spec == old_spec and torch.equal(loaded.eval()(x), old.eval()(x))
 
@@ -358,8 +359,8 @@ def test_default_resnet_is_unchanged_by_the_zoo(args, tmp_path):
     old_sd, new_sd = old.state_dict(), new.state_dict()
     assert list(new_sd) == list(old_sd)
     assert all(torch.equal(new_sd[k], old_sd[k]) for k in old_sd)
-    io.save_checkpoint(tmp_path / "old.pt", old)
-    io.save_checkpoint(tmp_path / "new.pt", new)
+    checkpoint.save_checkpoint(tmp_path / "old.pt", old)
+    checkpoint.save_checkpoint(tmp_path / "new.pt", new)
     assert (tmp_path / "new.pt").read_bytes() == (tmp_path / "old.pt").read_bytes()
 
 

@@ -28,14 +28,14 @@ def module_files(name: str) -> list[str]:
 
 
 def module_imports(path: Path, seen: set[str] | None = None) -> set[str]:
-    """kdprune modules that ``path`` imports at module level, transitively, as repository paths.
-    ``from kdprune.models import zoo`` is the module kdprune/models/zoo.py; ``from kdprune.models import build_model``
-    is the package's kdprune/models/__init__.py."""
+    """kdprune modules that ``path`` imports anywhere in the file (at module level or inside a function),
+    transitively, as repository paths. ``from kdprune.models import zoo`` is the module kdprune/models/zoo.py;
+    ``from kdprune.models import build_model`` is the package's kdprune/models/__init__.py."""
     seen = set() if seen is None else seen
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.walk(ast.parse(path.read_text())):
         names: list[str] = []
-        if isinstance(node, ast.ImportFrom) and node.module and (node.module == "kdprune"
-                                                                 or node.module.startswith("kdprune.")):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (
+                node.module == "kdprune" or node.module.startswith("kdprune.")):
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names if a.name.startswith("kdprune.")]
@@ -45,6 +45,27 @@ def module_imports(path: Path, seen: set[str] | None = None) -> set[str]:
                     seen.add(rel)
                     module_imports(ROOT / rel, seen)
     return seen
+
+
+def package_files(folder: str) -> set[str]:
+    return {str(f.relative_to(ROOT)) for f in (ROOT / folder).rglob("*.py") if "__pycache__" not in f.parts}
+
+
+def expected_code_deps(files: set[str]) -> set[str]:
+    """What a stage lists for the code ``files`` it runs: a package folder of kdprune (``kdprune/data``) where the
+    stage runs most (at least half) of that folder's modules, the single files otherwise."""
+    deps = set(files)
+    for folder in sorted({str(Path(f).parent) for f in files if Path(f).parent != Path("kdprune")
+                          and f.startswith("kdprune/")}):
+        inside = package_files(folder)
+        used = files & inside
+        if 2 * len(used) >= len(inside):
+            deps = (deps - inside) | {folder}
+    return deps
+
+
+def code_deps(st: dict) -> set[str]:
+    return {d for d in st["deps"] if d.endswith(".py") or (ROOT / d / "__init__.py").exists()}
 
 
 def test_no_command_interpolates_anything():
@@ -67,10 +88,32 @@ def test_validate_runs_first_and_gates_every_stage():
 @pytest.mark.parametrize("name", sorted(PIPELINE))
 def test_stage_deps_list_exactly_the_code_it_imports(name):
     script = f"stages/{name}.py"
-    code = {d for d in PIPELINE[name]["deps"] if d.endswith(".py")}
     # `python -m stages.X` runs stages/__init__.py first (the venv check)
     package = {"stages/__init__.py"} | module_imports(ROOT / "stages/__init__.py")
-    assert code == {script} | package | module_imports(ROOT / script)
+    runs = {script} | package | module_imports(ROOT / script)
+    assert code_deps(PIPELINE[name]) == expected_code_deps(runs)
+
+
+def test_a_folder_dependency_covers_every_file_of_it_and_pycache_is_ignored():
+    """A folder dependency hashes every file in it: DVC must not see __pycache__ (which differs between
+    machines and Python versions) or a fresh clone would find every stage changed."""
+    assert "__pycache__" in (ROOT / ".dvcignore").read_text()
+    folders = {d for st in PIPELINE.values() for d in code_deps(st) if not d.endswith(".py")}
+    assert folders, "no stage depends on a package folder"
+    for folder in folders:
+        assert expected_code_deps(package_files(folder)) == {folder}
+
+
+def test_imports_inside_functions_are_followed(tmp_path):
+    """An import inside a function runs code too: the graph follows it."""
+    (tmp_path / "s.py").write_text("def main():\n    from kdprune import checkpoint\n")
+    assert "kdprune/checkpoint.py" in module_imports(tmp_path / "s.py")
+
+
+def test_each_stage_lists_each_params_key_once():
+    for name, st in PIPELINE.items():
+        keys = [k for k in st.get("params", []) if isinstance(k, str)]
+        assert len(keys) == len(set(keys)), f"stage {name} lists a params key twice: {keys}"
 
 
 def test_validate_imports_no_torch():

@@ -9,7 +9,7 @@ import torch
 from kdprune import presets
 from kdprune.models import build_model, spec_from_params
 from kdprune.params import PRUNE_METHODS
-from kdprune.pruning import count_params, count_prunable, prunable_modules
+from kdprune.prune.counts import count_params, count_prunable, prunable_modules
 from tests.helpers import committed_params_text
 
 PAPER = {"cifar100-resnet152": (100, 3, 22.0), "svhn-resnet110": (10, 3, 49.0)}

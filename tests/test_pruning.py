@@ -5,9 +5,11 @@ import torch.nn as nn
 from kdprune.data import TensorLoader
 from kdprune.models import build_model, resnet_spec
 from kdprune.params import DistillParams, RuntimeParams
-from kdprune.pruning import (AGPSchedule, apply_masks, compression_ratio, count_params, count_prunable,
-                             global_magnitude_masks, layer_floor, prunable_modules, sparsest_layer)
-from kdprune.train import fit
+from kdprune.prune.agp import AGPSchedule
+from kdprune.prune.counts import compression_ratio, count_params, count_prunable, prunable_modules, sparsest_layer
+from kdprune.prune.masks import apply_masks, global_magnitude_masks, layer_floor
+from kdprune.train.loop import fit
+from kdprune.train.objective import Objective
 
 
 def small_model(seed=0):
@@ -81,8 +83,8 @@ def test_masks_survive_training_with_momentum_and_weight_decay():
     cfg = DistillParams(epochs=2, batch_size=32, lr=0.5, momentum=0.9, weight_decay=0.05, eval_every=0)
     teacher = small_model(seed=3)
     weights_before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    fit(model, loader, test, cfg, runtime=RuntimeParams(threads=1), teacher=teacher, alpha=0.9,
-        temperature=4.0, masks=masks, name="t", log=lambda m: None)
+    fit(model, loader, test, cfg, runtime=RuntimeParams(threads=1), masks=masks, name="t", log=lambda m: None,
+        objective=Objective(teacher=teacher, alpha=0.9, temperature=4.0))
     params = dict(model.named_parameters())
     for name, mask in masks.items():
         assert torch.all(params[name][~mask] == 0), f"{name}: a pruned weight was revived"

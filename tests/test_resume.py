@@ -9,8 +9,10 @@ from kdprune import io
 from kdprune.data import TensorLoader
 from kdprune.models import build_model, resnet_spec
 from kdprune.params import DistillParams, RuntimeParams, TrainParams
-from kdprune.pruning import global_magnitude_masks
-from kdprune.train import RESUME_FORMAT, fit
+from kdprune.prune.masks import global_magnitude_masks
+from kdprune.train.loop import fit
+from kdprune.train.objective import Objective
+from kdprune.train.resume import RESUME_FORMAT
 from tests.helpers import make_fake_images
 
 RUNTIME = RuntimeParams(threads=1, bf16=True, channels_last=True)  # the default params' runtime settings
@@ -44,11 +46,11 @@ def setup(kind):
     torch.manual_seed(0)
     model = build_model(resnet_spec(8, 4, 1, 10))
     if kind == "teacher":
-        return model, dict(teacher=None, masks=None, alpha=0.0), TrainParams(epochs=3, batch_size=64, eval_every=2)
+        return model, dict(masks=None), TrainParams(epochs=3, batch_size=64, eval_every=2)
     torch.manual_seed(1)
     teacher = build_model(resnet_spec(8, 4, 1, 10))
     masks = global_magnitude_masks(model, 0.7)
-    return model, dict(teacher=teacher, masks=masks, alpha=0.9, temperature=4.0), \
+    return model, dict(objective=Objective(teacher=teacher, alpha=0.9, temperature=4.0), masks=masks), \
         DistillParams(epochs=3, batch_size=64, eval_every=2)
 
 

@@ -495,7 +495,7 @@ def test_queued_sweep_loses_and_duplicates_no_run_across_a_server_restart(tmp_pa
 # ---- multi-node DDP: 2 local "nodes" x 1 process, gloo, torchrun's c10d rendezvous on 127.0.0.1 ----------------
 
 def test_multi_node_params_and_launch_command():
-    from kdprune import distributed
+    from kdprune.train import distributed
     from kdprune.params import ParamsError, RuntimeParams, params_from_dict
     from tests.helpers import default_params
 

@@ -107,7 +107,7 @@ def _read_idx_split(info: DatasetInfo, files: dict[str, Path], split: str) -> tu
     roles = (f"{split}_images", f"{split}_labels")
     tv_root = _torchvision_idx_root(info, files)
     if tv_root is not None:
-        import torchvision
+        import torchvision  # heavy: torchvision is imported only where it is used
 
         for role in roles:  # torchvision reads whole files and checks their sizes with np.prod (which wraps)
             with _open_idx(files[role], info.max_images[role]):

@@ -1,4 +1,5 @@
-"""Image folders (``data.name: imagefolder``): the layout check, decoding and resizing, and ``prepare``.
+"""Image folders (``data.name: imagefolder``): the layout check and ``prepare`` (decoding one image: decode.py;
+many, in DataLoader workers: workers.py).
 
 Layout (torchvision's ``ImageFolder``): ``data.root`` holds ``train/<class>/...`` and ``val/<class>/...``.
 The classes are the sub-directory names, sorted, the same in both splits; the images are the files with
@@ -30,33 +31,25 @@ lead out of ``data.root``.
 """
 from __future__ import annotations
 
-import io as _stdio
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kdprune.data.decode import show_path
 from kdprune.data.limits import DatasetError
 from kdprune.data.prepare import _stratified_subset, channel_stats
 from kdprune.data.preprocessing import override_stats
+from kdprune.data.workers import Batches, FileIndex, Headers, batches_for, checked, worker_loader
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 SPLITS = (("train", "train"), ("test", "val"))  # prepared-dict split -> directory under data.root
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
 MAX_FILES = 20_000_000  # images over both splits; ImageNet-21k has 14.2M
-MAX_IMAGE_PIXELS = 89_478_485  # width * height; PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
-MAX_FILE_BYTES = 1 << 30  # one image file; PIL's bomb limit at 8 bytes a pixel is under 1 GiB
 STATS_SAMPLE = 10_000  # stream path: mean/std from at most this many train images (exact below it)
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
-HEADER_BATCH = 256  # files per header-reading task
-
-
-def _show(path: str | os.PathLike) -> str:
-    """A path on one line (a file name may hold a newline)."""
-    return repr(str(path))[1:-1]
 
 
 @dataclass
@@ -79,8 +72,8 @@ def _inside(real: str, root: str) -> bool:
 
 def _check_link(entry: os.DirEntry, root: str) -> None:
     if entry.is_symlink() and not _inside(os.path.realpath(entry.path), root):
-        raise DatasetError(f"{_show(entry.path)}: a symbolic link out of data.root (to "
-                           f"{_show(os.path.realpath(entry.path))}); kdprune reads only files under data.root: point "
+        raise DatasetError(f"{show_path(entry.path)}: a symbolic link out of data.root (to "
+                           f"{show_path(os.path.realpath(entry.path))}); kdprune reads only files under data.root: point "
                            f"data.root at the real directory or copy the data in")
 
 
@@ -92,7 +85,7 @@ def _class_dirs(split_dir: Path, root: str) -> list[str]:
                 _check_link(entry, root)
                 names.append(entry.name)
                 if len(names) > MAX_CLASSES:
-                    raise DatasetError(f"{_show(split_dir)}: more than {MAX_CLASSES:,} class directories")
+                    raise DatasetError(f"{show_path(split_dir)}: more than {MAX_CLASSES:,} class directories")
     return sorted(names)
 
 
@@ -113,23 +106,23 @@ def _class_files(class_dir: Path, root: str, budget: int) -> tuple[list[str], li
         try:
             entries = list(os.scandir(d))
         except OSError as e:
-            raise DatasetError(f"{_show(d)}: cannot list the directory ({e.strerror or e})") from None
+            raise DatasetError(f"{show_path(d)}: cannot list the directory ({e.strerror or e})") from None
         for entry in entries:
             _check_link(entry, root)
             if entry.is_dir():
                 stack.append(entry.path)
             elif entry.name.lower().endswith(IMG_EXTENSIONS):
                 if not entry.is_file():  # a FIFO would block the reader forever; a dangling link has no image
-                    raise DatasetError(f"{_show(entry.path)}: not a regular file (a dangling link, a pipe or a "
+                    raise DatasetError(f"{show_path(entry.path)}: not a regular file (a dangling link, a pipe or a "
                                        f"device); an image must be a file")
                 try:
                     size = entry.stat().st_size
                 except OSError as e:
-                    raise DatasetError(f"{_show(entry.path)}: cannot read the image ({e.strerror or e})") from None
+                    raise DatasetError(f"{show_path(entry.path)}: cannot read the image ({e.strerror or e})") from None
                 found.append((entry.name, size))
                 count += 1
                 if count > budget:
-                    raise DatasetError(f"{_show(class_dir.parent.parent)}: more than {MAX_FILES:,} images; "
+                    raise DatasetError(f"{show_path(class_dir.parent.parent)}: more than {MAX_FILES:,} images; "
                                        f"kdprune reads at most {MAX_FILES:,}")
         per_dir.append((d, sorted(found)))
     files, sizes = [], []
@@ -144,30 +137,30 @@ def scan(root: str | os.PathLike) -> Folder:
     """Check the layout of ``root`` and list its images (no image is opened here)."""
     root_path = Path(root)
     if not root_path.is_dir():
-        raise DatasetError(f"data.root = {_show(root)}: directory not found")
+        raise DatasetError(f"data.root = {show_path(root)}: directory not found")
     real_root = os.path.realpath(root_path)
     dirs = {split: Path(real_root) / name for split, name in SPLITS}
     missing = [f"{name}/" for split, name in SPLITS if not dirs[split].is_dir()]
     if missing:
         present = sorted(p.name for p in Path(real_root).iterdir())[:8]
-        raise DatasetError(f"data.root = {_show(root)}: missing {' and '.join(missing)}; an image folder holds "
+        raise DatasetError(f"data.root = {show_path(root)}: missing {' and '.join(missing)}; an image folder holds "
                            f"train/<class>/<images> and val/<class>/<images> (torchvision's ImageFolder layout); "
                            f"it holds {present}")
     for split, name in SPLITS:  # real_root is resolved: a split is outside it only when it is a link out
         if not _inside(os.path.realpath(dirs[split]), real_root):
-            raise DatasetError(f"{_show(root_path / name)}: a symbolic link out of data.root (to "
-                               f"{_show(os.path.realpath(dirs[split]))}); point data.root at a directory that holds "
+            raise DatasetError(f"{show_path(root_path / name)}: a symbolic link out of data.root (to "
+                               f"{show_path(os.path.realpath(dirs[split]))}); point data.root at a directory that holds "
                                f"the real train/ and val/")
     classes = {split: _class_dirs(dirs[split], real_root) for split, _ in SPLITS}
     if classes["train"] != classes["test"]:
         only_train = sorted(set(classes["train"]) - set(classes["test"]))
         only_val = sorted(set(classes["test"]) - set(classes["train"]))
-        raise DatasetError(f"data.root = {_show(root)}: train/ and val/ must have the same class directories; "
-                           f"only in train/: {[_show(c) for c in only_train[:5]]}"
+        raise DatasetError(f"data.root = {show_path(root)}: train/ and val/ must have the same class directories; "
+                           f"only in train/: {[show_path(c) for c in only_train[:5]]}"
                            f"{' ...' if len(only_train) > 5 else ''}, only in val/: "
-                           f"{[_show(c) for c in only_val[:5]]}{' ...' if len(only_val) > 5 else ''}")
+                           f"{[show_path(c) for c in only_val[:5]]}{' ...' if len(only_val) > 5 else ''}")
     if not classes["train"]:
-        raise DatasetError(f"data.root = {_show(root)}: no class directories in train/ and val/ (expected "
+        raise DatasetError(f"data.root = {show_path(root)}: no class directories in train/ and val/ (expected "
                            f"train/<class>/<images>, torchvision's ImageFolder layout)")
     splits = {}
     total = 0
@@ -176,7 +169,7 @@ def scan(root: str | os.PathLike) -> Folder:
         for k, cls in enumerate(classes[split]):
             found, found_sizes = _class_files(dirs[split] / cls, real_root, MAX_FILES - total)
             if not found:
-                raise DatasetError(f"{_show(dirs[split] / cls)}: empty class directory (no file with an image "
+                raise DatasetError(f"{show_path(dirs[split] / cls)}: empty class directory (no file with an image "
                                    f"extension {' '.join(IMG_EXTENSIONS)}); remove it or add its images")
             total += len(found)
             files += [os.path.relpath(f, real_root).replace(os.sep, "/") for f in found]
@@ -185,204 +178,6 @@ def scan(root: str | os.PathLike) -> Folder:
         splits[split] = Split(files, np.asarray(labels, dtype=np.int64), np.asarray(sizes, dtype=np.int64))
     return Folder(Path(real_root), classes["train"], splits)
 
-
-# ---- opening and decoding one image (these run in DataLoader workers too) ----
-
-def _check_size(fh, path: str, expected_size: int | None) -> None:
-    size = os.fstat(fh.fileno()).st_size
-    if size > MAX_FILE_BYTES:
-        raise DatasetError(f"{_show(path)}: larger than {MAX_FILE_BYTES >> 20} MiB; not an image kdprune reads")
-    if expected_size is not None and size != expected_size:
-        raise DatasetError(f"{_show(path)}: the file changed since `dvc repro prepare` indexed it ({expected_size} "
-                           f"bytes then, {size} now); rerun prepare")
-
-
-def _pil_open(src, path: str):
-    """PIL's lazy open (the header only), with the declared size checked against the bomb limit."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(src)
-    except Image.DecompressionBombError:
-        raise DatasetError(f"{_show(path)}: its header declares more than {2 * MAX_IMAGE_PIXELS:,} pixels, over "
-                           f"the limit of {MAX_IMAGE_PIXELS:,} (a decompression bomb or a huge image)") from None
-    except Exception as e:  # noqa: BLE001 - PIL raises UnidentifiedImageError, SyntaxError, OSError, ValueError...
-        raise DatasetError(f"{_show(path)}: not a readable image ({_first_line(e)})") from None
-    w, h = img.size
-    if w * h > MAX_IMAGE_PIXELS or w < 1 or h < 1:
-        raise DatasetError(f"{_show(path)}: its header declares {w} x {h} = {w * h:,} pixels; kdprune decodes at "
-                           f"most {MAX_IMAGE_PIXELS:,} (PIL's decompression-bomb limit)")
-    return img
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
-def header(path: str, expected_size: int | None = None) -> tuple[str, int, int]:
-    """(PIL mode, width, height) from the header: only the first bytes of the file are read."""
-    try:
-        with open(path, "rb") as fh:
-            _check_size(fh, path, expected_size)
-            img = _pil_open(fh, path)
-            return img.mode, img.size[0], img.size[1]
-    except OSError as e:
-        raise DatasetError(f"{_show(path)}: cannot read the image ({e.strerror or e})") from None
-
-
-def _open(path: str, expected_size: int | None = None):
-    """PIL image of ``path``, read whole into memory (header parsed, pixels not yet decoded)."""
-    try:
-        with open(path, "rb") as fh:
-            _check_size(fh, path, expected_size)
-            data = fh.read(MAX_FILE_BYTES + 1)
-    except OSError as e:
-        raise DatasetError(f"{_show(path)}: cannot read the image ({e.strerror or e})") from None
-    if len(data) > MAX_FILE_BYTES or (expected_size is not None and len(data) != expected_size):
-        raise DatasetError(f"{_show(path)}: the file changed while it was read; rerun prepare")
-    return _pil_open(_stdio.BytesIO(data), path)
-
-
-def decode(path: str, channels: int, resize_size: int, image_size: int, interpolation: str = "bilinear",
-           expected_size: int | None = None) -> torch.Tensor:
-    """uint8 (C, image_size, image_size): converted to L or RGB, shorter side resized to ``resize_size``
-    (``interpolation``, antialiased), centre crop. The same calls as torchvision's ``Resize`` + ``CenterCrop``
-    on a PIL image (and as torchvision's weights' ``transforms()``)."""
-    import torchvision.transforms.functional as TF
-    from torchvision.transforms import InterpolationMode
-
-    img = _open(path, expected_size)
-    try:
-        img = img.convert("L" if channels == 1 else "RGB")  # decodes
-        img = TF.resize(img, resize_size, interpolation=InterpolationMode(interpolation))
-        img = TF.center_crop(img, image_size)
-        return TF.pil_to_tensor(img)
-    except DatasetError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a truncated or damaged file fails while decoding, in many ways
-        raise DatasetError(f"{_show(path)}: cannot decode the image ({_first_line(e)}); the file is corrupt "
-                           f"or truncated") from None
-
-
-# ---- many files at once, in DataLoader workers ----
-
-class FileIndex:
-    """Files as one byte blob + offsets (numpy): forked DataLoader workers share it without copying, which a
-    list of a million Python strings would not allow (reference counts touch every page)."""
-
-    def __init__(self, root: str, blob: np.ndarray, offsets: np.ndarray, sizes: np.ndarray):
-        self.root, self.blob, self.offsets, self.sizes = root, blob, offsets, sizes
-
-    @classmethod
-    def pack(cls, root: str, files: list[str], sizes: np.ndarray) -> FileIndex:
-        encoded = [f.encode("utf-8", "surrogateescape") for f in files]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(e) for e in encoded], dtype=np.int64)
-        blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
-        return cls(root, blob, offsets, np.asarray(sizes, dtype=np.int64))
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def path(self, i: int) -> str:
-        rel = self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
-        return os.path.join(self.root, rel)
-
-    def to_dict(self) -> dict:
-        return {"blob": torch.from_numpy(self.blob), "offsets": torch.from_numpy(self.offsets),
-                "sizes": torch.from_numpy(self.sizes)}
-
-    @classmethod
-    def from_dict(cls, root: str, d: dict) -> FileIndex:
-        return cls(root, d["blob"].numpy(), d["offsets"].numpy(), d["sizes"].numpy())
-
-
-class Headers(torch.utils.data.Dataset):
-    """Item ``i`` = the headers of files ``[i * HEADER_BATCH, (i + 1) * HEADER_BATCH)``: (modes, pixels) or an
-    error message (a string: a worker's exception would reach the main process as a multi-line traceback)."""
-
-    def __init__(self, files: FileIndex):
-        self.files = files
-
-    def __len__(self) -> int:
-        return (len(self.files) + HEADER_BATCH - 1) // HEADER_BATCH
-
-    def __getitem__(self, i: int):
-        modes = []
-        try:
-            for j in range(i * HEADER_BATCH, min((i + 1) * HEADER_BATCH, len(self.files))):
-                mode, _, _ = header(self.files.path(j), int(self.files.sizes[j]))
-                modes.append(mode)
-        except DatasetError as e:
-            return str(e)
-        return modes
-
-
-class Batches(torch.utils.data.Dataset):
-    """Item = one batch, given as ``(indices, dy, dx, flip)`` (``dy``/``dx``/``flip`` None or one per image): the
-    decoded uint8 images (n, C, S, S), each padded by ``pad`` and cropped at (dy, dx), then flipped where asked
-    (``kdprune.data.TensorLoader``'s augmentation on the stored image) - or an error message."""
-
-    def __init__(self, files: FileIndex, channels: int, resize_size: int, image_size: int,
-                 interpolation: str = "bilinear", pad: int = 0):
-        self.files, self.channels, self.resize_size, self.image_size = files, channels, resize_size, image_size
-        self.interpolation, self.pad = interpolation, pad
-
-    def __getitem__(self, spec):
-        indices, dy, dx, flip = spec
-        s = self.image_size
-        out = torch.empty((len(indices), self.channels, s, s), dtype=torch.uint8)
-        try:
-            for k, i in enumerate(indices.tolist()):
-                img = decode(self.files.path(i), self.channels, self.resize_size, s, self.interpolation,
-                             int(self.files.sizes[i]))
-                if dy is not None:
-                    img = torch.nn.functional.pad(img, (self.pad,) * 4)
-                    y0, x0 = int(dy[k]), int(dx[k])
-                    img = img[:, y0:y0 + s, x0:x0 + s]
-                if flip is not None and bool(flip[k]):
-                    img = img.flip(-1)
-                out[k] = img
-        except DatasetError as e:
-            return str(e)
-        return out
-
-
-def batches_for(files: FileIndex, preprocessing: dict, pad: int = 0) -> Batches:
-    """``Batches`` that decode ``files`` as the prepared dict's ``preprocessing`` says."""
-    p = preprocessing
-    return Batches(files, p["channels"], p["resize_size"], p["image_size"], p["interpolation"], pad)
-
-
-def _worker_init(_):
-    torch.set_num_threads(1)  # a worker decodes one image at a time; torch threads would only contend
-
-
-def default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
-
-
-def worker_loader(dataset, sampler, num_workers: int | None, *, pin_memory: bool = False,
-                  persistent: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader whose every item is already a batch (``batch_size=None``), in the sampler's order."""
-    n = default_workers() if num_workers is None else num_workers
-    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=n,
-                                       pin_memory=pin_memory, persistent_workers=persistent and n > 0,
-                                       worker_init_fn=_worker_init if n > 0 else None,
-                                       prefetch_factor=2 if n > 0 else None)
-
-
-def checked(item):
-    """A worker's result, or its error raised here, in the main process, as one line."""
-    if isinstance(item, str):
-        raise DatasetError(item)
-    return item
-
-
-# ---- prepare ----
 
 def decoded_bytes(n_images: int, channels: int, image_size: int) -> int:
     return int(n_images) * int(channels) * int(image_size) ** 2

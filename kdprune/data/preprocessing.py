@@ -39,7 +39,7 @@ def override_stats(computed: tuple[list[float], list[float]], mean: list[float] 
 def _weights(weights: Any):
     """A torchvision weights enum member, from the member itself or its name ('ResNet50_Weights.IMAGENET1K_V2')."""
     if isinstance(weights, str):
-        from torchvision.models import get_weight
+        from torchvision.models import get_weight  # heavy: torchvision is imported only where it is used
 
         try:
             return get_weight(weights)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdprune.data.limits import DatasetError
-from kdprune.params import resolves_inside
+from kdprune.io import resolves_inside
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ def locate_raw(name: str, root: str | None, download: bool, download_dir: Path =
 
 def _torchvision_download(name: str, download_dir: Path, svhn_extra: bool = False) -> None:
     """torchvision's downloader (needs internet; verifies the published md5s) into torchvision's layout."""
-    import torchvision
+    import torchvision  # heavy: torchvision is imported only where it is used
 
     info = REGISTRY[name]
     cls = getattr(torchvision.datasets, info.torchvision_class)
@@ -223,7 +223,7 @@ def _torchvision_download(name: str, download_dir: Path, svhn_extra: bool = Fals
     elif info.format == "cifar":  # one archive holds both splits; loading the test split is the cheap check
         cls(str(download_dir), train=False, download=True)
     else:  # svhn: fetch the .mat files without loading them (extra alone is 1.3 GB)
-        from torchvision.datasets.utils import download_url
+        from torchvision.datasets.utils import download_url  # heavy: torchvision is imported only where it is used
 
         for split in _roles(info, svhn_extra):
             url, filename, md5 = cls.split_list[split]

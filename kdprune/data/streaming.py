@@ -14,7 +14,7 @@ pinned memory on CUDA; workers persist across epochs. The order of the results d
 of workers (no randomness is drawn in them).
 
 Under DDP (``rank``, ``world``) every rank draws the same global batches and decodes only its slice of each,
-as ``kdprune.distributed.ShardedLoader`` does for the tensor path.
+as ``kdprune.train.distributed.ShardedLoader`` does for the tensor path.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from kdprune.data.limits import DatasetError
-from kdprune.data.imagefolder import FileIndex, batches_for, checked, worker_loader
+from kdprune.data.workers import FileIndex, batches_for, checked, worker_loader
 
 
 class _EpochSpecs:

@@ -42,7 +42,7 @@ def _mat_variables(path: Path, names: tuple[str, ...] = ("X", "y")) -> dict[str,
     dimensions say (then uses a prefix of it), so each variable's data element is checked too: it must hold
     exactly its dimensions' bytes, which must fit ``MEMORY_BUDGET`` and what its bytes in the file can
     expand to. Only real numeric variables are accepted (a cell or struct hides further allocations)."""
-    from scipy.io.matlab import _mio5, matfile_version  # _mio5: the reader whosmat uses (scipy is pinned)
+    from scipy.io.matlab import _mio5, matfile_version  # heavy optional, only for SVHN files; _mio5: the reader whosmat uses (scipy is pinned)
 
     size, found = path.stat().st_size, {}
     with open(path, "rb") as fh:
@@ -85,7 +85,7 @@ def read_svhn_mat(path: str | os.PathLike, max_images: int | None = None) -> tup
     The file stores X as (32, 32, 3, N) and labels 1..10 with 10 for the digit 0; like torchvision,
     10 becomes 0. The variables' headers are checked before anything is loaded (``_mat_variables``):
     X (32, 32, 3, N) uint8, y (N, 1), N at most ``max_images``."""
-    import scipy.io
+    import scipy.io  # heavy optional: only for SVHN files
 
     path = Path(path)
     try:

@@ -32,7 +32,7 @@ from kdprune.models import custom, history, zoo
 from kdprune.models import torchvision as tvmodels
 from kdprune.models.zoo import (BOTTLENECK_ARCHS, MAX_PARAMS, SPEC_KEYS, BasicBlock, Bottleneck, ResNet,  # noqa: F401
                                 model_spec, resnet_spec, spec_param_count, spec_width)
-from kdprune.params import ARCHS
+from kdprune.archs import ARCHS
 
 SPEC_ATTR = "kdprune_spec"  # where a torchvision or custom module keeps its spec
 MAX_CLASSES = 1_000_000

@@ -20,7 +20,8 @@ from typing import Any
 import torch.nn as nn
 
 from kdprune.io import CheckpointError
-from kdprune.params import FACTORY_RE, MAX_FACTORY_CHARS, MAX_KWARGS_CHARS, MAX_KWARGS_ITEMS, json_like
+from kdprune.params import FACTORY_RE, MAX_FACTORY_CHARS, MAX_KWARGS_CHARS, MAX_KWARGS_ITEMS
+from kdprune.schema import json_like
 
 
 def check(factory: Any, kwargs: Any) -> None:

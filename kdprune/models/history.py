@@ -92,7 +92,7 @@ def tracing(model: nn.Module) -> Iterator[list[nn.Module]]:
 
 def dependency_graph(model: nn.Module, example: torch.Tensor):
     """Torch-Pruning's dependency graph of ``model`` (with :func:`tracing`'s help) and the layers to keep whole."""
-    import torch_pruning as tp
+    import torch_pruning as tp  # heavy optional dependency: imported only when channels are removed
 
     with tracing(model) as keep:
         return tp.DependencyGraph().build_dependency(model, example, verbose=False), keep

@@ -30,7 +30,7 @@ from kdprune.io import CheckpointError, torch_load
 @functools.lru_cache(maxsize=1)
 def classifiers() -> tuple[str, ...]:
     """The classification builders of the installed torchvision (all take ``num_classes``)."""
-    import torchvision
+    import torchvision  # heavy: torchvision is imported only where it is used
 
     return tuple(torchvision.models.list_models(module=torchvision.models))
 
@@ -42,7 +42,7 @@ def check_name(name: Any) -> None:
 
 
 def build(name: str, num_classes: int) -> nn.Module:
-    import torchvision
+    import torchvision  # heavy: torchvision is imported only where it is used
 
     check_name(name)
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
@@ -50,7 +50,7 @@ def build(name: str, num_classes: int) -> nn.Module:
 
 def weights_of(name: str):
     """torchvision's DEFAULT weights enum entry of builder ``name``."""
-    import torchvision
+    import torchvision  # heavy: torchvision is imported only where it is used
 
     check_name(name)
     return torchvision.models.get_model_weights(name).DEFAULT

@@ -1,7 +1,7 @@
 """The model zoo: ResNets for 32x32 (CIFAR-style) inputs, all with a 3x3 stride-1 stem, no max-pool,
 stages whose first block halves the resolution (except stage 1), global average pooling and one fc.
 
-``model.arch`` (params.yaml) picks the family, ``model.depth`` the member (kdprune.params.ARCHS; torchvision
+``model.arch`` (params.yaml) picks the family, ``model.depth`` the member (kdprune.archs.ARCHS; torchvision
 and custom models: kdprune/models/__init__.py):
 
 - ``resnet``: BasicBlock (two 3x3 convs), three stages of widths w, 2w, 4w, depth 6n+2
@@ -57,7 +57,7 @@ ever being pickled::
      "channels": {"stem": 64, "stages": [256, 512, 1024, 2048],
                   "mids": [[[64, 64]] * 3, [[128, 128]] * 4, [[256, 256]] * 6, [[512, 512]] * 3]}}
 
-``depth`` must match the number of blocks (kdprune.params.stage_blocks); the number of stages is the
+``depth`` must match the number of blocks (kdprune.archs.stage_blocks); the number of stages is the
 arch's. The ``resnet`` spec has no ``stem``: its stem width is ``stages[0]``. This is the format that
 the first checkpoints were written in, so they still load. Channel counts shrink independently
 wherever dependency-aware pruning can shrink them: each block's mid widths, each stage's output (all
@@ -74,7 +74,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdprune.params import ARCHS, depth_rule, stage_blocks
+from kdprune.archs import ARCHS, depth_rule, stage_blocks
 
 BOTTLENECK_ARCHS = ("resnet_bottleneck", "resnet_imagenet")
 SPEC_KEYS = ("arch", "depth", "in_channels", "num_classes", "channels")

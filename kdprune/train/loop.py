@@ -15,29 +15,29 @@ uninterrupted one. The caller deletes the file once its outputs are written.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
 import os
-import random
 import sys
 import time
-from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
-from kdprune import distributed, io
+from kdprune import io
 from kdprune.errors import UserError
-from kdprune.features import LayerTap, check_layers, default_layers
-from kdprune.losses import at_loss, kd_loss
 from kdprune.measure import accuracy
-from kdprune.models import spec_of
-from kdprune.pruning import AGPSchedule, Masks, apply_masks, count_prunable, mask_grads
+from kdprune.prune.agp import AGPSchedule
+from kdprune.prune.counts import count_prunable
+from kdprune.prune.masks import Masks, apply_masks, mask_grads
+from kdprune.train import distributed
+from kdprune.train.features import LayerTap, check_layers, default_layers
+from kdprune.train.losses import at_loss, kd_loss
+from kdprune.train.objective import PLAIN, Objective
+from kdprune.train.resume import RESUME_FORMAT, load_resume, rng_state, run_fingerprint, set_rng_state
+from kdprune.train.runtime import to_runtime
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -55,92 +55,6 @@ def diverged(name: str, section: str, epoch: int, step: int, cfg, loss: float) -
             + ", or a constant (zero-std) dataset")
     return TrainingDiverged(f"{name}: training diverged at epoch {epoch} (step {step}): loss is {loss}; "
                             f"likely too large: {hint}. No outputs were written")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def describe_device(device: torch.device) -> str:
-    """One line for the log: ``device: cpu (2 threads)`` or ``device: cuda:0 NVIDIA H100 ...``."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        text = f"device: cuda:{index} {torch.cuda.get_device_name(index)}"
-    else:
-        text = f"device: {device.type} ({torch.get_num_threads()} threads)"
-    world = distributed.world_size()
-    return text + (f", DDP with {world} processes" if world > 1 else "")
-
-
-def setup_runtime(runtime, seed: int, log: Callable[[str], None] | None = print) -> torch.device:
-    """Threads, seeds and device (``runtime.device``; under torchrun on CUDA this rank's GPU, see
-    kdprune/distributed.py). Threads = all cores unless set, shared among the processes of a node.
-
-    Determinism (tests/test_determinism.py): on CPU, the same params + seed give bit-identical outputs
-    with the same torch build, CPU type and *thread count*. The thread count changes the reduction
-    order of the (bf16 and fp32) conv kernels, so results differ between 1 and 2 threads; set
-    ``runtime.threads`` to a fixed number (not 0 = all cores) to reproduce across machines. No
-    ``torch.use_deterministic_algorithms`` is needed on CPU: the data order and augmentation come from
-    the loader's own seeded generator, and nothing else draws random numbers during training.
-
-    On CUDA, ``runtime.deterministic`` (default true) is :func:`cuda_determinism`; the CPU path does not read it.
-
-    ``log``: where the one line naming the device goes (``describe_device``; rank 0 only); None: nowhere.
-    """
-    device = distributed.resolve_device(runtime)
-    threads = runtime.threads or distributed.default_threads()
-    torch.set_num_threads(threads)
-    seed_everything(seed)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        cuda_determinism(runtime.deterministic)
-    if log is not None and distributed.is_main():
-        log(describe_device(device))
-    return device
-
-
-CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs for deterministic results (NVIDIA's cuBLAS docs, "Results reproducibility")
-
-
-def cuda_determinism(on: bool, env: MutableMapping[str, str] = os.environ) -> None:
-    """Bit-identical CUDA runs (``on``) or the fastest kernels (off).
-
-    Off: ``cudnn.benchmark`` times the convolution algorithms and keeps the fastest, which differs from run to run,
-    so the same params and seed gave teachers of 92.57 / 92.18 / 92.10 % on one H100. On: no benchmarking,
-    cuDNN's deterministic algorithms, ``torch.use_deterministic_algorithms`` (``warn_only``: an op without a
-    deterministic CUDA kernel warns instead of failing the stage) and ``CUBLAS_WORKSPACE_CONFIG`` (a value the
-    user set is kept). Set before the first cuBLAS call, i.e. at the start of a stage."""
-    torch.backends.cudnn.benchmark = not on
-    torch.backends.cudnn.deterministic = on
-    if on:
-        env.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    torch.use_deterministic_algorithms(on, warn_only=True)
-
-
-# oneDNN's fp32 channels-last conv backward corrupts the heap ("double free or corruption", then SIGABRT) when a
-# conv's weights have fewer than 8 channels: seen with torch 2.14.1 on a 2-core AMD EPYC without AVX-512, for
-# ResNet-8 widths 2 to 7 (width 8 and up, and NCHW weights with NHWC inputs, train fine).
-MIN_NHWC_CHANNELS = 8
-
-
-def nhwc_safe(model: nn.Module) -> bool:
-    """Whether ``model``'s weights may go channels-last on the CPU: every conv has at least MIN_NHWC_CHANNELS
-    output channels and input channels (an input conv reading 1 to 3 image channels is fine)."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    return all(c.out_channels >= MIN_NHWC_CHANNELS and (c.in_channels >= MIN_NHWC_CHANNELS or c.in_channels <= 3)
-               for c in convs)
-
-
-def to_runtime(model: nn.Module, runtime) -> nn.Module:
-    """Put a model in the runtime's memory format (channels_last: NHWC, ~1.3-2x faster convs on CPU). On the CPU
-    a model with very narrow convs stays NCHW (see MIN_NHWC_CHANNELS); its inputs may still be NHWC."""
-    if runtime.channels_last:
-        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-        if not on_cpu or nhwc_safe(model):
-            model.to(memory_format=torch.channels_last)
-    return model
 
 
 def progress_enabled() -> bool:
@@ -195,103 +109,14 @@ def lr_lambda(schedule: str, total_steps: int, warmup_frac: float) -> Callable[[
     return f
 
 
-RESUME_FORMAT = "kdprune-resume-v1"
-
-
-def _hash_tensor(h, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-def _spec(model: nn.Module | None) -> dict | None:
-    """The model's spec (kdprune.models), None for a module built elsewhere."""
-    try:
-        return spec_of(model) if model is not None else None
-    except ValueError:
-        return None
-
-
-def run_fingerprint(model: nn.Module, train_loader, test_loader, cfg, runtime, teacher, alpha: float,
-                    temperature: float, masks: Masks | None, at_beta: float = 0.0,
-                    prune_schedule: AGPSchedule | None = None, at_layers: list[str] | None = None) -> str:
-    """Identity of everything a training run depends on; a resume checkpoint is only used when it matches."""
-    h = hashlib.sha256()
-    cfg_d = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_every"}
-    extra = {"at_layers": at_layers} if at_beta > 0 else {}
-    h.update(json.dumps({"cfg": cfg_d, "runtime": dataclasses.asdict(runtime), "alpha": alpha,
-                         "temperature": temperature, "spec": _spec(model), **extra,
-                         "teacher_spec": _spec(teacher) if alpha > 0 or at_beta > 0 else None,
-                         "at_beta": at_beta, "agp": prune_schedule.config() if prune_schedule else None,
-                         "loader": [getattr(train_loader, a, None) for a in ("batch_size", "pad", "hflip")],
-                         "device": next(model.parameters()).device.type, "world_size": distributed.world_size()},
-                        sort_keys=True, default=str).encode())
-    for _, t in sorted(model.state_dict().items()):
-        _hash_tensor(h, t)
-    if teacher is not None and (alpha > 0 or at_beta > 0):
-        for _, t in sorted(teacher.state_dict().items()):
-            _hash_tensor(h, t)
-    for _, m in sorted((masks or {}).items()):
-        _hash_tensor(h, m)
-    for loader in (train_loader, test_loader):
-        for a in ("x", "y", "mean", "inv_std", "index_digest"):  # index_digest: the files of a StreamLoader
-            if isinstance(getattr(loader, a, None), torch.Tensor):
-                _hash_tensor(h, getattr(loader, a))
-    gen = getattr(train_loader, "generator", None)
-    if gen is not None:
-        _hash_tensor(h, gen.get_state())
-    return h.hexdigest()
-
-
-def _rng_state(train_loader) -> dict[str, Any]:
-    py = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    gen = getattr(train_loader, "generator", None)
-    return {"python": [py[0], list(py[1]), py[2]],
-            "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                      "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-            "torch": torch.get_rng_state(),
-            "loader": gen.get_state() if gen is not None else None}
-
-
-def _set_rng_state(state: dict[str, Any], train_loader) -> None:
-    v, internal, gauss = state["python"]
-    random.setstate((v, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if state["loader"] is not None:
-        train_loader.generator.set_state(state["loader"])
-
-
-def _load_resume(path: Path, fingerprint: str, name: str, log: Callable[[str], None]) -> dict | None:
-    """The resume state at ``path`` if it belongs to this run; otherwise None (and say why)."""
-    if not path.exists():
-        return None
-    try:
-        state = io.torch_load(path)
-    except io.CheckpointError as e:
-        log(f"{name}: ignoring resume checkpoint: {e}; starting from epoch 0")
-        return None
-    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        log(f"{name}: ignoring {path}: not a kdprune resume checkpoint; starting from epoch 0")
-        return None
-    if state.get("fingerprint") != fingerprint:
-        log(f"{name}: ignoring stale {path}: it was written for other params or inputs; starting from epoch 0")
-        return None
-    return state
-
-
-def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: nn.Module | None = None,
-        alpha: float = 0.0, temperature: float = 1.0, masks: Masks | None = None, name: str = "train",
-        log: Callable[[str], None] = print, checkpoint: str | os.PathLike | None = None, at_beta: float = 0.0,
-        prune_schedule: AGPSchedule | None = None, section: str | None = None,
-        heartbeat: Heartbeat | None = None, at_layers: list[str] | None = None) -> list[dict]:
+def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, objective: Objective = PLAIN,
+        masks: Masks | None = None, prune_schedule: AGPSchedule | None = None, name: str = "train",
+        section: str | None = None, log: Callable[[str], None] = print, checkpoint: str | os.PathLike | None = None,
+        heartbeat: Heartbeat | None = None) -> list[dict]:
     """Train ``model`` in place for ``cfg.epochs``; return the per-epoch curve (list of dicts).
 
     ``checkpoint``: resume file (see the module docstring); used when ``cfg.checkpoint_every > 0``.
-    ``at_beta``: weight of the attention-transfer term (``at_beta / 2 * losses.at_loss``) on the outputs of the
-    modules ``at_layers`` (default: the zoo's residual stages; kdprune.features); needs a teacher.
+    ``objective``: the teacher and the loss weights (kdprune/train/objective.py); the default is cross-entropy only.
     ``prune_schedule``: gradual pruning (AGP). ``masks`` must then be a dict that ``fit`` updates *in place*
     at the schedule's steps, so the caller holds the final masks afterwards.
     ``section``: the params section of ``cfg`` (teacher, distill), named in errors; default ``name``.
@@ -302,6 +127,8 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
     at each epoch's end) before any resume checkpoint of the diverged state is written.
     """
     section = section or name
+    teacher, alpha, temperature = objective.teacher, objective.alpha, objective.temperature
+    at_beta, at_layers = objective.at_beta, objective.at_layers
     if (alpha > 0 or at_beta > 0) and teacher is None:
         raise ValueError(f"{name}: alpha = {alpha}, at_beta = {at_beta} need a teacher")
     if prune_schedule is not None and masks is None:
@@ -318,7 +145,7 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
         to_runtime(teacher.to(device), runtime)
     for k in list(masks or {}):  # in place: with AGP the caller reads the final masks from this dict
         masks[k] = masks[k].to(device)
-    use_teacher = teacher is not None and (alpha > 0 or at_beta > 0)
+    use_teacher = objective.uses_teacher
     if use_teacher:
         teacher.eval()
     apply_masks(model, masks)
@@ -327,12 +154,12 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, steps, cfg.warmup_frac))
     history: list[dict] = []
     start = 0
-    state = _load_resume(Path(checkpoint), fingerprint, name, log) if every else None
+    state = load_resume(Path(checkpoint), fingerprint, name, log) if every else None
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], train_loader)
+        set_rng_state(state["rng"], train_loader)
         if prune_schedule is not None and state["masks"] is not None:  # the masks AGP had reached
             masks.clear()
             masks.update({k: m.to(device) for k, m in state["masks"].items()})
@@ -342,12 +169,8 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
     taps = (LayerTap(model, at_layers), LayerTap(teacher, at_layers)) if at_beta > 0 else None
     try:
         show = progress_enabled()
-        if show:
-            from tqdm import tqdm
-        elif distributed.is_main():
-            heartbeat = heartbeat or Heartbeat()
-        else:
-            heartbeat = None
+        if not show:
+            heartbeat = (heartbeat or Heartbeat()) if distributed.is_main() else None
         n_batches = len(train_loader)
         step = start * len(train_loader)
         for epoch in range(start + 1, cfg.epochs + 1):
@@ -418,7 +241,7 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, teacher: n
                 io.torch_save(checkpoint, {
                     "format": RESUME_FORMAT, "fingerprint": fingerprint, "epoch": epoch, "epochs": cfg.epochs,
                     "history": history, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": _rng_state(train_loader),
+                    "scheduler": sched.state_dict(), "rng": rng_state(train_loader),
                     "masks": {k: v.cpu() for k, v in masks.items()} if masks else None})
             test = f"{row['test_acc']:.2f}%" if evaluate_now else "-"
             log(f"{name} epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} train {row['train_acc']:.2f}% "

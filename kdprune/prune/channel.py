@@ -27,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdprune.errors import UserError
-from kdprune.measure import dense_macs
 from kdprune.models.history import tracing
-from kdprune.pruning import check_finite
+from kdprune.prune.counts import dense_macs
+from kdprune.prune.masks import check_finite
 
 TARGET_STEPS = 50  # target_macs_reduction: channel-ratio increments of MAX_RATIO / TARGET_STEPS
 MAX_RATIO = 0.95
@@ -68,7 +68,7 @@ def output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 def importance(name: str):
-    import torch_pruning as tp
+    import torch_pruning as tp  # heavy optional dependency: imported only when channels are removed
 
     if name == "l1":
         return tp.importance.MagnitudeImportance(p=1)
@@ -97,7 +97,7 @@ def channel_prune(model: nn.Module, example: torch.Tensor, importance_name: str 
                   batches: Callable[[], Iterable] | None = None) -> ChannelPruneResult:
     """Prune ``model`` in place (see the module docstring). ``example``: one input batch of the data's shape;
     ``batches``: yields (x, y) training batches, for ``taylor`` importance."""
-    import torch_pruning as tp
+    import torch_pruning as tp  # heavy optional dependency: imported only when channels are removed
 
     check_finite(model)
     if not 0 <= ratio < 1:

@@ -1,6 +1,6 @@
 """Recovery variants of the distill stage, and how each one's student starts.
 
-Every variant runs through the same ``train.fit`` loop with the same epochs, learning-rate schedule,
+Every variant runs through the same ``fit`` loop (kdprune/train/loop.py) with the same epochs, learning-rate schedule,
 data order and (for unstructured pruning) the same mask; they differ only in where the student
 starts and in the loss:
 
@@ -16,7 +16,7 @@ starts and in the loss:
 
 ``distill.at_beta > 0`` adds attention transfer (``losses.at_loss``) to the variants that have a
 teacher (kd, scratch_kd). With ``prune.schedule: agp`` the kd and finetune students start from the
-*dense* teacher weights and are pruned gradually during recovery (``pruning.AGPSchedule``) to the
+*dense* teacher weights and are pruned gradually during recovery (``prune.agp.AGPSchedule``) to the
 same sparsity; scratch variants, which have no trained weights to rank, keep the one-shot mask.
 """
 from __future__ import annotations
@@ -27,7 +27,9 @@ import torch
 import torch.nn as nn
 
 from kdprune.models import build_model, spec_of
-from kdprune.pruning import AGPSchedule, Masks, apply_masks
+from kdprune.prune.agp import AGPSchedule
+from kdprune.prune.masks import Masks, apply_masks
+from kdprune.train.objective import Objective
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,13 @@ class Start:
     at_beta: float
     gradual: bool  # prune gradually (AGP) during recovery
 
+    def objective(self, teacher: nn.Module, distill) -> Objective:
+        """This start's loss: KD and attention transfer from ``teacher`` where the variant uses them (the
+        ``distill`` section gives the temperature and the attention-transfer layers)."""
+        uses_teacher = self.alpha > 0 or self.at_beta > 0
+        return Objective(teacher if uses_teacher else None, self.alpha, distill.temperature, self.at_beta,
+                         distill.at_layers or None)
+
 
 def starting_point(variant: str, params, pruned: nn.Module, masks: Masks | None, teacher: nn.Module) -> Start:
     """The student, masks and loss weights a variant starts recovery with (see the module docstring)."""
@@ -73,7 +82,7 @@ def starting_point(variant: str, params, pruned: nn.Module, masks: Masks | None,
     return Start(pruned, masks, alpha, at_beta, gradual=False)
 
 
-def agp_schedule(params, total_steps: int) -> AGPSchedule:
-    p = params.prune
+def agp_schedule(p, total_steps: int) -> AGPSchedule:
+    """The AGP schedule of the ``prune`` params section over ``total_steps`` optimizer steps."""
     return AGPSchedule(p.ratio, p.agp_steps, p.agp_end, total_steps, p.include_first_conv, p.include_last_fc,
                        p.min_layer_density)
