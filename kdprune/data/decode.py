@@ -87,7 +87,7 @@ def decode(path: str, channels: int, resize_size: int, image_size: int, interpol
     (``interpolation``, antialiased), centre crop. The same calls as torchvision's ``Resize`` + ``CenterCrop``
     on a PIL image (and as torchvision's weights' ``transforms()``)."""
     import torchvision.transforms.functional as TF  # heavy: imported where an image is decoded
-    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import InterpolationMode  # heavy: as above
 
     img = _open(path, expected_size)
     try:
