@@ -267,7 +267,7 @@ def test_shell_payload_in_a_param_never_runs_and_failed_experiments_keep_outputs
         assert not marker.exists(), f"the payload ran: {out[-3000:]}"
         assert output_digests(repo) == before, "a failed run changed or deleted outputs"
         # not `git checkout -- params.yaml`: after a failed `dvc exp run`, DVC leaves git's index holding the
-        # edited file's size and mtime, so git sees no change and checks nothing out (README, "Recovering")
+        # edited file's size and mtime, so git sees no change and checks nothing out (docs/reliability.md)
         (repo / "params.yaml").write_text(committed)
         return out
 

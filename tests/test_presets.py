@@ -79,7 +79,7 @@ def test_options_before_the_double_dash_and_dvc_args_after_it(monkeypatch, capsy
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    # the README's order: NAME, then the options, then -- and dvc exp run's own arguments (argparse alone refused it)
+    # docs/experiments.md's order: NAME, the options, then -- and dvc exp run's arguments (argparse alone refused it)
     assert presets.main(["run", "study-fashion", "--queue", "--dry-run", "--", "-S", "seed=1", "--temp"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("dvc exp run -n study-fashion --queue -S ") and out.rstrip().endswith("-S seed=1 --temp")
