@@ -3,7 +3,7 @@
 A GPU machine here has no network, so real CIFAR cannot be used; images/s do not depend on pixel
 values, so random uint8 images of the dataset's shape and class count stand in. The script runs the
 preset's own params (model, batch sizes, device, bf16, channels_last) through the real loop
-(``kdprune.train.fit``: tensor-resident data on the device, batched augmentation) for a few hundred
+(``kdprune.train.loop.fit``: tensor-resident data on the device, batched augmentation) for a few hundred
 steps of teacher training and of KD (teacher forward under inference_mode + student step), after
 warm-up steps, and projects the preset's wall time: epochs x images / (images/s), plus evaluation.
 

@@ -1,7 +1,7 @@
 """Training throughput of kdprune's loop against a naive torchvision DataLoader pipeline.
 
 Measures, in one run on this machine:
-  (a) images/s of our training loop (kdprune.train.fit: tensor-resident data, batched augmentation,
+  (a) images/s of our training loop (kdprune.train.loop.fit: tensor-resident data, batched augmentation,
       the runtime settings from params.yaml);
   (b) images/s of the same model and batch size fed by torchvision's FashionMNIST Dataset + a
       DataLoader with PIL transforms (RandomCrop(padding), RandomHorizontalFlip, ToTensor, Normalize),
@@ -71,7 +71,7 @@ def train_step_flops_per_image(model, batch_size: int, input_shape) -> float:
 
 
 def bench_ours(params, data, n_images: int) -> float:
-    """Images/s of kdprune.train.fit over one epoch of ``n_images`` (training time only)."""
+    """Images/s of kdprune.train.loop.fit over one epoch of ``n_images`` (training time only)."""
     cfg = replace(params.teacher, epochs=1, eval_every=0)
     x, y = data["train_x"][:n_images], data["train_y"][:n_images]
     loader = TensorLoader(x, y, data["mean"], data["std"], cfg.batch_size, train=True,

@@ -42,7 +42,7 @@ def student_path(variant: str) -> Path:
 
 
 def resume_path(name: str) -> Path:
-    """Where a training stage keeps its resume checkpoint (``kdprune.train.fit(checkpoint=...)``)."""
+    """Where a training stage keeps its resume checkpoint (``kdprune.train.loop.fit(checkpoint=...)``)."""
     return CHECKPOINTS / f"{name}.pt"
 
 
