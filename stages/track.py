@@ -9,7 +9,8 @@ import sys
 
 from kdprune import stage
 from kdprune.params import Params
-from kdprune.tracking import TrackingError, TrackingUserError, log_pipeline
+from kdprune.tracking.pipeline import log_pipeline
+from kdprune.tracking.store import TrackingError, TrackingUserError
 
 
 def main(params: Params) -> None:
