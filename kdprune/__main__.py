@@ -22,14 +22,14 @@ from kdprune import envcheck
 
 # command -> (module, arguments put before the user's)
 COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "sweep": ("kdprune.sweep", ()),
-    "report": ("kdprune.report", ()),
-    "frontier": ("kdprune.frontier", ()),
-    "study": ("kdprune.study", ()),
+    "sweep": ("kdprune.experiments.sweep", ()),
+    "report": ("kdprune.experiments.report", ()),
+    "frontier": ("kdprune.experiments.frontier", ()),
+    "study": ("kdprune.experiments.study", ()),
     "presets": ("kdprune.presets", ()),
-    "relog": ("kdprune.tracking", ("relog",)),
-    "compare": ("kdprune.compare", ()),
-    "runcache": ("kdprune.runcache", ()),
+    "relog": ("kdprune.tracking.__main__", ("relog",)),
+    "compare": ("kdprune.experiments.compare", ()),
+    "runcache": ("kdprune.experiments.runcache", ()),
 }
 USAGE = f"usage: python -m kdprune {{{','.join(COMMANDS)}}} [args ...]"
 

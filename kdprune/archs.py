@@ -1,7 +1,9 @@
 """The model zoo's architectures and their shape rules: which archs exist, which depths each allows, how many
-residual blocks each stage has. No torch: params validation (stages/validate.py) and the zoo
+residual blocks each stage has, and their short human names. No torch: params validation (stages/validate.py) and the zoo
 (kdprune/models/zoo.py) both read them from here."""
 from __future__ import annotations
+
+from typing import Any
 
 
 ARCHS = {  # the model zoo (kdprune/models/zoo.py): arch -> (what it is, its depths); see stage_blocks
@@ -69,3 +71,26 @@ def depth_rule(arch: str) -> str:
 def widest_factor(arch: str) -> int:
     """Channels of the widest layer of ``arch`` divided by its ``width`` (the stage-1 width)."""
     return {"resnet": 4, "resnet_bottleneck": 16, "resnet_imagenet": 32}[arch]
+
+
+def zoo_name(arch: str, depth: int) -> str:
+    """A short human name: 'ResNet-20', 'ResNet-164 (bottleneck)', 'ResNet-152 (ImageNet stages)'."""
+    suffix = {"resnet": "", "resnet_bottleneck": " (bottleneck)", "resnet_imagenet": " (ImageNet stages)"}
+    return f"ResNet-{depth}{suffix.get(arch, f' ({arch})')}"
+
+
+def model_name(arch: str, depth: int | None = None, name: str | None = None, factory: str | None = None) -> str:
+    """A short human name: 'ResNet-20', 'ResNet-164 (bottleneck)', 'torchvision resnet18', 'custom pkg.mod:fn'."""
+    if arch == "torchvision":
+        return f"torchvision {name}"
+    if arch == "custom":
+        return f"custom {factory}"
+    return zoo_name(arch, depth)
+
+
+def spec_name(spec: dict[str, Any]) -> str:
+    return model_name(spec["arch"], spec.get("depth"), spec.get("name"), spec.get("factory"))
+
+
+def params_name(model_params) -> str:
+    return model_name(model_params.arch, model_params.depth, model_params.name, model_params.factory)

@@ -23,7 +23,8 @@ from kdprune.export import (compact_bound_bytes, export_compact, export_onnx, on
                             onnx_parity)
 from kdprune.measure import BUSY_WARNING, cpu_busy_fraction, latency_ms, size_report
 from kdprune.prune.counts import dense_macs, nonzero_macs
-from kdprune.models import spec_name, spec_of  # noqa: E402
+from kdprune.archs import spec_name  # noqa: E402
+from kdprune.models import spec_of  # noqa: E402
 from kdprune.params import Params  # noqa: E402
 from kdprune.train.runtime import setup_runtime, to_runtime  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Stage track: log this pipeline result to MLflow as exactly one run (see kdprune/tracking.py).
+"""Stage track: log this pipeline result to MLflow as exactly one run (see kdprune/tracking/).
 
 Exit 2: a result that must not be logged (an accuracy or compression number that is NaN, inf or
 missing), a read-only store, or a tracking server that refuses the credentials (401/403); exit 3: the
@@ -9,7 +9,8 @@ import sys
 
 from kdprune import stage
 from kdprune.params import Params
-from kdprune.tracking import TrackingError, TrackingUserError, log_pipeline
+from kdprune.tracking.pipeline import log_pipeline
+from kdprune.tracking.store import TrackingError, TrackingUserError
 
 
 def main(params: Params) -> None:

@@ -9,7 +9,8 @@ from kdprune import checkpoint, io, stage
 from kdprune.train import distributed
 from kdprune.measure import accuracy
 from kdprune.prune.counts import dense_macs
-from kdprune.models import build_model, params_name, spec_from_params
+from kdprune.archs import params_name
+from kdprune.models import build_model, spec_from_params
 from kdprune.params import Params
 from kdprune.prune.counts import count_params
 from kdprune.teacher import check_runs, import_weights

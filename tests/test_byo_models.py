@@ -131,7 +131,7 @@ def test_torchvision_model_prunes_distils_reloads_and_exports(name, channels, sa
 RELOAD = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from kdprune import io
+    from kdprune import checkpoint
     torch.set_num_threads(1)
     for ckpt in sorted(Path(sys.argv[1]).glob("*.pt")):
         model, masks, _ = checkpoint.load_checkpoint(ckpt)

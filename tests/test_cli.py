@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import kdprune.__main__ as cli
-from kdprune import envcheck, presets, tracking
+import kdprune.tracking.__main__ as tracking_cli
+from kdprune import envcheck, presets
 from kdprune.train import loop, runtime
 from kdprune.params import RuntimeParams, TrainParams
 from tests.helpers import ROOT
@@ -64,7 +65,7 @@ def test_dispatcher_help_lists_every_command():
 
 def test_dispatcher_passes_arguments_and_refuses_missing_or_unknown_commands(monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr(tracking, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(tracking_cli, "main", lambda argv: seen.append(argv) or 0)
     assert cli.main(["relog"]) == 0 and seen == [["relog"]]
     monkeypatch.setattr(presets, "main", lambda argv: seen.append(argv) or 5)
     assert cli.main(["presets", "show", "x", "--queue"]) == 5 and seen[-1] == ["show", "x", "--queue"]

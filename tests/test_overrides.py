@@ -15,8 +15,11 @@ import pytest
 import yaml
 
 from kdprune import overrides as O
-from kdprune import presets, study, sweep
-from kdprune import frontier as F
+from kdprune import presets
+from kdprune.experiments import args as exp_args
+from kdprune.experiments import frontier as F
+from kdprune.experiments import runs as exp_runs
+from kdprune.experiments import study_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = ["a,b", "range(0,1000)", "choice(x,y)", "shuffle(a,b)", "glob(*)", "interval(0,1)", "int(3)",
@@ -161,7 +164,7 @@ def test_presets_quote_strings_and_refuse_interpolations(tmp_path, monkeypatch):
 def test_sweep_checks_its_overrides_before_queueing(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
-    experiment, extra = sweep.check_sets(["distill.epochs=3", "mlflow.experiment=a,b"], params)
+    experiment, extra = exp_args.check_sets(["distill.epochs=3", "mlflow.experiment=a,b"], params)
     assert extra == ["-S", "distill.epochs=3", "-S", "mlflow.experiment='a,b'"] and experiment == "a,b"
     for sets, needle in [(["prune.ratio=0.5"], "prune.ratio: the sweep sets it"),
                          (["distill.epochs=abc"], "distill.epochs"),
@@ -170,18 +173,18 @@ def test_sweep_checks_its_overrides_before_queueing(tmp_path, capsys):
                          (["data.root=${oc.env:HOME}"], "data.root"),
                          (["x=1"] * 65, "at most 64")]:
         with pytest.raises(SystemExit) as e:
-            sweep.check_sets(sets, params)
+            exp_args.check_sets(sets, params)
         err = capsys.readouterr().err
         assert e.value.code == 2 and needle in err and err.count("\n") == 1, err
 
 
 def test_frontier_and_study_refuse_interpolations(tmp_path, monkeypatch):
-    with pytest.raises(F.FrontierError, match="data.root"):
-        F.parse_sets(["data.root=${oc.env:HOME}"])
+    with pytest.raises(exp_runs.FrontierError, match="data.root"):
+        exp_args.parse_sets(["data.root=${oc.env:HOME}"])
     bad = yaml.safe_load((ROOT / "params.yaml").read_text())
     bad["data"]["root"] = "${oc.env:HOME}"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(F.FrontierError, match="params.yaml: data.root contain"):
+    with pytest.raises(exp_runs.FrontierError, match="params.yaml: data.root contain"):
         F.target_params(tmp_path / "params.yaml", {}, ["kd"])
-    with pytest.raises(study.StudyError, match="params.yaml: data.root contain"):
-        study.load_plan("study-fashion", tmp_path / "params.yaml")
+    with pytest.raises(study_plan.StudyError, match="params.yaml: data.root contain"):
+        study_plan.load_plan("study-fashion", tmp_path / "params.yaml")

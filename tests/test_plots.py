@@ -6,9 +6,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from kdprune import report  # noqa: E402
+from kdprune.experiments import report  # noqa: E402
 from stages import evaluate  # noqa: E402
-from tests.test_report import fake_runs  # noqa: E402
+from tests.experiments.test_report import fake_runs  # noqa: E402
 
 NAMES = ["teacher", "pruned", "kd", "finetune"]
 

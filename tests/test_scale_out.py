@@ -16,15 +16,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdprune import sweep
+from kdprune.experiments import args as exp_args
+from kdprune.experiments import queue as exp_queue
+from kdprune.experiments import sweep
 from tests.test_e2e import dvc, free_port, git, lock_md5, make_repo
 
 @pytest.mark.parametrize("bad", ["", "1", "0/2", "3/2", "1/1001", "-1/2", "1/2/3", "a/b", "1.0/2", " 1/2", "１/2",
                                  "1/99999"])
 def test_shard_must_be_k_of_n(bad, capsys):
     with pytest.raises(SystemExit, match=r"^error: --shard .* is invalid: use K/N with integers 1 <= K <= N <= 1000"):
-        sweep.parse_shard(bad)
-    assert sweep.parse_shard("2/3") == (2, 3) and sweep.parse_shard("1000/1000") == (1000, 1000)
+        exp_args.parse_shard(bad)
+    assert exp_args.parse_shard("2/3") == (2, 3) and exp_args.parse_shard("1000/1000") == (1000, 1000)
 
 
 class FakeQueue:
@@ -32,12 +34,12 @@ class FakeQueue:
 
     def __init__(self, monkeypatch, entries, alive):
         self.entries, self.alive, self.now, self.calls = entries, alive, 0.0, []
-        monkeypatch.setattr(sweep, "queue_status", lambda: [dict(e) for e in self.entries])
-        monkeypatch.setattr(sweep, "queue_alive", lambda revs: self.alive(self.now, revs))
-        monkeypatch.setattr(sweep, "start_workers", lambda n: self.calls.append(("start", n)))
-        monkeypatch.setattr(sweep, "dvc", lambda *a, check=True: self.remove(a))
-        monkeypatch.setattr(sweep.time, "monotonic", lambda: self.now)
-        monkeypatch.setattr(sweep.time, "sleep", self.sleep)
+        monkeypatch.setattr(exp_queue, "queue_status", lambda: [dict(e) for e in self.entries])
+        monkeypatch.setattr(exp_queue, "queue_alive", lambda revs: self.alive(self.now, revs))
+        monkeypatch.setattr(exp_queue, "start_workers", lambda n: self.calls.append(("start", n)))
+        monkeypatch.setattr(exp_queue, "dvc", lambda *a, check=True: self.remove(a))
+        monkeypatch.setattr(exp_queue.time, "monotonic", lambda: self.now)
+        monkeypatch.setattr(exp_queue.time, "sleep", self.sleep)
 
     def sleep(self, seconds):
         self.now += seconds
@@ -57,7 +59,7 @@ def test_a_task_left_running_by_a_dead_worker_is_removed_and_named_not_waited_on
                                 {"rev": "9852a3d", "name": "study-kd_chosen-r0p9-s3", "status": "Running"}],
                   alive=lambda now, revs: now < 30)  # the worker dies 30 s in
     logs = []
-    status = sweep.wait_for_queue(poll=5, lost_after=120, log=logs.append)
+    status = exp_queue.wait_for_queue(poll=5, lost_after=120, log=logs.append)
     assert q.calls == [("queue", "remove", "9852a3d")]  # not restarted: a running task cannot be resumed
     assert 150 <= q.now <= 160  # 30 s alive + 120 s without any process (+ one poll)
     assert [s["status"] for s in status] == ["Success", "Failed"]
@@ -67,7 +69,7 @@ def test_a_task_left_running_by_a_dead_worker_is_removed_and_named_not_waited_on
 def test_queued_tasks_without_a_worker_get_one_fresh_worker_then_are_removed(monkeypatch):
     q = FakeQueue(monkeypatch, [{"rev": "bb", "name": "q1", "status": "Queued"}], alive=lambda now, revs: False)
     logs = []
-    sweep.wait_for_queue(poll=5, lost_after=60, log=logs.append)
+    exp_queue.wait_for_queue(poll=5, lost_after=60, log=logs.append)
     assert q.calls == [("start", 1), ("queue", "remove", "bb")]  # one restart, then given up
     assert "starting one" in logs[0] and "LOST q1 (Queued)" in logs[1]
 
@@ -78,8 +80,8 @@ def test_queued_tasks_without_a_worker_get_one_fresh_worker_then_are_removed(mon
     def start(n):
         q.calls.append(("start", n))
         entries[0]["status"] = "Success"
-    monkeypatch.setattr(sweep, "start_workers", start)
-    assert sweep.wait_for_queue(poll=5, lost_after=60, log=logs.append)[0]["status"] == "Success"
+    monkeypatch.setattr(exp_queue, "start_workers", start)
+    assert exp_queue.wait_for_queue(poll=5, lost_after=60, log=logs.append)[0]["status"] == "Success"
     assert q.calls == [("start", 1)]
 
 
@@ -91,8 +93,8 @@ def test_a_long_experiment_with_a_live_worker_is_waited_for(monkeypatch):
         q.now += seconds
         if q.now >= 7200:
             entries[0]["status"] = "Success"
-    monkeypatch.setattr(sweep.time, "sleep", sleep)
-    assert sweep.wait_for_queue(poll=5, lost_after=120, log=print)[0]["status"] == "Success"
+    monkeypatch.setattr(exp_queue.time, "sleep", sleep)
+    assert exp_queue.wait_for_queue(poll=5, lost_after=120, log=print)[0]["status"] == "Success"
     assert q.calls == []
 
 
@@ -100,16 +102,16 @@ def test_queue_alive_reads_the_worker_and_experiment_pid_files(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    workers, runs = tmp_path / sweep.WORKER_PIDS, tmp_path / sweep.RUN_PIDS
+    workers, runs = tmp_path / exp_queue.WORKER_PIDS, tmp_path / exp_queue.RUN_PIDS
     workers.mkdir(parents=True)
     (workers / "dvc-exp-worker-1.pid").write_text(f"{dead.pid}\n")
     (workers / "dvc-exp-worker-2.pid").write_text("not a pid")
-    assert not sweep.queue_alive(["abc"])  # a dead worker, a garbled file, no experiment file
+    assert not exp_queue.queue_alive(["abc"])  # a dead worker, a garbled file, no experiment file
     (runs / "abc").mkdir(parents=True)
     (runs / "abc" / "abc.pid").write_text(str(os.getpid()))
-    assert sweep.queue_alive(["abc"]) and not sweep.queue_alive(["other"])
+    assert exp_queue.queue_alive(["abc"]) and not exp_queue.queue_alive(["other"])
     (workers / "dvc-exp-worker-3.pid").write_text(str(os.getpid()))
-    assert sweep.queue_alive([])
+    assert exp_queue.queue_alive([])
 
 
 @pytest.mark.parametrize("n_seeds,n", [(1, 2), (2, 2), (3, 2), (5, 3), (2, 4), (1, 1)])
@@ -359,7 +361,7 @@ def test_basic_auth_server_refuses_anonymous_clients_and_logs_with_credentials(t
     import secrets
     import urllib.error
 
-    from tests.test_tracking import make_result
+    from tests.tracking.test_tracking import make_result
 
     password = secrets.token_urlsafe(18)
     ini = tmp_path / "auth.ini"
@@ -427,7 +429,7 @@ def wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = N
 def test_relog_waits_for_a_server_that_is_down_then_logs_once(tmp_path, venv_bin, mlflow_server):
     """`kdprune.tracking relog` against a server that is not up yet keeps trying (KDPRUNE_MLFLOW_WAIT_S); once the
     server starts on that port it logs exactly one FINISHED run. ~20 s (the server's start)."""
-    from tests.test_tracking import make_result
+    from tests.tracking.test_tracking import make_result
 
     make_result(tmp_path)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),

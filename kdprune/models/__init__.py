@@ -138,21 +138,6 @@ def spec_from_params(model_params, in_channels: int, num_classes: int) -> dict[s
     return zoo.spec_from_params(model_params, in_channels, num_classes)
 
 
-def model_name(arch: str, depth: int | None = None, name: str | None = None, factory: str | None = None) -> str:
-    """A short human name: 'ResNet-20', 'ResNet-164 (bottleneck)', 'torchvision resnet18', 'custom pkg.mod:fn'."""
-    if arch == "torchvision":
-        return f"torchvision {name}"
-    if arch == "custom":
-        return f"custom {factory}"
-    return zoo.model_name(arch, depth)
-
-
-def spec_name(spec: dict[str, Any]) -> str:
-    return model_name(spec["arch"], spec.get("depth"), spec.get("name"), spec.get("factory"))
-
-
-def params_name(model_params) -> str:
-    return model_name(model_params.arch, model_params.depth, model_params.name, model_params.factory)
 
 
 def layer_names(model: nn.Module, limit: int = 12) -> list[str]:

@@ -347,7 +347,3 @@ def spec_from_params(model_params, in_channels: int, num_classes: int) -> dict[s
     return model_spec(model_params.arch, model_params.depth, model_params.width, in_channels, num_classes)
 
 
-def model_name(arch: str, depth: int) -> str:
-    """A short human name: 'ResNet-20', 'ResNet-164 (bottleneck)', 'ResNet-152 (ImageNet stages)'."""
-    suffix = {"resnet": "", "resnet_bottleneck": " (bottleneck)", "resnet_imagenet": " (ImageNet stages)"}
-    return f"ResNet-{depth}{suffix.get(arch, f' ({arch})')}"

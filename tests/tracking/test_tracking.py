@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdprune import tracking
+import kdprune.tracking.__main__ as tracking_cli
+from kdprune.experiments import queue as exp_queue
 from kdprune.params import Params
-
-ROOT = Path(__file__).resolve().parents[1]
+from kdprune.tracking import pipeline as tracking_pipeline
+from kdprune.tracking import result as tracking_result
+from kdprune.tracking import store as tracking_store
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +36,20 @@ def store(tmp_path, empty_store) -> Path:
 
 def test_uri_defaults_to_sqlite_in_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert tracking.tracking_uri({}) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert tracking.artifact_location({}) == (tmp_path.resolve() / "mlartifacts").as_uri()
+    assert tracking_store.tracking_uri({}) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking_store.artifact_location({}) == (tmp_path.resolve() / "mlartifacts").as_uri()
 
 
 def test_uri_follows_dvc_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # e.g. .dvc/tmp/exps/<temp> while DVC_ROOT is the main repo
     env = {"DVC_ROOT": "/repo/main"}
-    assert tracking.tracking_uri(env) == "sqlite:////repo/main/mlflow.db"
-    assert tracking.artifact_location(env) == "file:///repo/main/mlartifacts"
+    assert tracking_store.tracking_uri(env) == "sqlite:////repo/main/mlflow.db"
+    assert tracking_store.artifact_location(env) == "file:///repo/main/mlartifacts"
 
 
 def test_user_tracking_uri_wins():
     env = {"DVC_ROOT": "/repo/main", "MLFLOW_TRACKING_URI": "http://tracking.example:5000"}
-    assert tracking.tracking_uri(env) == "http://tracking.example:5000"
+    assert tracking_store.tracking_uri(env) == "http://tracking.example:5000"
 
 
 def tiny_onnx(path: Path, channels: int = 1, size: int = 4, classes: int = 3) -> None:
@@ -126,9 +129,9 @@ def runs(uri, experiment="kdprune"):
 def test_log_once_then_dedup_then_new_result(tmp_path):
     make_result(tmp_path, 0.8, 90.0, acc_finetune=89.123456, compression_ratio=4.830641153081511)
     env = {"DVC_ROOT": str(tmp_path), "DVC_EXP_NAME": "exp-a", "DVC_EXP_BASELINE_REV": "abc123"}
-    uri = tracking.tracking_uri(env)
-    run_id = tracking.log_pipeline(tmp_path, env)
-    assert tracking.log_pipeline(tmp_path, env) == run_id  # same result: no duplicate
+    uri = tracking_store.tracking_uri(env)
+    run_id = tracking_pipeline.log_pipeline(tmp_path, env)
+    assert tracking_pipeline.log_pipeline(tmp_path, env) == run_id  # same result: no duplicate
     (found,) = runs(uri)
     assert found.info.status == "FINISHED"
     assert found.data.params["prune.ratio"] == "0.8"
@@ -152,10 +155,10 @@ def test_log_once_then_dedup_then_new_result(tmp_path):
     assert "plots/teacher.csv" in plots and "plots/accuracy_vs_compression.png" not in plots
     assert (tmp_path / "mlartifacts").is_dir()
     exp = client.get_experiment_by_name("kdprune")
-    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert exp.tags[tracking_store.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
     make_result(tmp_path, 0.9, 88.0)
-    tracking.log_pipeline(tmp_path, env)
+    tracking_pipeline.log_pipeline(tmp_path, env)
     assert sorted(r.data.params["prune.ratio"] for r in runs(uri)) == ["0.8", "0.9"]
 
 
@@ -163,11 +166,11 @@ def test_existing_experiment_gets_the_runs_table_kind(tmp_path):
     """An experiment created before (without the tag) opens on MLflow 3's GenAI view until it is tagged."""
     make_result(tmp_path)
     env = {"DVC_ROOT": str(tmp_path)}
-    client = client_for(tracking.tracking_uri(env))
-    exp_id = client.create_experiment("kdprune", artifact_location=tracking.artifact_location(env))
-    assert tracking.EXPERIMENT_KIND_TAG not in client.get_experiment(exp_id).tags
-    tracking.log_pipeline(tmp_path, env)
-    assert client.get_experiment(exp_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    client = client_for(tracking_store.tracking_uri(env))
+    exp_id = client.create_experiment("kdprune", artifact_location=tracking_store.artifact_location(env))
+    assert tracking_store.EXPERIMENT_KIND_TAG not in client.get_experiment(exp_id).tags
+    tracking_pipeline.log_pipeline(tmp_path, env)
+    assert client.get_experiment(exp_id).tags[tracking_store.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
 @pytest.mark.parametrize("where,key,value", [
@@ -189,12 +192,12 @@ def test_non_finite_result_is_never_logged(tmp_path, where, key, value, layout):
             data[key] = value
         path.write_text(json.dumps(data))  # json writes NaN / Infinity, as json.dump of a float nan does
     env = {"DVC_ROOT": str(tmp_path)}
-    with pytest.raises(tracking.TrackingError) as e:
-        tracking.log_pipeline(tmp_path, env)
+    with pytest.raises(tracking_store.TrackingError) as e:
+        tracking_pipeline.log_pipeline(tmp_path, env)
     msg = str(e.value)
     assert f"metrics/{where}" in msg and key in msg and "\n" not in msg
-    assert isinstance(e.value, tracking.TrackingUserError)  # track exits 2
-    assert runs(tracking.tracking_uri(env)) == []
+    assert isinstance(e.value, tracking_store.TrackingUserError)  # track exits 2
+    assert runs(tracking_store.tracking_uri(env)) == []
 
 
 def test_both_metrics_layouts_log_the_same_headline_numbers(tmp_path):
@@ -205,7 +208,7 @@ def test_both_metrics_layouts_log_the_same_headline_numbers(tmp_path):
         d = tmp_path / layout
         d.mkdir()
         make_result(d, layout=layout)
-        got[layout] = tracking.collect(d)["metrics"]
+        got[layout] = tracking_result.collect(d)["metrics"]
     assert got["split"] == got["flat"]
     assert {"acc_teacher", "acc_pruned", "acc_kd", "acc_finetune", "compression_ratio", "params_teacher",
             "params_pruned", "prunable_sparsity"} <= set(got["split"])
@@ -240,43 +243,41 @@ def test_killed_track_is_completed_by_the_next_track(tmp_path, monkeypatch, wher
 
     make_result(tmp_path, models=True)
     env = {"DVC_ROOT": str(tmp_path)}
-    uri = tracking.tracking_uri(env)
+    uri = tracking_store.tracking_uri(env)
     with monkeypatch.context() as m:
         if where == "models":
-            m.setattr(tracking, "log_student", killed)
+            m.setattr(tracking_pipeline, "log_student", killed)
         else:
             m.setattr(MlflowClient, "set_terminated", killed)
         with pytest.raises(KeyboardInterrupt):
-            tracking.log_pipeline(tmp_path, env)
+            tracking_pipeline.log_pipeline(tmp_path, env)
     (left,) = runs(uri)
     assert left.info.status == "RUNNING"
-    run_id = tracking.log_pipeline(tmp_path, env)
+    run_id = tracking_pipeline.log_pipeline(tmp_path, env)
     (run,) = runs(uri)  # exactly one run for the result: the interrupted one, completed
     assert run.info.run_id == run_id == left.info.run_id and run.info.status == "FINISHED"
     assert run.data.metrics["acc_kd"] == 90.0
     client = client_for(uri)
     assert [m.value for m in client.get_metric_history(run_id, "kd_train_loss")] == [0.3]  # not logged twice
     assert [m.value for m in client.get_metric_history(run_id, "acc_kd")] == [90.0]
-    assert sorted(tracking._run_models(client, run_id)) == ["student-finetune", "student-kd"]
+    assert sorted(tracking_pipeline._run_models(client, run_id)) == ["student-finetune", "student-kd"]
     assert len(client.get_run(run_id).outputs.model_outputs) == 2
 
 
 def test_stale_running_twin_is_killed_and_not_counted(tmp_path, monkeypatch):
     """A RUNNING twin beside the FINISHED run of the same result (left by a kill of an older `track`):
     the next track marks it KILLED; the sweep counts only FINISHED runs."""
-    from kdprune import sweep
-
     make_result(tmp_path)
     env = {"DVC_ROOT": str(tmp_path), "DVC_EXP_NAME": "exp-a"}
-    uri = tracking.tracking_uri(env)
-    run_id = tracking.log_pipeline(tmp_path, env)
+    uri = tracking_store.tracking_uri(env)
+    run_id = tracking_pipeline.log_pipeline(tmp_path, env)
     client = client_for(uri)
     exp_id = client.get_experiment_by_name("kdprune").experiment_id
-    twin = client.create_run(exp_id, tags={tracking.FINGERPRINT_TAG: runs(uri)[0].data.tags[tracking.FINGERPRINT_TAG],
-                                           tracking.KIND_TAG: "pipeline", "dvc_exp_name": "exp-a"})
+    twin = client.create_run(exp_id, tags={tracking_store.FINGERPRINT_TAG: runs(uri)[0].data.tags[tracking_store.FINGERPRINT_TAG],
+                                           tracking_store.KIND_TAG: "pipeline", "dvc_exp_name": "exp-a"})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert sweep.run_names("kdprune") == {"exp-a": 1}  # the RUNNING twin is not a result
-    assert tracking.log_pipeline(tmp_path, env) == run_id
+    assert exp_queue.run_names("kdprune") == {"exp-a": 1}  # the RUNNING twin is not a result
+    assert tracking_pipeline.log_pipeline(tmp_path, env) == run_id
     assert client.get_run(twin.info.run_id).info.status == "KILLED"
     assert sorted(r.info.status for r in runs(uri)) == ["FINISHED", "KILLED"]
 
@@ -294,11 +295,11 @@ def test_read_only_store_is_named(tmp_path, monkeypatch):
         raise mlflow.exceptions.MlflowException("(sqlite3.OperationalError) attempt to write a readonly database")
 
     monkeypatch.setattr(MlflowClient, "create_experiment", refuse)
-    with pytest.raises(tracking.TrackingError) as e:
-        tracking.log_pipeline(tmp_path, env)
+    with pytest.raises(tracking_store.TrackingError) as e:
+        tracking_pipeline.log_pipeline(tmp_path, env)
     msg = str(e.value)
     assert str(tmp_path / "mlflow.db") in msg and "read-only" in msg and "NoneType" not in msg and "\n" not in msg
-    assert isinstance(e.value, tracking.TrackingUserError)  # track exits 2
+    assert isinstance(e.value, tracking_store.TrackingUserError)  # track exits 2
 
 
 @contextlib.contextmanager
@@ -336,16 +337,16 @@ def test_relog_restores_deleted_artifacts_and_models(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     for k in [k for k in os.environ if k.startswith(("DVC_", "MLFLOW_TRACKING"))]:
         monkeypatch.delenv(k)
-    assert tracking.main(["relog"]) == 0
-    uri = tracking.tracking_uri({"DVC_ROOT": str(tmp_path)})
+    assert tracking_cli.main(["relog"]) == 0
+    uri = tracking_store.tracking_uri({"DVC_ROOT": str(tmp_path)})
     (run,) = runs(uri)
     shutil.rmtree(tmp_path / "mlartifacts")
-    assert tracking.main(["relog"]) == 0
+    assert tracking_cli.main(["relog"]) == 0
     assert "restored" in capsys.readouterr().out
     client = client_for(uri)
     assert "metrics/evaluate.json" in {a.path for a in client.list_artifacts(run.info.run_id, "metrics")}
     assert (tmp_path / "mlartifacts").is_dir()
-    models = tracking._run_models(client, run.info.run_id)
+    models = tracking_pipeline._run_models(client, run.info.run_id)
     assert sorted(models) == ["student-finetune", "student-kd"]
     import mlflow.onnx
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
@@ -359,8 +360,8 @@ def test_run_times_come_from_the_pipeline_logs(tmp_path):
     make_result(tmp_path, wall=30.0)
     now = os.path.getmtime(tmp_path / "logs" / "teacher.json")
     env = {"DVC_ROOT": str(tmp_path)}
-    run_id = tracking.log_pipeline(tmp_path, env)
-    info = client_for(tracking.tracking_uri(env)).get_run(run_id).info
+    run_id = tracking_pipeline.log_pipeline(tmp_path, env)
+    info = client_for(tracking_store.tracking_uri(env)).get_run(run_id).info
     assert info.start_time == pytest.approx((now - 30.0) * 1000, abs=5)
     assert info.end_time - info.start_time >= 30_000
 
@@ -377,26 +378,26 @@ def test_run_time_leaves_out_stages_from_an_earlier_invocation(tmp_path):
         os.utime(path, (mtime, mtime))
     for path in (tmp_path / "metrics" / "teacher.json",):
         os.utime(path, (now - 900, now - 900))  # an unchanged stage's output keeps its old mtime
-    start, end, how = tracking.pipeline_times(tmp_path, tracking.result_files(tmp_path))
+    start, end, how = tracking_result.pipeline_times(tmp_path, tracking_result.result_files(tmp_path))
     assert start == pytest.approx((now - 60) * 1000, abs=2) and "logs" in how
     assert end >= int(now * 1000) - 1
 
 
 def test_headline_rounding():
-    h = tracking.headline({"acc_kd": 91.23456, "compression_ratio": 9.2745, "mac_reduction": 1.0,
+    h = tracking_result.headline({"acc_kd": 91.23456, "compression_ratio": 9.2745, "mac_reduction": 1.0,
                            "speedup_b1_kd": 1.23456, "params_kd": 77754.0, "prunable_sparsity": 0.8000052})
     assert h == {"acc_kd": 91.23, "compression_ratio": 9.27, "mac_reduction": 1.0, "speedup_b1_kd": 1.23,
                  "params_kd": 77754.0, "prunable_sparsity": 0.8}
-    assert math.isnan(tracking.headline({"x": float("nan")})["x"])
+    assert math.isnan(tracking_result.headline({"x": float("nan")})["x"])
 
 
 def test_unreachable_server_keeps_files_and_says_how_to_relog(tmp_path, monkeypatch):
     make_result(tmp_path, 0.8, 90.0)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", tracking.WAIT_ENV: "0"}  # discard port: nothing listens
-    with pytest.raises(tracking.TrackingError, match="relog"):
-        tracking.log_pipeline(tmp_path, env)
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", tracking_store.WAIT_ENV: "0"}  # discard port: nothing listens
+    with pytest.raises(tracking_store.TrackingError, match="relog"):
+        tracking_pipeline.log_pipeline(tmp_path, env)
     assert json.loads((tmp_path / "metrics" / "distill" / "kd.json").read_text())["acc_kd"] == 90.0
 
 
@@ -407,19 +408,19 @@ def test_a_server_that_does_not_answer_is_tried_again_then_given_up(tmp_path, mo
 
     make_result(tmp_path)
     sleeps, calls = [], []
-    monkeypatch.setattr(tracking.time, "sleep", sleeps.append)
+    monkeypatch.setattr(tracking_pipeline.time, "sleep", sleeps.append)
     clock = iter(range(0, 10_000, 7))
-    monkeypatch.setattr(tracking.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(tracking_pipeline.time, "monotonic", lambda: next(clock))
 
     def down(*args):
         calls.append(1)
         raise RuntimeError("API request to http://h/api failed with exception "
                            "HTTPConnectionPool(host='h', port=5000): Max retries exceeded")
 
-    monkeypatch.setattr(tracking, "_log_once", down)
-    env = {"MLFLOW_TRACKING_URI": "http://h:5000", tracking.WAIT_ENV: "60"}
-    with pytest.raises(tracking.TrackingError, match="could not log to MLflow at http://h:5000: .*relog"):
-        tracking.log_pipeline(tmp_path, env)
+    monkeypatch.setattr(tracking_pipeline, "_log_once", down)
+    env = {"MLFLOW_TRACKING_URI": "http://h:5000", tracking_store.WAIT_ENV: "60"}
+    with pytest.raises(tracking_store.TrackingError, match="could not log to MLflow at http://h:5000: .*relog"):
+        tracking_pipeline.log_pipeline(tmp_path, env)
     assert 3 <= len(calls) <= 10 and sleeps[:3] == [2.0, 4.0, 8.0] and max(sleeps) <= 30
     assert "did not answer" in capsys.readouterr().err
 
@@ -433,8 +434,8 @@ def test_a_server_that_does_not_answer_is_tried_again_then_given_up(tmp_path, mo
             raise a
         return a
 
-    monkeypatch.setattr(tracking, "_log_once", restarts)
-    assert tracking.log_pipeline(tmp_path, env) == "run-1" and len(calls) == 2
+    monkeypatch.setattr(tracking_pipeline, "_log_once", restarts)
+    assert tracking_pipeline.log_pipeline(tmp_path, env) == "run-1" and len(calls) == 2
 
     calls.clear()
 
@@ -443,30 +444,30 @@ def test_a_server_that_does_not_answer_is_tried_again_then_given_up(tmp_path, mo
         raise RuntimeError("API request to endpoint /api/2.0/mlflow/experiments/get-by-name failed with error code "
                            "401 != 200. Response body: 'You are not authenticated.'")
 
-    monkeypatch.setattr(tracking, "_log_once", refused)
-    with pytest.raises(tracking.TrackingError, match="401"):
-        tracking.log_pipeline(tmp_path, env)
+    monkeypatch.setattr(tracking_pipeline, "_log_once", refused)
+    with pytest.raises(tracking_store.TrackingError, match="401"):
+        tracking_pipeline.log_pipeline(tmp_path, env)
     assert len(calls) == 1
     for bad in ("-1", "nan", "abc", "86401"):
-        with pytest.raises(tracking.TrackingUserError, match=f"KDPRUNE_MLFLOW_WAIT_S = '{bad}' is invalid: must be"):
-            tracking.log_pipeline(tmp_path, dict(env, KDPRUNE_MLFLOW_WAIT_S=bad))
-    assert tracking.is_outage(RuntimeError("x: failed with error code 503 != 200"))
-    assert not tracking.is_outage(ValueError("bad metric"))
+        with pytest.raises(tracking_store.TrackingUserError, match=f"KDPRUNE_MLFLOW_WAIT_S = '{bad}' is invalid: must be"):
+            tracking_pipeline.log_pipeline(tmp_path, dict(env, KDPRUNE_MLFLOW_WAIT_S=bad))
+    assert tracking_store.is_outage(RuntimeError("x: failed with error code 503 != 200"))
+    assert not tracking_store.is_outage(ValueError("bad metric"))
     for status in ("401", "403"):  # a server that refuses us: the user's to fix (exit 2), with what to set
-        e = tracking.store_error("http://h:5000", RuntimeError(f"API request to endpoint /x failed with error code "
+        e = tracking_store.store_error("http://h:5000", RuntimeError(f"API request to endpoint /x failed with error code "
                                                                f"{status} != 200. Response body: 'denied'"))
-        assert isinstance(e, tracking.TrackingUserError) and f"HTTP {status}" in str(e)
+        assert isinstance(e, tracking_store.TrackingUserError) and f"HTTP {status}" in str(e)
         assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in str(e) and "MLFLOW_TRACKING_TOKEN" in str(e)
 
 
 def test_missing_metrics_is_clear(tmp_path):
     make_result(tmp_path)
     (tmp_path / "metrics" / "evaluate.json").unlink()
-    with pytest.raises(tracking.TrackingUserError, match="evaluate.json: not found"):  # exit 2
-        tracking.log_pipeline(tmp_path, {"DVC_ROOT": str(tmp_path)})
+    with pytest.raises(tracking_store.TrackingUserError, match="evaluate.json: not found"):  # exit 2
+        tracking_pipeline.log_pipeline(tmp_path, {"DVC_ROOT": str(tmp_path)})
     (tmp_path / "metrics" / "evaluate.json").write_text('{"acc_teacher": 91.0, ')  # half a file
-    with pytest.raises(tracking.TrackingUserError, match="evaluate.json: not valid JSON"):
-        tracking.log_pipeline(tmp_path, {"DVC_ROOT": str(tmp_path)})
+    with pytest.raises(tracking_store.TrackingUserError, match="evaluate.json: not valid JSON"):
+        tracking_pipeline.log_pipeline(tmp_path, {"DVC_ROOT": str(tmp_path)})
 
 
 def test_track_stage_with_unreachable_server_loses_nothing_then_relog_works(tmp_path):
@@ -550,7 +551,7 @@ def test_pipeline_run_as_the_ui_sees_it_over_rest(tmp_path, mlflow_server, monke
                    cwd=tmp_path, check=True)
     make_result(tmp_path, wall=42.0, models=True)
     env = {"DVC_ROOT": str(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server, "DVC_EXP_NAME": "exp-rest"}
-    run_id = tracking.log_pipeline(tmp_path, env)
+    run_id = tracking_pipeline.log_pipeline(tmp_path, env)
 
     exp = rest(mlflow_server, "GET", "experiments/get-by-name?experiment_name=kdprune")["experiment"]
     assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in exp["tags"]
@@ -587,18 +588,18 @@ def test_student_without_onnx_is_logged_as_pytorch_model(tmp_path):
     import torch
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from kdprune import io
+    from kdprune import checkpoint
     from kdprune.models import build_model, resnet_spec
 
     make_result(tmp_path)
     (tmp_path / "models" / "students").mkdir(parents=True)
     torch.manual_seed(0)
     model = build_model(resnet_spec(8, 4, 1, 10)).eval()
-    io.save_checkpoint(tmp_path / "models" / "students" / "kd.pt", model, meta={"input_shape": [1, 12, 12]})
+    checkpoint.save_checkpoint(tmp_path / "models" / "students" / "kd.pt", model, meta={"input_shape": [1, 12, 12]})
     env = {"DVC_ROOT": str(tmp_path)}
-    uri = tracking.tracking_uri(env)
-    run_id = tracking.log_pipeline(tmp_path, env)
-    models = tracking._run_models(client_for(uri), run_id)
+    uri = tracking_store.tracking_uri(env)
+    run_id = tracking_pipeline.log_pipeline(tmp_path, env)
+    models = tracking_pipeline._run_models(client_for(uri), run_id)
     assert list(models) == ["student-kd"] and models["student-kd"].tags["flavor"] == "pytorch"
     x = torch.randn(2, 1, 12, 12)
     with _use_tracking_uri(uri):
@@ -614,9 +615,9 @@ def test_a_cached_teachers_training_time_is_labelled_as_such(tmp_path):
     now = time.time()
     (tmp_path / "logs" / "distill_kd.json").write_text(json.dumps({"wall_seconds": 30.0, "train_seconds": 29.0}))
     os.utime(tmp_path / "logs" / "teacher.json", (now - 7200, now - 7200))  # trained two hours ago
-    metrics = tracking.collect(tmp_path)["metrics"]
+    metrics = tracking_result.collect(tmp_path)["metrics"]
     assert "cached_teacher_train_seconds" in metrics and "teacher_train_seconds" not in metrics
     assert metrics["distill_kd_train_seconds"] == 29.0
     os.utime(tmp_path / "logs" / "teacher.json", (now - 40, now - 40))  # trained just before distill
-    metrics = tracking.collect(tmp_path)["metrics"]
+    metrics = tracking_result.collect(tmp_path)["metrics"]
     assert metrics["teacher_train_seconds"] == 599.0 and "cached_teacher_train_seconds" not in metrics

@@ -9,8 +9,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from kdprune import frontier as F
-from kdprune import sweep
+from kdprune.experiments import args as exp_args
+from kdprune.experiments import frontier as F
+from kdprune.experiments import frontier_report as freport
+from kdprune.experiments import frontier_search as fsearch
+from kdprune.experiments import queue as exp_queue
+from kdprune.experiments import runs as exp_runs
 from kdprune.params import flatten
 from tests.helpers import default_params
 
@@ -27,21 +31,21 @@ def exact_frontier(method: str, budget: float) -> float:
     return 5 * math.exp(math.sqrt(budget / SLOPE[method]))
 
 
-def fake_probe(ratio: float, seeds: list[int]) -> F.Probe:
+def fake_probe(ratio: float, seeds: list[int]) -> fsearch.Probe:
     c = 1 / (1 - ratio)
-    return F.Probe(ratio, list(seeds), {m: np.array([fake_acc(m, c, s) for s in seeds]) for m in SLOPE},
+    return fsearch.Probe(ratio, list(seeds), {m: np.array([fake_acc(m, c, s) for s in seeds]) for m in SLOPE},
                    np.full(len(seeds), TEACHER), c, c, [f"run-{ratio}-{s}" for s in seeds])
 
 
 def test_axis_round_trips_and_rounds_ratios():
-    assert F.ratio_of_compression(20) == 0.95 and F.ratio_of_compression(50) == 0.98
-    assert F.ratio_of_u(F.u_of_ratio(0.9)) == 0.9
-    assert math.isclose(math.exp(F.u_of_ratio(0.99)), 100)
+    assert fsearch.ratio_of_compression(20) == 0.95 and fsearch.ratio_of_compression(50) == 0.98
+    assert fsearch.ratio_of_u(fsearch.u_of_ratio(0.9)) == 0.9
+    assert math.isclose(math.exp(fsearch.u_of_ratio(0.99)), 100)
 
 
 def test_bisection_finds_the_frontier_of_a_fake_curve_to_the_tolerance():
     seeds = [0, 1, 2]
-    store: dict[float, F.Probe] = {}
+    store: dict[float, fsearch.Probe] = {}
     batches = []
 
     def run(ratios):
@@ -51,36 +55,36 @@ def test_bisection_finds_the_frontier_of_a_fake_curve_to_the_tolerance():
             store[r] = fake_probe(r, seeds)
         return sorted(store.values(), key=lambda p: p.ratio)
 
-    probes = F.search(run, [], list(SLOPE), [0.5, 1.0, 2.0], lo=2, hi=200, tolerance=1.1, max_probes=40,
+    probes = fsearch.search(run, [], list(SLOPE), [0.5, 1.0, 2.0], lo=2, hi=200, tolerance=1.1, max_probes=40,
                       log=lambda m: None)
     assert batches[0] == [0.5, 0.995]  # the range's ends first
     for budget in (0.5, 1.0, 2.0):
         for m in SLOPE:
-            f = F.frontier(probes, m, budget)
+            f = fsearch.frontier(probes, m, budget)
             assert f.lo is not None and f.hi is not None and f.width <= math.log(1.1) + 1e-9
             assert f.lo.compression <= f.estimate <= f.hi.compression
             assert abs(math.log(f.estimate / exact_frontier(m, budget))) < math.log(1.1), (m, budget, f.estimate)
             assert f.interval[0] <= f.estimate <= f.interval[1]
     # kd's frontier lies further out than finetune's at every budget, as the fake curve says
-    assert all(F.frontier(probes, "kd", b).estimate > F.frontier(probes, "finetune", b).estimate for b in (0.5, 1, 2))
+    assert all(fsearch.frontier(probes, "kd", b).estimate > fsearch.frontier(probes, "finetune", b).estimate for b in (0.5, 1, 2))
 
 
 def test_search_stops_at_max_probes_and_a_failed_probe_is_an_error():
-    probes = F.search(lambda rs: [fake_probe(r, [0, 1]) for r in rs], [], ["kd"], [1.0], 2, 200, 1.05, 2,
+    probes = fsearch.search(lambda rs: [fake_probe(r, [0, 1]) for r in rs], [], ["kd"], [1.0], 2, 200, 1.05, 2,
                       log=lambda m: None)
     assert [p.ratio for p in probes] == [0.5, 0.995]
-    with pytest.raises(F.FrontierError, match="no complete result"):
-        F.search(lambda rs: [], [], ["kd"], [1.0], 2, 200, 1.05, 8, log=lambda m: None)
+    with pytest.raises(exp_runs.FrontierError, match="no complete result"):
+        fsearch.search(lambda rs: [], [], ["kd"], [1.0], 2, 200, 1.05, 8, log=lambda m: None)
 
 
 def test_censored_frontiers_and_nan_is_a_failure():
     flat = [fake_probe(r, [0, 1]) for r in (0.5, 0.6)]  # within every budget: the frontier is beyond the range
-    f = F.frontier(flat, "kd", 2.0)
-    assert f.censored == ">=" and f.estimate == flat[-1].compression and F.describe(f).startswith(">= ")
+    f = fsearch.frontier(flat, "kd", 2.0)
+    assert f.censored == ">=" and f.estimate == flat[-1].compression and freport.describe(f).startswith(">= ")
     bad = fake_probe(0.5, [0, 1])
     bad.acc["kd"] = np.array([float("nan"), 93.0])
-    f = F.frontier([bad, fake_probe(0.6, [0, 1])], "kd", 1.0)
-    assert f.censored == "<" and F.describe(f).startswith("< ")  # a NaN mean never passes
+    f = fsearch.frontier([bad, fake_probe(0.6, [0, 1])], "kd", 1.0)
+    assert f.censored == "<" and freport.describe(f).startswith("< ")  # a NaN mean never passes
 
 
 def test_bootstrap_bracket_is_seeded_and_widens_with_noise():
@@ -91,40 +95,40 @@ def test_bootstrap_bracket_is_seeded_and_widens_with_noise():
             p.acc["kd"] = p.acc["kd"] + noise * np.array([1, -1, 2, -2, 0.5, -0.5])
             out.append(p)
         return out
-    quiet, loud = F.frontier(probes(0.01), "kd", 1.0), F.frontier(probes(1.0), "kd", 1.0)
-    assert F.frontier(probes(1.0), "kd", 1.0).interval == loud.interval  # deterministic
+    quiet, loud = fsearch.frontier(probes(0.01), "kd", 1.0), fsearch.frontier(probes(1.0), "kd", 1.0)
+    assert fsearch.frontier(probes(1.0), "kd", 1.0).interval == loud.interval  # deterministic
     assert loud.interval[1] - loud.interval[0] > quiet.interval[1] - quiet.interval[0]
 
 
 def test_each_run_is_judged_against_its_own_teacher():
     probes = [fake_probe(r, [0, 1, 2]) for r in (0.5, 0.8, 0.9, 0.95, 0.98)]
-    base = {b: F.frontier(probes, "kd", b) for b in (0.5, 1.0)}
+    base = {b: fsearch.frontier(probes, "kd", b) for b in (0.5, 1.0)}
     # the 0.95 probe's seeds 0 and 2 ran on another CPU: teachers 0.4 pt better, and their students with them
     shift = np.array([0.4, 0.0, 0.4])
     probes[3].teacher = probes[3].teacher + shift
     probes[3].acc = {m: a + shift for m, a in probes[3].acc.items()}
     for b, f0 in base.items():  # the frontier 5 * e^sqrt(b / 0.5) (13.6x, 20.6x) is bracketed by the 0.95 probe
-        f = F.frontier(probes, "kd", b)
+        f = fsearch.frontier(probes, "kd", b)
         assert f.estimate == pytest.approx(f0.estimate) and f.interval == pytest.approx(f0.interval)
         assert (f.lo.ratio, f.hi.ratio) == (f0.lo.ratio, f0.hi.ratio)
-    assert "by up to 0.32 pt" in F.markdown(probes, [F.frontier(probes, "kd", 1.0)], ["kd"], [1.0], "t")
-    assert "each seed had one teacher at every probe" in F.markdown(probes[:3], [], ["kd"], [1.0], "t")
+    assert "by up to 0.32 pt" in freport.markdown(probes, [fsearch.frontier(probes, "kd", 1.0)], ["kd"], [1.0], "t")
+    assert "each seed had one teacher at every probe" in freport.markdown(probes[:3], [], ["kd"], [1.0], "t")
 
 
 def test_probes_show_the_paired_gap_between_methods_with_its_interval():
-    probe = F.Probe(0.9, [0, 1, 2], {"kd": np.array([91.0, 92.0, 93.0]), "finetune": np.array([90.5, 91.0, 93.3])},
+    probe = fsearch.Probe(0.9, [0, 1, 2], {"kd": np.array([91.0, 92.0, 93.0]), "finetune": np.array([90.5, 91.0, 93.3])},
                     np.full(3, TEACHER), 10.0, 1.0, ["a", "b", "c"])
     # differences +0.5, +1.0, -0.3: mean 0.4, sd 0.6557, t(0.975, 2) = 4.3027 -> half-width 1.6289
-    row = F.probe_table([probe], ["kd", "finetune"]).iloc[0]
+    row = freport.probe_table([probe], ["kd", "finetune"]).iloc[0]
     assert row["kd_minus_finetune"] == pytest.approx(0.4, abs=1e-3)
     assert (row["kd_minus_finetune_ci95_low"], row["kd_minus_finetune_ci95_high"]) == pytest.approx(
         (0.4 - 1.629, 0.4 + 1.629), abs=2e-3)
-    md = F.markdown([probe], [], ["kd", "finetune"], [1.0], "t")
+    md = freport.markdown([probe], [], ["kd", "finetune"], [1.0], "t")
     assert "| kd − finetune (95 % CI) | n |" in md and "| +0.40 [-1.23, +2.03] | 3 |" in md
-    assert "−" not in F.markdown([probe], [], ["kd"], [1.0], "t").split("Every probe")[1]  # one method: no gap
-    one = F.Probe(0.9, [0], {"kd": np.array([91.0]), "finetune": np.array([90.0])}, np.full(1, TEACHER), 10.0, 1.0,
+    assert "−" not in freport.markdown([probe], [], ["kd"], [1.0], "t").split("Every probe")[1]  # one method: no gap
+    one = fsearch.Probe(0.9, [0], {"kd": np.array([91.0]), "finetune": np.array([90.0])}, np.full(1, TEACHER), 10.0, 1.0,
                   ["a"])
-    assert "| +1.00 | 1 |" in F.markdown([one], [], ["kd", "finetune"], [1.0], "t")  # no interval from one seed
+    assert "| +1.00 | 1 |" in freport.markdown([one], [], ["kd", "finetune"], [1.0], "t")  # no interval from one seed
 
 
 @pytest.mark.parametrize("logged,target,same", [
@@ -133,7 +137,7 @@ def test_probes_show_the_paired_gap_between_methods_with_its_interval():
     ("[0.1, 1]", [0.1, 1.0], True), ("{}", {}, True), ("magnitude", "magnitude", True), ("__import__('os')", [1], False),
 ])
 def test_same_value_compares_logged_strings_with_yaml_values(logged, target, same):
-    assert F.same_value(logged, target) is same
+    assert exp_runs.same_value(logged, target) is same
 
 
 # ----------------------------------------------------------------------------- the CLI, with a fake queue
@@ -161,11 +165,11 @@ def fake_queue(monkeypatch, params, records, calls):
         calls.append(sorted(grid))
         assert "-S" in extra and "distill.variants=['kd','finetune']" in extra and "distill.epochs=3" in extra
         old = pd.read_csv(records, dtype=str, keep_default_na=False) if records.exists() else pd.DataFrame()
-        p = F.nest({**flatten(params), "distill.epochs": 3, "distill.variants": ["kd", "finetune"]})
+        p = exp_args.nest({**flatten(params), "distill.epochs": 3, "distill.variants": ["kd", "finetune"]})
         new = pd.DataFrame([run_row(p, r, s, len(old) + i) for i, (s, r) in enumerate(grid)])
         pd.concat([old, new.astype(str)]).to_csv(records, index=False)
         return {g: f"n{i}" for i, g in enumerate(grid)}, {}, {}, 0.0
-    monkeypatch.setattr(sweep, "run_grid", run_grid)
+    monkeypatch.setattr(exp_queue, "run_grid", run_grid)
 
 
 def test_cli_searches_then_resumes_from_the_records_alone(workdir, monkeypatch, capsys):
@@ -205,15 +209,15 @@ def test_runs_with_other_params_are_not_probes(workdir, monkeypatch):
     tmp, params = workdir
     records = tmp / "metrics" / "frontier_runs.csv"
     records.parent.mkdir()
-    other = F.nest({**flatten(params), "distill.epochs": 1, "distill.variants": ["kd", "finetune"]})
+    other = exp_args.nest({**flatten(params), "distill.epochs": 1, "distill.variants": ["kd", "finetune"]})
     pd.DataFrame([run_row(other, r, s, i) for i, (s, r) in enumerate([(0, 0.75), (1, 0.75)])]).to_csv(records, index=False)
-    runs = F.read_records(records)
+    runs = exp_runs.read_records(records)
     _, target = F.target_params(tmp / "params.yaml", {"distill.epochs": 3}, ["kd", "finetune"])
-    assert F.matching(runs, target, ["kd", "finetune"]).empty
+    assert exp_runs.matching(runs, target, ["kd", "finetune"]).empty
     _, target = F.target_params(tmp / "params.yaml", {"distill.epochs": 1}, ["kd", "finetune"])
-    assert len(F.probes_from_runs(F.matching(runs, target, ["kd", "finetune"]), ["kd", "finetune"], [0, 1])) == 1
-    assert F.probes_from_runs(F.matching(runs, target, ["kd", "finetune"]), ["kd", "finetune"], [0, 1, 2]) == []
-    assert F.matching(runs, target, ["kd", "scratch"]).empty  # a method the runs did not train
+    assert len(fsearch.probes_from_runs(exp_runs.matching(runs, target, ["kd", "finetune"]), ["kd", "finetune"], [0, 1])) == 1
+    assert fsearch.probes_from_runs(exp_runs.matching(runs, target, ["kd", "finetune"]), ["kd", "finetune"], [0, 1, 2]) == []
+    assert exp_runs.matching(runs, target, ["kd", "scratch"]).empty  # a method the runs did not train
 
 
 def test_runs_from_before_a_param_existed_ran_with_its_default(workdir, monkeypatch):
@@ -223,23 +227,23 @@ def test_runs_from_before_a_param_existed_ran_with_its_default(workdir, monkeypa
     tmp, params = workdir
     records = tmp / "metrics" / "frontier_runs.csv"
     records.parent.mkdir()
-    old = F.nest({**flatten(params), "distill.variants": ["kd", "finetune"]})
+    old = exp_args.nest({**flatten(params), "distill.variants": ["kd", "finetune"]})
     rows = pd.DataFrame([run_row(old, 0.75, s, s) for s in (0, 1)]).drop(columns="params.prune.agp_end")
     rows.to_csv(records, index=False)
-    runs = F.read_records(records)
+    runs = exp_runs.read_records(records)
     _, target = F.target_params(tmp / "params.yaml", {}, ["kd", "finetune"])
     assert target["prune.agp_end"] == 0.5 and "params.prune.agp_end" not in runs
-    assert len(F.matching(runs, target, ["kd", "finetune"])) == 2
+    assert len(exp_runs.matching(runs, target, ["kd", "finetune"])) == 2
     _, other = F.target_params(tmp / "params.yaml", {"prune.agp_end": 0.25}, ["kd", "finetune"])
-    assert F.matching(runs, other, ["kd", "finetune"]).empty
+    assert exp_runs.matching(runs, other, ["kd", "finetune"]).empty
     # a newer run at 0.25 joins the file: the old rows' cells are now empty, and still mean the default
-    new = F.nest({**flatten(params), "distill.variants": ["kd", "finetune"], "prune.agp_end": 0.25})
+    new = exp_args.nest({**flatten(params), "distill.variants": ["kd", "finetune"], "prune.agp_end": 0.25})
     pd.concat([rows, pd.DataFrame([run_row(new, 0.75, 0, 9)])], ignore_index=True).to_csv(records, index=False)
-    runs = F.read_records(records)
-    assert list(F.matching(runs, target, ["kd", "finetune"])["run_id"]) == ["fake0000", "fake0001"]
-    assert list(F.matching(runs, other, ["kd", "finetune"])["run_id"]) == ["fake0009"]
+    runs = exp_runs.read_records(records)
+    assert list(exp_runs.matching(runs, target, ["kd", "finetune"])["run_id"]) == ["fake0000", "fake0001"]
+    assert list(exp_runs.matching(runs, other, ["kd", "finetune"])["run_id"]) == ["fake0009"]
     # a key kdprune does not know has no default: a run without it never matches one
-    assert not F.param_matches(runs, "prune.not_a_param", 0.0).any()
+    assert not exp_runs.param_matches(runs, "prune.not_a_param", 0.0).any()
 
 
 def test_a_method_without_kd_joins_from_a_run_at_other_kd_settings_of_the_same_teacher(workdir):
@@ -247,9 +251,9 @@ def test_a_method_without_kd_joins_from_a_run_at_other_kd_settings_of_the_same_t
     alpha 0.5 run and finetune from the alpha 0.9 run of the same seed and ratio, only when their teacher and
     compression agree; a run holding both methods at the target is preferred; kd is never borrowed."""
     tmp, params = workdir
-    core = F.nest({**flatten(params), "distill.variants": ["kd", "finetune"], "distill.alpha": 0.9})
-    chosen = F.nest({**flatten(params), "distill.variants": ["kd"], "distill.alpha": 0.5})
-    both = F.nest({**flatten(params), "distill.variants": ["kd", "finetune"], "distill.alpha": 0.5})
+    core = exp_args.nest({**flatten(params), "distill.variants": ["kd", "finetune"], "distill.alpha": 0.9})
+    chosen = exp_args.nest({**flatten(params), "distill.variants": ["kd"], "distill.alpha": 0.5})
+    both = exp_args.nest({**flatten(params), "distill.variants": ["kd", "finetune"], "distill.alpha": 0.5})
     rows = [run_row(core, 0.75, s, s) for s in (0, 1, 2)]
     for s in (0, 1, 2):
         r = run_row(chosen, 0.75, s, 10 + s)
@@ -261,25 +265,25 @@ def test_a_method_without_kd_joins_from_a_run_at_other_kd_settings_of_the_same_t
     rows.append({**run_row(core, 0.9, 0, 21), "acc_finetune": 99.0})  # newer, but the joined one loses
     runs = pd.DataFrame(rows)
     _, target = F.target_params(tmp / "params.yaml", {"distill.alpha": 0.5}, ["kd", "finetune"])
-    assert F.matching(runs, target, ["kd", "finetune"])["run_id"].tolist() == ["fake0020"]
-    j = F.joined(runs, target, ["kd", "finetune"])
+    assert exp_runs.matching(runs, target, ["kd", "finetune"])["run_id"].tolist() == ["fake0020"]
+    j = exp_runs.joined(runs, target, ["kd", "finetune"])
     got = {(r.ratio, r.seed): (r.run_id, r.acc_kd, r.acc_finetune) for r in j.itertuples()}
     assert got == {(0.75, 0): ("fake0010+fake0000", 50.0, fake_acc("finetune", 4, 0)),
                    (0.75, 1): ("fake0011+fake0001", 51.0, fake_acc("finetune", 4, 1)),
                    (0.9, 0): ("fake0020", 60.0, 61.0)}  # seed 2 at 0.75: teachers differ, not joined
-    probes = F.probes_from_runs(j, ["kd", "finetune"], [0, 1])
+    probes = fsearch.probes_from_runs(j, ["kd", "finetune"], [0, 1])
     assert [p.ratio for p in probes] == [0.75] and probes[0].acc["kd"].tolist() == [50.0, 51.0]
     # the other way round: kd at alpha 0.9 is never taken from the alpha 0.5 runs
     _, core_target = F.target_params(tmp / "params.yaml", {"distill.alpha": 0.9}, ["kd", "finetune"])
-    assert set(F.joined(runs, core_target, ["kd", "finetune"])["run_id"]) == {"fake0000", "fake0001", "fake0002",
+    assert set(exp_runs.joined(runs, core_target, ["kd", "finetune"])["run_id"]) == {"fake0000", "fake0001", "fake0002",
                                                                               "fake0021"}
 
 
 def test_the_methods_without_kd_are_the_variants_that_do_not_distil():
-    from kdprune.recovery import VARIANTS
+    from kdprune.train.recovery import VARIANTS
 
-    assert F.WITHOUT_KD == {name for name, v in VARIANTS.items() if not v.kd}
-    assert F.KD_KEYS <= set(flatten(default_params()))
+    assert exp_runs.WITHOUT_KD == {name for name, v in VARIANTS.items() if not v.kd}
+    assert exp_runs.KD_KEYS <= set(flatten(default_params()))
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -317,7 +321,7 @@ def test_structured_pruning_is_searched_on_the_channel_ratio(workdir, monkeypatc
     def run_grid(grid, extra, jobs, prefix, experiment, log=print):
         calls.append(grid)
         assert "prune.method='l1_filter'" in extra
-        p = F.nest({**flatten(params), "prune.method": "l1_filter", "distill.variants": ["kd", "finetune"]})
+        p = exp_args.nest({**flatten(params), "prune.method": "l1_filter", "distill.variants": ["kd", "finetune"]})
         old = pd.read_csv(records, dtype=str, keep_default_na=False) if records.exists() else pd.DataFrame()
         rows = []
         for i, (s, r) in enumerate(grid):
@@ -326,7 +330,7 @@ def test_structured_pruning_is_searched_on_the_channel_ratio(workdir, monkeypatc
             rows.append(row)
         pd.concat([old, pd.DataFrame(rows).astype(str)]).to_csv(records, index=False)
         return {}, {}, {}, 0.0
-    monkeypatch.setattr(sweep, "run_grid", run_grid)
+    monkeypatch.setattr(exp_queue, "run_grid", run_grid)
     assert F.main(["--set", "prune.method=l1_filter", "--seeds", "0,1", "--lo", "2", "--hi", "16", "--max-probes", "6",
                    "--no-mlflow-summary"]) == 0
     md = (tmp / "metrics" / "frontier.md").read_text()
@@ -358,14 +362,14 @@ def test_impossible_metrics_in_a_records_file_are_refused(workdir, capsys, colum
     assert str(records) in err and "run fake0001" in err and f"{column} = " in err and rule in err, err
     rows[1][column] = "nan"  # a missing value is a failed run, not an error
     pd.DataFrame(rows).astype(str).to_csv(records, index=False)
-    assert not F.read_records(records).empty
+    assert not exp_runs.read_records(records).empty
 
 
 def test_an_oversized_records_file_is_refused_before_reading(workdir, capsys):
     tmp, _ = workdir
     big = tmp / "big.csv"
     with open(big, "wb") as f:  # sparse: no disk used
-        f.truncate(F.MAX_RECORDS_BYTES + 1)
+        f.truncate(exp_runs.MAX_RECORDS_BYTES + 1)
     assert F.main(["--analyse", "--records", str(big), "--no-mlflow-summary"]) == 2
     assert "a records CSV is at most" in capsys.readouterr().err
 
@@ -403,8 +407,8 @@ def test_tiny_real_search_through_the_dvc_queue_then_resume_trains_nothing(tmp_p
 def test_a_busy_queue_is_refused_before_anything_is_queued(monkeypatch):
     """Stale 'Running' entries of a stopped part (or someone else's experiments) would make the wait hang."""
     queued = []
-    monkeypatch.setattr(sweep, "queue_status", lambda: [{"name": "study-core-r0p98-s1-17", "status": "Running"}])
-    monkeypatch.setattr(sweep, "dvc", lambda *a, **k: queued.append(a))
+    monkeypatch.setattr(exp_queue, "queue_status", lambda: [{"name": "study-core-r0p98-s1-17", "status": "Running"}])
+    monkeypatch.setattr(exp_queue, "dvc", lambda *a, **k: queued.append(a))
     with pytest.raises(SystemExit, match="already holds 1 queued or running experiment.*study-core-r0p98-s1-17"):
-        sweep.run_grid([(0, 0.9)], [], 1, "frontier", "kdprune")
+        exp_queue.run_grid([(0, 0.9)], [], 1, "frontier", "kdprune")
     assert queued == []

@@ -4,8 +4,13 @@ import os
 import pandas as pd
 import pytest
 
-from kdprune import report
-from tests.test_tracking import empty_store  # noqa: F401 - a fixture
+from kdprune.experiments import report
+from kdprune.experiments import stats as exp_stats
+from kdprune.tracking import pipeline as tracking_pipeline
+from kdprune.tracking import query as tracking_query
+from kdprune.tracking import store as tracking_store
+from kdprune.tracking import summary as tracking_summary
+from tests.tracking.test_tracking import empty_store  # noqa: F401 - a fixture
 
 
 def fake_runs(kd, ft, ratios=(0.5, 0.9), seeds=(0, 1, 2)):
@@ -19,12 +24,12 @@ def fake_runs(kd, ft, ratios=(0.5, 0.9), seeds=(0, 1, 2)):
 
 
 def test_t_interval_matches_hand_computation():
-    mean, lo, hi = report.t_interval([1.0, 2.0, 3.0])
+    mean, lo, hi = exp_stats.t_interval([1.0, 2.0, 3.0])
     # sd = 1, se = 1/sqrt(3), t(0.975, 2) = 4.302653
     assert mean == 2.0
     assert hi - mean == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
     assert lo == pytest.approx(2 * mean - hi)
-    assert math.isnan(report.t_interval([1.0])[1])
+    assert math.isnan(exp_stats.t_interval([1.0])[1])
 
 
 def test_verdicts_say_kd_wins_and_no_difference_plainly():
@@ -102,8 +107,8 @@ def test_methods_table_groups_settings_and_variants():
 
 
 def test_plural():
-    assert report.plural(1, "seed") == "1 seed" and report.plural(2, "run") == "2 runs"
-    assert report.plural(0, "run") == "0 runs"
+    assert tracking_summary.plural(1, "seed") == "1 seed" and tracking_summary.plural(2, "run") == "2 runs"
+    assert tracking_summary.plural(0, "run") == "0 runs"
 
 
 def test_report_traces_every_number_and_logs_to_its_own_experiment(tmp_path, monkeypatch, empty_store):
@@ -115,13 +120,12 @@ def test_report_traces_every_number_and_logs_to_its_own_experiment(tmp_path, mon
 
     from mlflow.tracking import MlflowClient
 
-    from kdprune import tracking
-    from tests.test_tracking import make_result
+    from tests.tracking.test_tracking import make_result
 
     for d, ratio, acc in (("a", 0.8, 90.0), ("b", 0.9, 88.5)):
         (tmp_path / d).mkdir()
         make_result(tmp_path / d, ratio=ratio, acc_kd=acc)
-        tracking.log_pipeline(tmp_path / d, {"DVC_ROOT": str(tmp_path)})
+        tracking_pipeline.log_pipeline(tmp_path / d, {"DVC_ROOT": str(tmp_path)})
     shutil.copy(tmp_path / "b" / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     for k in [k for k in os.environ if k.startswith(("DVC_", "MLFLOW_TRACKING"))]:
@@ -130,12 +134,12 @@ def test_report_traces_every_number_and_logs_to_its_own_experiment(tmp_path, mon
     real_plot = report.plot
     monkeypatch.setattr(report, "plot", lambda table, path, title: (titles.append(title),
                                                                      real_plot(table, path, title)))
-    uri = tracking.tracking_uri()
+    uri = tracking_store.tracking_uri()
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("kdprune")
     pipeline_ids = {r.info.run_id for r in client.search_runs([exp.experiment_id])}
     # a RUNNING run (an interrupted track) is no result: not used, not cited
-    client.create_run(exp.experiment_id, tags={tracking.KIND_TAG: "pipeline"})
+    client.create_run(exp.experiment_id, tags={tracking_store.KIND_TAG: "pipeline"})
 
     assert report.main([]) == 0
     csv = pd.read_csv(tmp_path / "metrics" / "report_runs.csv")
@@ -145,11 +149,11 @@ def test_report_traces_every_number_and_logs_to_its_own_experiment(tmp_path, mon
     assert sorted(csv["params.prune.ratio"]) == [0.8, 0.9] and sorted(csv["acc_kd"]) == [88.5, 90.0]
     assert titles and titles[0].endswith("(1 seed)")
     # the summary run is not among the pipeline runs (the pipeline runs and the RUNNING one)
-    assert all(r.data.tags.get(tracking.KIND_TAG) == "pipeline" for r in client.search_runs([exp.experiment_id]))
+    assert all(r.data.tags.get(tracking_store.KIND_TAG) == "pipeline" for r in client.search_runs([exp.experiment_id]))
     rexp = client.get_experiment_by_name("kdprune-reports")
     (summary,) = client.search_runs([rexp.experiment_id])
     assert summary.info.run_name == "report (2 runs of kdprune)" and summary.info.status == "FINISHED"
-    assert rexp.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+    assert rexp.tags[tracking_store.EXPERIMENT_KIND_TAG] == tracking_store.EXPERIMENT_KIND
     assert "report_runs.csv" in {a.path for a in client.list_artifacts(summary.info.run_id)}
 
     # a fresh clone: an empty MLflow store and the committed records give the same report
@@ -168,6 +172,6 @@ def test_runs_table_has_ids_status_params_and_metrics_not_derived_columns():
                         "params.prune.ratio": "0.9", "acc_kd": 90.5, "ratio": 0.9, "seed": 1},
                        {"run_id": "a", "status": "FINISHED", "dvc_exp_name": "e1", "params.seed": "0",
                         "params.prune.ratio": "0.8", "acc_kd": 91.0, "ratio": 0.8, "seed": 0}])
-    t = report.runs_table(df)
+    t = tracking_query.runs_table(df)
     assert list(t.columns) == ["run_id", "status", "dvc_exp_name", "params.prune.ratio", "params.seed", "acc_kd"]
     assert list(t.run_id) == ["a", "b"]

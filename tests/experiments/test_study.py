@@ -7,8 +7,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from kdprune import presets, study, sweep
-from kdprune import frontier as F
+from kdprune import presets
+from kdprune.experiments import queue as exp_queue
+from kdprune.experiments import runs as exp_runs
+from kdprune.experiments import stats as exp_stats
+from kdprune.experiments import study, study_analysis, study_plan
 from tests.helpers import committed_params_text
 
 
@@ -20,7 +23,7 @@ def params_path(tmp_path):
 
 
 def test_the_committed_study_plan_validates_and_is_sized(params_path):
-    plan = study.load_plan("study-fashion", params_path)
+    plan = study_plan.load_plan("study-fashion", params_path)
     cells = [e.cell for e in plan.experiments]
     assert cells.count("core") == 20 and cells[0] == "core"
     assert {e.ratio for e in plan.experiments if e.cell == "core"} == {0.9, 0.95, 0.98, 0.99}
@@ -34,13 +37,13 @@ def test_the_committed_study_plan_validates_and_is_sized(params_path):
     assert {e.flat["distill.epochs"] for e in plan.experiments if e.cell == "epochs"} == {1, 3, 10}
     chosen = [e for e in plan.experiments if e.cell == "kd_chosen"]  # kd alone at the setting chosen on train
     assert {(e.seed, e.ratio) for e in chosen} == {(e.seed, e.ratio) for e in plan.experiments if e.cell == "core"}
-    assert all(study.target(plan, e)[1] == ["kd"] and study.borrows_finetune(plan, "kd_chosen") for e in chosen)
-    assert plan.frontier["cell"] == "kd_chosen" and study.kd_settings_of(plan, "kd_chosen") == {
+    assert all(study_plan.target(plan, e)[1] == ["kd"] and study_analysis.borrows_finetune(plan, "kd_chosen") for e in chosen)
+    assert plan.frontier["cell"] == "kd_chosen" and study_analysis.kd_settings_of(plan, "kd_chosen") == {
         "distill.alpha": 0.5, "distill.temperature": 2.0}
     assert plan.frontier["budgets"] == [0.5, 1.0, 2.0] and plan.records.as_posix() == "metrics/study_runs.csv"
-    assert study.frontier_range(plan) == pytest.approx((2, 100))  # below the core grid: 1 pt is lost by 10x
+    assert study_plan.frontier_range(plan) == pytest.approx((2, 100))  # below the core grid: 1 pt is lost by 10x
     plan.frontier.pop("lo")
-    assert study.frontier_range(plan) == pytest.approx((10, 100))  # the default: the first cell's range
+    assert study_plan.frontier_range(plan) == pytest.approx((10, 100))  # the default: the first cell's range
 
 
 def hostile(tmp_path, monkeypatch, mutate):
@@ -73,19 +76,19 @@ def hostile(tmp_path, monkeypatch, mutate):
 ])
 def test_a_hostile_plan_is_refused_naming_the_key(tmp_path, monkeypatch, params_path, mutate, message):
     hostile(tmp_path, monkeypatch, mutate)
-    with pytest.raises(study.StudyError, match=None) as e:
-        study.load_plan("evil", params_path)
+    with pytest.raises(study_plan.StudyError, match=None) as e:
+        study_plan.load_plan("evil", params_path)
     assert message in str(e.value) and "evil.yaml" in str(e.value)
 
 
 def test_holm_adjusts_step_down():
-    assert study.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert study.holm([0.5, float("nan")])[0] == 0.5 and math.isnan(study.holm([0.5, float("nan")])[1])
-    assert study.holm([0.02, 0.02]) == pytest.approx([0.04, 0.04])
+    assert exp_stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert exp_stats.holm([0.5, float("nan")])[0] == 0.5 and math.isnan(exp_stats.holm([0.5, float("nan")])[1])
+    assert exp_stats.holm([0.02, 0.02]) == pytest.approx([0.04, 0.04])
 
 
 def fake_row(plan, e, t: int) -> dict:
-    flat, variants = study.target(plan, e)
+    flat, variants = study_plan.target(plan, e)
     c = 1 / (1 - e.ratio)
     row = {"run_id": f"r{t:04d}", "status": "FINISHED", "start_time": str(1000 * t), "end_time": str(1000 * t + 600_000)}
     row.update({f"params.{k}": str(v) for k, v in flat.items()})
@@ -104,7 +107,7 @@ def small_plan(tmp_path, monkeypatch, params_path):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(params_path.read_text())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a.db'}")
-    plan = study.load_plan("study-fashion", tmp_path / "params.yaml")
+    plan = study_plan.load_plan("study-fashion", tmp_path / "params.yaml")
     plan.experiments = [e for e in plan.experiments if e.seed in (0, 1)]  # a smaller plan, the same logic
     plan.frontier["seeds"] = [0, 1]
     plan.records.parent.mkdir(parents=True, exist_ok=True)
@@ -118,16 +121,16 @@ def fake_sweep(monkeypatch, plan, ran: list, clock: list, minutes_each=lambda pr
     def run_grid(grid, extra, jobs, prefix, experiment, log=print):
         for seed, ratio, sets in grid:
             ran.append((prefix, seed, ratio, sets))
-            probe = {**study.cell_experiment(plan).flat, "distill.variants": plan.frontier["methods"]}
+            probe = {**study_plan.cell_experiment(plan).flat, "distill.variants": plan.frontier["methods"]}
             e = next((x for x in plan.experiments if x.seed == seed and x.ratio == ratio and x.sets() == sets),
-                     None) or study.Experiment("frontier", seed, ratio, tuple(sorted(probe.items())))
+                     None) or study_plan.Experiment("frontier", seed, ratio, tuple(sorted(probe.items())))
             assert e.sets() == sets
-            old = F.read_records(plan.records)
+            old = exp_runs.read_records(plan.records)
             new = pd.DataFrame([fake_row(plan, e, len(old) + len(ran))]).astype(str)
             pd.concat([old.astype(str), new]).to_csv(plan.records, index=False)
             clock[0] += 60 * minutes_each(prefix)
         return {}, {}, {}, 0.0
-    monkeypatch.setattr(sweep, "run_grid", run_grid)
+    monkeypatch.setattr(exp_queue, "run_grid", run_grid)
 
 
 def test_parts_stop_on_time_and_resume_from_the_records_alone(tmp_path, monkeypatch, params_path):
@@ -150,12 +153,12 @@ def test_parts_stop_on_time_and_resume_from_the_records_alone(tmp_path, monkeypa
     n = len(ran)
     assert study.run_part(plan, 10_000, 1, None, log=lambda m: None) is True and len(ran) == n  # nothing twice
 
-    runs = study.load(plan, None)
-    text, files = study.analyse(plan, runs, tmp_path)
+    runs = study_plan.load(plan, None)
+    text, files = study_analysis.analyse(plan, runs, tmp_path)
     assert "results logged twice: 0." in text and "not run yet: 0;" in text
     e = plan.experiments[0]
-    twice = pd.concat([runs, runs[runs["run_id"] == study.run_for(plan, runs, e)["run_id"]].assign(run_id="again")])
-    assert study.duplicates(plan, twice, e) == 1 and study.duplicates(plan, runs, e) == 0
+    twice = pd.concat([runs, runs[runs["run_id"] == study_plan.run_for(plan, runs, e)["run_id"]].assign(run_id="again")])
+    assert study_plan.duplicates(plan, twice, e) == 1 and study_plan.duplicates(plan, runs, e) == 0
     assert "## Core grid" in text and "Holm" in text and "| 0.98 |" in text
     core = pd.read_csv(tmp_path / "metrics" / "study.csv")
     c = core[core["section"] == "core"]
@@ -180,38 +183,38 @@ def test_a_part_stops_between_the_frontier_probes_seeds_and_resumes_without_reru
     assert study.run_part(plan, 5, 1, None, log=lambda m: None) is False  # the cells cost no time here
     probes = [r for r in ran if r[0] == "study-frontier"]
     assert [(r[1], r[2]) for r in probes] == [(0, 0.5)]  # the range's low end (2x), seed 0; seed 1 not started
-    assert study.study_probes(plan, study.load(plan, None)) and 0.5 not in {
-        p.ratio for p in study.study_probes(plan, study.load(plan, None))}  # half a probe is no probe
-    assert len(F.read_records(plan.records)) == len(ran)  # the part's last run is in the records already
-    text = study.analyse(plan, study.load(plan, None), tmp_path)[0]
+    assert study_plan.study_probes(plan, study_plan.load(plan, None)) and 0.5 not in {
+        p.ratio for p in study_plan.study_probes(plan, study_plan.load(plan, None))}  # half a probe is no probe
+    assert len(exp_runs.read_records(plan.records)) == len(ran)  # the part's last run is in the records already
+    text = study_analysis.analyse(plan, study_plan.load(plan, None), tmp_path)[0]
     assert ("Frontier search's own runs (probes at ratios no cell plans): 1 at 1 ratio(s) (0.5); complete probes "
             "(every seed): 0; results logged twice: 0.") in text and "over those runs and the search's" in text
-    assert [(e.seed, e.ratio) for e in study.frontier_experiments(plan, [0.8, 0.95])][:3] == [
+    assert [(e.seed, e.ratio) for e in study_plan.frontier_experiments(plan, [0.8, 0.95])][:3] == [
         (0, 0.8), (0, 0.95), (1, 0.8)]  # a batch runs seed by seed: each seed's teacher is needed once
     assert study.run_part(plan, 10_000, 1, None, log=lambda m: None) is True
     points = [(r[1], r[2]) for r in ran if r[0] == "study-frontier"]
     assert len(points) == len(set(points)) > 2 and points[1] == (1, 0.5)  # seed 1 next; nothing twice
-    runs = study.load(plan, None)
-    assert {p.ratio for p in study.study_probes(plan, runs)} >= {0.5, 0.9, 0.99}
-    own = study.frontier_own(plan, runs)
+    runs = study_plan.load(plan, None)
+    assert {p.ratio for p in study_plan.study_probes(plan, runs)} >= {0.5, 0.9, 0.99}
+    own = study_plan.frontier_own(plan, runs)
     assert sorted((e.seed, e.ratio) for e, _ in own) == sorted(points)  # every probe run counted, no cell's run
     again = runs[runs["run_id"] == own[0][1]["run_id"]].assign(run_id="again", start_time="1")
-    text = study.analyse(plan, pd.concat([runs, again]), tmp_path)[0]
+    text = study_analysis.analyse(plan, pd.concat([runs, again]), tmp_path)[0]
     assert f"{len(points)} at {len(set(p[1] for p in points))} ratio(s)" in text and "logged twice: 1." in text
 
 
 def test_a_partial_study_reports_a_preliminary_frontier_on_the_complete_seeds(tmp_path, monkeypatch, params_path):
     monkeypatch.chdir(tmp_path)
-    plan = study.load_plan("study-fashion", params_path)
+    plan = study_plan.load_plan("study-fashion", params_path)
     core = [e for e in plan.experiments if e.cell == "core"]
     plan.records.parent.mkdir(parents=True)
     rows = [fake_row(plan, e, i) for i, e in enumerate(x for x in core if x.seed == 0)]
     rows.append(fake_row(plan, next(e for e in core if e.seed == 1), 99))  # seed 1: one ratio of four
     # 7 done: seed 0 x 4, seed 1 x 1, and their 0.98 runs cover the default KD setting of kd_settings
     pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
-    runs = study.load(plan, None)
-    assert study.preliminary_seeds(plan, runs, "core") == [0] and study.preliminary_seeds(plan, runs) == []
-    text, files = study.analyse(plan, runs, tmp_path)
+    runs = study_plan.load(plan, None)
+    assert study_plan.preliminary_seeds(plan, runs, "core") == [0] and study_plan.preliminary_seeds(plan, runs) == []
+    text, files = study_analysis.analyse(plan, runs, tmp_path)
     assert "PRELIMINARY: the frontier's own cell" in text and "one seed gives no interval" in text
     assert "not run yet: 63;" in text and (tmp_path / "plots" / "frontier.png").exists()
     assert "kd_chosen, has every ratio done for no seed yet, so this is the core cell's frontier on seed(s) 0;" in text
@@ -221,24 +224,24 @@ def test_a_partial_study_reports_a_preliminary_frontier_on_the_complete_seeds(tm
     chosen = [e for e in plan.experiments if e.cell == "kd_chosen" and e.seed == 0]
     rows += [{**fake_row(plan, e, 200 + i), "acc_kd": 11.0} for i, e in enumerate(chosen)]
     pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
-    text, files = study.analyse(plan, study.load(plan, None), tmp_path)
+    text, files = study_analysis.analyse(plan, study_plan.load(plan, None), tmp_path)
     assert "PRELIMINARY: only seed(s) 0 of 5 have finished every ratio of the kd_chosen cell" in text
     assert "kd at alpha 0.5, temperature 2" in text and "kd reaches < " in text  # kd at 11 %: below every budget
     # the core grid gets ahead (seeds 0 and 1 complete): its frontier is shown until kd_chosen catches up
     rows += [fake_row(plan, e, 300 + i) for i, e in enumerate(x for x in core if x.seed == 1)]
     pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
-    text, files = study.analyse(plan, study.load(plan, None), tmp_path)
+    text, files = study_analysis.analyse(plan, study_plan.load(plan, None), tmp_path)
     assert ("kd_chosen, has every ratio done for seed(s) 0 only, so this is the core cell's frontier on seed(s) 0, 1;"
             in text) and "kd at alpha 0.9, temperature 4" in text
 
 
 def test_a_frontier_from_the_core_grid_alone_says_it_is_not_searched_yet(tmp_path, monkeypatch, params_path):
     monkeypatch.chdir(tmp_path)
-    plan = study.load_plan("study-fashion", params_path)
+    plan = study_plan.load_plan("study-fashion", params_path)
     grid = [e for e in plan.experiments if e.cell in ("core", "kd_chosen")]
     plan.records.parent.mkdir(parents=True)
     pd.DataFrame([fake_row(plan, e, i) for i, e in enumerate(grid)]).astype(str).to_csv(plan.records, index=False)
-    text, _ = study.analyse(plan, study.load(plan, None), tmp_path)
+    text, _ = study_analysis.analyse(plan, study_plan.load(plan, None), tmp_path)
     assert "PRELIMINARY" not in text and "kd reaches" in text
     assert "Not searched yet: every probe is one of the kd_chosen cell's ratios" in text
     assert "The probes run the kd_chosen cell's params: kd at alpha 0.5, temperature 2" in text
@@ -248,7 +251,7 @@ def test_seeds_at_chance_are_counted_per_ratio(tmp_path, monkeypatch, params_pat
     """A seed whose pruned network cannot train (layer collapse: kd and finetune both at 10 %) is counted and
     explained, not hidden in the mean."""
     monkeypatch.chdir(tmp_path)
-    plan = study.load_plan("study-fashion", params_path)
+    plan = study_plan.load_plan("study-fashion", params_path)
     core = [e for e in plan.experiments if e.cell == "core" and e.seed in (0, 1)]
     plan.records.parent.mkdir(parents=True)
     rows = [fake_row(plan, e, i) for i, e in enumerate(core)]
@@ -258,7 +261,7 @@ def test_seeds_at_chance_are_counted_per_ratio(tmp_path, monkeypatch, params_pat
         if r["params.prune.ratio"] == "0.95" and r["params.seed"] == "1":
             r.update(acc_kd=10.0, acc_finetune=60.0)  # only one of the two at chance: not a collapse
     pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
-    text, _ = study.analyse(plan, study.load(plan, None), tmp_path)
+    text, _ = study_analysis.analyse(plan, study_plan.load(plan, None), tmp_path)
     core_text = text.split("## Core grid")[1].split("\n## ")[0]
     table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in core_text.splitlines()
              if line.startswith("| 0.9")}
@@ -272,7 +275,7 @@ def test_a_check_compares_its_seeds_with_the_core_runs_of_the_same_seeds(tmp_pat
     """The lr check runs seeds 0-2; its default-lr row comes from the core grid, which has seeds 0-4 at 0.98.
     The row must use the core runs of seeds 0-2 only, or it would compare different seeds (and teachers)."""
     monkeypatch.chdir(tmp_path)
-    plan = study.load_plan("study-fashion", params_path)
+    plan = study_plan.load_plan("study-fashion", params_path)
     core = [e for e in plan.experiments if e.cell == "core" and e.ratio == 0.98]
     lr = [e for e in plan.experiments if e.cell == "lr"]
     assert sorted(e.seed for e in core) == [0, 1, 2, 3, 4] and sorted({e.seed for e in lr}) == [0, 1, 2]
@@ -282,7 +285,7 @@ def test_a_check_compares_its_seeds_with_the_core_runs_of_the_same_seeds(tmp_pat
         if r["params.seed"] in ("3", "4"):  # seeds the check did not run: far off, so a leak shows
             r.update(acc_kd=20.0, acc_finetune=20.0)
     pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
-    text, _ = study.analyse(plan, study.load(plan, None), tmp_path)
+    text, _ = study_analysis.analyse(plan, study_plan.load(plan, None), tmp_path)
     section = text.split("## lr")[1].split("\n## ")[0]
     row = next(line for line in section.splitlines() if line.startswith("| 0.05 |")).split(" | ")
     expected = np.mean([fake_row(plan, e, 0)["acc_kd"] for e in core if e.seed < 3])
@@ -293,7 +296,7 @@ def test_each_method_is_also_compared_at_its_own_train_selected_learning_rate(tm
     """The lr check chooses kd's lr on train_acc_kd and finetune's on train_acc_finetune, and pairs the two choices
     by seed; the epochs check is a budget axis and chooses nothing."""
     monkeypatch.chdir(tmp_path)
-    plan = study.load_plan("study-fashion", params_path)
+    plan = study_plan.load_plan("study-fashion", params_path)
     runs = [e for e in plan.experiments if (e.cell == "core" and e.ratio == 0.98) or e.cell in ("lr", "epochs")]
     plan.records.parent.mkdir(parents=True)
     rows = [fake_row(plan, e, i) for i, e in enumerate(runs)]
@@ -304,7 +307,7 @@ def test_each_method_is_also_compared_at_its_own_train_selected_learning_rate(tm
         if lr == 0.05 and int(r["params.distill.epochs"]) == 5:
             r.update(acc_kd=80.0 + 2 * seed)
     pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
-    text, _ = study.analyse(plan, study.load(plan, None), tmp_path)
+    text, _ = study_analysis.analyse(plan, study_plan.load(plan, None), tmp_path)
     lr = text.split("## lr")[1].split("\n## ")[0]
     assert "Chosen on training accuracy: distill.lr=0.05" in lr
     assert ("Each method at its own setting chosen on its own training accuracy: kd at distill.lr=0.05, finetune at "
@@ -323,17 +326,17 @@ def test_kd_settings_pair_each_setting_with_the_core_finetune_of_the_same_seeds(
     its kd runs with the core grid's finetune runs of the same seeds and ratio, and the chosen setting says its
     own KD − FT."""
     monkeypatch.chdir(tmp_path)
-    plan = study.load_plan("study-fashion", params_path)
+    plan = study_plan.load_plan("study-fashion", params_path)
     core = [e for e in plan.experiments if e.cell == "core" and e.ratio == 0.98]
     kds = [e for e in plan.experiments if e.cell == "kd_settings"]
-    assert {e.seed for e in kds} == {0, 1, 2} and all(study.target(plan, e)[1] == ["kd"] for e in kds)
+    assert {e.seed for e in kds} == {0, 1, 2} and all(study_plan.target(plan, e)[1] == ["kd"] for e in kds)
     plan.records.parent.mkdir(parents=True)
     rows = [fake_row(plan, e, i) for i, e in enumerate(core + kds)]
     assert all("acc_finetune" not in r for r in rows[len(core):])
     for r in rows[:len(core)]:
         r["acc_finetune"] = 80.0 + int(r["params.seed"])  # 80, 81, 82 for the check's seeds; 83, 84 leak
     pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
-    text, _ = study.analyse(plan, study.load(plan, None), tmp_path)
+    text, _ = study_analysis.analyse(plan, study_plan.load(plan, None), tmp_path)
     section = text.split("## kd_settings")[1].split("\n## ")[0]
     assert "finetune run of the same seed and ratio" in section
     for line in (x for x in section.splitlines() if x.startswith("| 0.")):
@@ -352,7 +355,7 @@ def test_kd_chosen_pairs_each_ratio_with_the_core_finetune_of_the_same_teacher(t
     """kd_chosen runs kd alone at alpha 0.5, T 2 over the core ratios: its per-ratio KD − FT (Holm) pairs each seed
     with the core grid's finetune of the same seed and ratio, and drops (and counts) a pair whose teacher differs."""
     monkeypatch.chdir(tmp_path)
-    plan = study.load_plan("study-fashion", params_path)
+    plan = study_plan.load_plan("study-fashion", params_path)
     grid = [e for e in plan.experiments if e.cell in ("core", "kd_chosen") and e.seed < 3]
     plan.records.parent.mkdir(parents=True)
     rows = [fake_row(plan, e, i) for i, e in enumerate(grid)]
@@ -364,7 +367,7 @@ def test_kd_chosen_pairs_each_ratio_with_the_core_finetune_of_the_same_teacher(t
         if r["params.prune.ratio"] == "0.9" and r["params.seed"] == "2" and "acc_finetune" not in r:
             r["acc_teacher"] = 90.0  # another teacher: never paired
     pd.DataFrame(rows).astype(str).to_csv(plan.records, index=False)
-    text, _ = study.analyse(plan, study.load(plan, None), tmp_path)
+    text, _ = study_analysis.analyse(plan, study_plan.load(plan, None), tmp_path)
     section = text.split("## kd_chosen")[1].split("\n## ")[0]
     assert "core grid's finetune run of the same seed and ratio" in section and "Holm-adjusted" in section
     assert "1 run(s) of this cell have no core-grid finetune with the same teacher" in section
@@ -377,5 +380,5 @@ def test_kd_chosen_pairs_each_ratio_with_the_core_finetune_of_the_same_teacher(t
 @pytest.mark.parametrize("name", ["../params", "/etc/passwd", "study-fashion/../../params", ""])
 def test_the_preset_is_a_name_never_a_path(tmp_path, name, capsys):
     (tmp_path / "params.yaml").write_text(committed_params_text())
-    with pytest.raises(study.StudyError, match="unknown preset"):
-        study.load_plan(name, tmp_path / "params.yaml")
+    with pytest.raises(study_plan.StudyError, match="unknown preset"):
+        study_plan.load_plan(name, tmp_path / "params.yaml")

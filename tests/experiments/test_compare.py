@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kdprune import compare
-
-ROOT = Path(__file__).resolve().parents[1]
+from kdprune.experiments import compare
+from tests.helpers import ROOT
 
 
 def entry(rev, name, ratio, variants, accs, experiments=None):

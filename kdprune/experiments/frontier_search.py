@@ -1,0 +1,190 @@
+"""The frontier's search (see kdprune/experiments/frontier.py): the axis, the probes, the frontier of one method
+at one budget with its seed-bootstrap bracket, and the bisection that picks the next probes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from kdprune.experiments.runs import FrontierError
+
+BOOTSTRAP = 2000
+MAX_PROBES = 64
+
+
+# ----------------------------------------------------------------------------------------------- the axis
+def u_of_ratio(ratio: float) -> float:
+    return -math.log1p(-ratio)
+
+
+def ratio_of_u(u: float) -> float:
+    """The prune ratio at axis position ``u``, rounded to 4 decimals (a clean, reproducible param value)."""
+    return round(-math.expm1(-u), 4)
+
+
+def ratio_of_compression(c: float) -> float:
+    return ratio_of_u(math.log(c))
+
+
+# ------------------------------------------------------------------------------------------------- probes
+@dataclass
+class Probe:
+    ratio: float
+    seeds: list[int]
+    acc: dict[str, np.ndarray]  # method -> accuracy per seed (the order of ``seeds``)
+    teacher: np.ndarray
+    compression: float  # measured: teacher params / non-zero student params (mean over seeds)
+    mac_reduction: float
+    run_ids: list[str] = field(default_factory=list)
+
+    @property
+    def u(self) -> float:
+        return u_of_ratio(self.ratio)
+
+
+def probes_from_runs(runs: pd.DataFrame, methods: list[str], seeds: list[int]) -> list[Probe]:
+    """One probe per ratio that has a run for every seed (incomplete ratios are not probes yet)."""
+    out = []
+    if runs.empty:
+        return out
+    for ratio, g in runs.groupby("ratio"):
+        g = g.set_index("seed")
+        if not set(seeds) <= set(g.index):
+            continue
+        g = g.loc[seeds]
+        out.append(Probe(ratio=float(ratio), seeds=list(seeds),
+                         acc={m: g[f"acc_{m}"].to_numpy(float) for m in methods},
+                         teacher=g["acc_teacher"].to_numpy(float),
+                         compression=float(g["compression_ratio"].mean()),
+                         mac_reduction=float(g["mac_reduction"].mean()) if "mac_reduction" in g else float("nan"),
+                         run_ids=[str(x) for x in g["run_id"]]))
+    return sorted(out, key=lambda p: p.ratio)
+
+
+@dataclass
+class Frontier:
+    method: str
+    budget: float
+    threshold: float
+    lo: Probe | None  # the last passing probe before the first failing one
+    hi: Probe | None  # the first failing probe
+    estimate: float  # compression where the mean curve crosses the threshold (nan: censored)
+    censored: str  # "" | ">=" (no probe failed) | "<" (the first probe failed already)
+    interval: tuple[float, float] = (float("nan"), float("nan"))
+
+    @property
+    def width(self) -> float:
+        """The bracket's span in log-compression (inf when one side is open)."""
+        if self.lo is None or self.hi is None:
+            return math.inf
+        return self.hi.u - self.lo.u
+
+
+def _crossing(us: np.ndarray, cs: np.ndarray, means: np.ndarray, threshold: float) -> tuple[int, int, float, str]:
+    """(index of the last pass before the first fail, index of that fail, crossing compression, censoring)."""
+    passing = means >= threshold  # a NaN mean is a failure
+    fails = np.flatnonzero(~passing)
+    if fails.size == 0:
+        return len(us) - 1, -1, float(cs[-1]), ">="
+    first = int(fails[0])
+    if first == 0:
+        return -1, 0, float(cs[0]), "<"
+    a, b = first - 1, first
+    span = means[a] - means[b]
+    t = (means[a] - threshold) / span if span > 0 else 0.0
+    log_c = math.log(cs[a]) + min(max(t, 0.0), 1.0) * (math.log(cs[b]) - math.log(cs[a]))
+    return a, b, math.exp(log_c), ""
+
+
+def levelled(probes: list[Probe], method: str) -> tuple[np.ndarray, np.ndarray]:
+    """``method``'s accuracies (probes x seeds) judged against each run's own teacher, and each seed's teacher.
+
+    A seed's teacher is the mean of its probes' teachers; a run whose teacher differs from it by d has d taken off
+    its accuracy, so the loss from its own teacher is kept: accuracy - own teacher + the seed's teacher. A
+    teacher is the same at every ratio when the run-cache restored it, but one retrained on another CPU type or
+    thread count differs (here: 93.28 vs 93.07 % for one seed), and a probe run there would otherwise gain or
+    lose that difference against the budget. With one teacher per seed this returns the accuracies unchanged."""
+    acc = np.stack([p.acc[method] for p in probes]).astype(float)
+    teachers = np.stack([p.teacher for p in probes]).astype(float)
+    teacher = teachers.mean(axis=0)
+    same = np.isclose(teachers, teacher, rtol=0, atol=1e-9)
+    return np.where(same, acc, acc - (teachers - teacher)), teacher
+
+
+def teacher_spread(probes: list[Probe]) -> float:
+    """The largest difference, in points, between a run's teacher and its seed's teacher (0: one per seed)."""
+    if not probes:
+        return 0.0
+    teachers = np.stack([p.teacher for p in probes]).astype(float)
+    return float(np.abs(teachers - teachers.mean(axis=0)).max())
+
+
+def frontier(probes: list[Probe], method: str, budget: float, bootstrap: int = BOOTSTRAP,
+             rng_seed: int = 0) -> Frontier:
+    """The frontier of one method at one budget from the probes so far (sorted by ratio)."""
+    if not probes:
+        return Frontier(method, budget, float("nan"), None, None, float("nan"), "")
+    us = np.array([p.u for p in probes])
+    cs = np.array([p.compression for p in probes])
+    acc, teacher = levelled(probes, method)  # probes x seeds; per seed
+    threshold = float(teacher.mean()) - budget
+    a, b, est, cens = _crossing(us, cs, acc.mean(axis=1), threshold)
+    result = Frontier(method, budget, threshold, probes[a] if a >= 0 else None, probes[b] if b >= 0 else None,
+                      est, cens)
+    n = acc.shape[1]
+    if bootstrap and n >= 2:
+        rng = np.random.default_rng(rng_seed)
+        draws = np.empty(bootstrap)
+        for i in range(bootstrap):
+            idx = rng.integers(0, n, n)
+            draws[i] = _crossing(us, cs, acc[:, idx].mean(axis=1), float(teacher[idx].mean()) - budget)[2]
+        result.interval = (float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
+    return result
+
+
+def next_probes(probes: list[Probe], methods: list[str], budgets: list[float], lo: float, hi: float,
+                tolerance: float) -> list[float]:
+    """The prune ratios to probe next (sorted, unique): the ends of the range first, then the geometric midpoint
+    of every bracket wider than ``tolerance`` x; [] when every frontier is pinned down."""
+    lo_r, hi_r = ratio_of_compression(lo), ratio_of_compression(hi)
+    have = {round(p.ratio, 4) for p in probes}
+    ends = [r for r in (lo_r, hi_r) if r not in have]
+    if ends:
+        return ends
+    want = set()
+    for m in methods:
+        for b in budgets:
+            f = frontier(probes, m, b, bootstrap=0)
+            if f.lo is not None and f.hi is not None and f.width > math.log(tolerance):
+                r = ratio_of_u((f.lo.u + f.hi.u) / 2)
+                if r not in have and lo_r < r < hi_r:
+                    want.add(r)
+    return sorted(want)
+
+
+def search(run_probe_batch: Callable[[list[float]], list[Probe]], probes: list[Probe], methods: list[str],
+           budgets: list[float], lo: float, hi: float, tolerance: float, max_probes: int,
+           log: Callable[[str], None] = print) -> list[Probe]:
+    """Bisection: probe, recompute the brackets, repeat until they are within tolerance or ``max_probes`` new
+    probes ran. ``run_probe_batch(ratios)`` runs them and returns every probe known afterwards."""
+    ran = 0
+    while True:
+        todo = next_probes(probes, methods, budgets, lo, hi, tolerance)
+        if not todo:
+            log(f"frontier: every bracket is within {tolerance:g}x ({len(probes)} probes)")
+            return probes
+        if ran + len(todo) > max_probes:
+            log(f"frontier: stopping at --max-probes {max_probes}; still open: ratios {todo}")
+            return probes
+        log(f"frontier: probing ratios {', '.join(f'{r:g}' for r in todo)}")
+        before = {p.ratio for p in probes}
+        probes = run_probe_batch(todo)
+        ran += len(todo)
+        missing = [r for r in todo if r not in {p.ratio for p in probes}]
+        if missing or {p.ratio for p in probes} == before:
+            raise FrontierError(f"probes at ratios {missing or todo} gave no complete result (a failed experiment: "
+                                "see `dvc queue logs <name>`); the runs that finished are kept, rerun to resume")
