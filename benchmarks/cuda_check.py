@@ -122,7 +122,7 @@ def default_pipeline(work: Path, data: Path, device: str, bf16: bool, min_teache
     onnx = {k: v for k, v in evaluate.items() if k.startswith("onnx_max_abs_diff")}
     check(all(v < 1e-3 for v in onnx.values()), f"ONNX export disagrees with torch: {onnx}")
     repeat = teacher_repeat(repo) if repeat_teacher else None
-    # the CPU path is bit-identical by design (tests/test_determinism.py); CUDA's is what this measures
+    # the CPU path is bit-identical by design (tests/train/test_determinism.py); CUDA's is what this measures
     check(repeat is None or repeat["bit_identical"] or device == "cuda",
           f"the teacher trained twice on {device} with the same params differs: {repeat}")
     cpu = {}

@@ -17,7 +17,7 @@ MODEL_ARCHS = (*ARCHS, "torchvision", "custom")  # the zoo, any torchvision clas
 
 # torchvision.models.list_models(module=torchvision.models) of torchvision 0.29: its classification builders,
 # all of which take num_classes. Listed here so that validation needs no torch (stages/validate.py);
-# tests/test_byo_models.py checks the list against the installed torchvision, and kdprune.models checks
+# tests/models/test_byo_models.py checks the list against the installed torchvision, and kdprune.models checks
 # every name it builds against torchvision itself.
 TORCHVISION_CLASSIFIERS = (
     "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny", "densenet121", "densenet161",

@@ -1,4 +1,4 @@
-"""Models for tests/test_byo_models.py, imported through ``model.factory`` (``tests.custom_models:tiny_net``)."""
+"""Models for tests/models/test_byo_models.py, imported through ``model.factory`` (``tests.custom_models:tiny_net``)."""
 import torch
 import torch.nn as nn
 

@@ -167,7 +167,7 @@ class FakeClock:
 
 def test_without_a_terminal_a_long_epoch_prints_progress_lines(monkeypatch):
     monkeypatch.setattr(loop, "progress_enabled", lambda: False)  # stdout is a log file, not a TTY
-    from tests.test_resume import loaders, setup
+    from tests.train.test_resume import loaders, setup
 
     model, _, _ = setup("teacher")
     tr, te = loaders()  # 256 images, batches of 64: 4 batches per epoch

@@ -244,7 +244,7 @@ def test_shell_payload_in_a_param_never_runs_and_failed_experiments_keep_outputs
     """Old: `dvc exp run -S "distill.variants=['kd$(touch /tmp/x)']"` ran the touch whenever prepare, teacher and
     prune were cached (DVC pasted ${item} into the distill command); and `dvc exp run -S prune.ratio=1.2` deleted
     models/pruned.pt, metrics/*.json and plots/*.csv before the prune stage refused the value."""
-    from tests.test_e2e import dvc, git, make_repo
+    from tests.pipeline.test_e2e import dvc, git, make_repo
 
     repo, env = make_repo(tmp_path, venv_bin)
     p = yaml.safe_load((repo / "params.yaml").read_text())

@@ -19,7 +19,7 @@ import yaml
 from kdprune.experiments import args as exp_args
 from kdprune.experiments import queue as exp_queue
 from kdprune.experiments import sweep
-from tests.test_e2e import dvc, free_port, git, lock_md5, make_repo
+from tests.pipeline.test_e2e import dvc, free_port, git, lock_md5, make_repo
 
 @pytest.mark.parametrize("bad", ["", "1", "0/2", "3/2", "1/1001", "-1/2", "1/2/3", "a/b", "1.0/2", " 1/2", "１/2",
                                  "1/99999"])
@@ -537,7 +537,7 @@ def test_teacher_on_two_nodes_matches_the_single_process_layout(tmp_path):
     the layout, shapes and metrics keys of the single-process run."""
     from kdprune import stage
     from tests.helpers import write_fake_dataset
-    from tests.test_ddp import TORCHRUN_VARS, checkpoint_shape, files, make_repo as ddp_repo, run_stage
+    from tests.train.test_ddp import TORCHRUN_VARS, checkpoint_shape, files, make_repo as ddp_repo, run_stage
 
     raw = write_fake_dataset(tmp_path / "raw", n_train=120, n_test=40)
     single = ddp_repo(tmp_path / "single", raw, 1, None)

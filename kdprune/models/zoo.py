@@ -22,7 +22,7 @@ All shortcuts are identities except the first block of a stage, which has a proj
 The stride sits on the first 3x3 conv of a block (torchvision's "ResNet v1.5"). Convs have no bias;
 init is Kaiming-normal (fan_out) for convs, BN weight 1 and bias 0, PyTorch's default for the fc.
 
-Parameter counts (measured; tests/test_models.py checks them against closed forms):
+Parameter counts (measured; tests/models/test_models.py checks them against closed forms):
 
     ============================  ===========  ============  ===========
     model (3 input channels)      width        10 classes    100 classes

@@ -34,7 +34,7 @@ def setup_runtime(runtime, seed: int, log: Callable[[str], None] | None = print)
     """Threads, seeds and device (``runtime.device``; under torchrun on CUDA this rank's GPU, see
     kdprune/train/distributed.py). Threads = all cores unless set, shared among the processes of a node.
 
-    Determinism (tests/test_determinism.py): on CPU, the same params + seed give bit-identical outputs
+    Determinism (tests/train/test_determinism.py): on CPU, the same params + seed give bit-identical outputs
     with the same torch build, CPU type and *thread count*. The thread count changes the reduction
     order of the (bf16 and fp32) conv kernels, so results differ between 1 and 2 threads; set
     ``runtime.threads`` to a fixed number (not 0 = all cores) to reproduce across machines. No

@@ -381,7 +381,7 @@ def test_no_matching_runs_is_a_clear_error(workdir, capsys):
 
 # ----------------------------------------------------------------------------- a tiny real search
 def test_tiny_real_search_through_the_dvc_queue_then_resume_trains_nothing(tmp_path, venv_bin):
-    from tests.test_e2e import git, make_repo
+    from tests.pipeline.test_e2e import git, make_repo
 
     repo, env = make_repo(tmp_path, venv_bin)
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -513,7 +513,7 @@ def test_empty_split_is_a_one_line_error_of_the_prepare_stage(tmp_path):
     p = params_from_dict({s: {} for s in ("data", "model", "teacher", "prune", "distill")}).to_dict()
     p["data"].update(name="mnist", root=str(tmp_path / "raw"), download=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)}, timeout=120)
     assert r.returncode == 2, r.stderr

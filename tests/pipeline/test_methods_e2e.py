@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from kdprune import checkpoint, metrics
-from tests.test_e2e import dvc, git, make_repo, mlflow_runs
+from tests.pipeline.test_e2e import dvc, git, make_repo, mlflow_runs
 
 
 def test_l1_filter_all_variants_then_agp(tmp_path, venv_bin):

@@ -28,7 +28,7 @@ from kdprune.train.loop import fit
 from kdprune.train.objective import Objective
 from tests.helpers import default_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (3, 32, 32)
 CLASSES = 10
 # builder -> (a layer for attention transfer, channel importance); the single-channel case is the last one.

@@ -4,7 +4,7 @@ import subprocess
 
 import yaml
 
-from tests.test_e2e import make_repo
+from tests.pipeline.test_e2e import make_repo
 
 
 def out_hashes(repo) -> dict[str, str]:

@@ -7,8 +7,8 @@ from pathlib import Path
 import yaml
 
 from kdprune import metrics
-from tests.test_e2e import dvc, git, make_repo, mlflow_runs
-from tests.test_imagefolder import FASHION_CLASSES, fashion_images
+from tests.pipeline.test_e2e import dvc, git, make_repo, mlflow_runs
+from tests.data.test_imagefolder import FASHION_CLASSES, fashion_images
 
 PLAIN_SCRIPT = """
 import sys, torch, torchvision

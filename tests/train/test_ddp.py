@@ -24,7 +24,7 @@ from kdprune.prune.counts import count_prunable
 from kdprune.train.runtime import setup_runtime
 from tests.helpers import default_params, make_fake_images, write_fake_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
                  "TORCHELASTIC_RUN_ID")
 

@@ -12,7 +12,7 @@ import yaml
 from kdprune import metrics
 from tests.helpers import default_params, write_fake_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COPY = ["kdprune", "stages", "teachers", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]  # params.yaml: tiny_params
 
 

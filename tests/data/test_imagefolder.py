@@ -21,7 +21,7 @@ from kdprune.params import ParamsError, params_from_dict
 from kdprune.data.preprocessing import folder_settings, override_stats, pretrained_interpolation, pretrained_preprocessing
 from tests.helpers import default_params, make_fake_images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = {0: "T-shirt_top", 1: "Trouser", 2: "Pullover"}  # the first three, as directory names
 

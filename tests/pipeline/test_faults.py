@@ -17,7 +17,7 @@ from kdprune import checkpoint, io
 from kdprune.models import build_model, resnet_spec
 from tests.helpers import default_params, write_fake_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_workdir(tmp_path: Path, n_train=2000, epochs=5, **teacher) -> tuple[Path, dict]:
