@@ -15,7 +15,7 @@ from kdprune import checkpoint, io
 from kdprune.data import DatasetError, TensorLoader, load_prepared, streaming
 from kdprune.errors import UserError
 from kdprune.io import CheckpointError, ExportError, OutputError
-from kdprune.params import Params, ParamsError, load_params
+from kdprune.params import DataParams, ModelParams, Params, ParamsError, load_params
 from kdprune.train import distributed
 
 PREPARED = Path("data/prepared/dataset.pt")
@@ -28,13 +28,14 @@ LOGS = Path("logs")  # timings: not DVC outputs, so model/metric hashes stay det
 CHECKPOINTS = Path("checkpoints")  # resume state of training stages: git-ignored, DVC-ignored, deleted on success
 
 
-def load_model(path: Path, params: Params, expect_classes: int | None = None):
-    """``checkpoint.load_checkpoint`` of a model of this project: the only custom factory it may import is params.yaml's
-    ``model.factory`` (None unless ``model.arch: custom``). Returns ``(model, masks, meta)``."""
+def load_model(path: Path, model: ModelParams, expect_classes: int | None = None):
+    """``checkpoint.load_checkpoint`` of a model of this project (``model``: the params' model section): the only
+    custom factory it may import is ``model.factory`` (None unless ``model.arch: custom``). Returns
+    ``(model, masks, meta)``."""
     # the teacher must be of params.yaml's model (another arch/depth/width/name is refused, not pruned silently);
     # a pruned model's spec has its own channel counts
-    expect_model = params.model if Path(path) == TEACHER else None
-    return checkpoint.load_checkpoint(path, expect_classes, expect_model=expect_model, allowed_factory=params.model.factory)
+    expect_model = model if Path(path) == TEACHER else None
+    return checkpoint.load_checkpoint(path, expect_classes, expect_model=expect_model, allowed_factory=model.factory)
 
 
 def student_path(variant: str) -> Path:
@@ -102,10 +103,11 @@ def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def load_data(params: Params) -> dict:
+def load_data(data_params: DataParams) -> dict:
+    """The prepared dataset, which must be the one of the params' data section."""
     data = load_prepared(PREPARED)
-    if data["name"] != params.data.name:
-        raise StageError(f"{PREPARED} holds '{data['name']}' but data.name is '{params.data.name}'; run `dvc repro`")
+    if data["name"] != data_params.name:
+        raise StageError(f"{PREPARED} holds '{data['name']}' but data.name is '{data_params.name}'; run `dvc repro`")
     return data
 
 

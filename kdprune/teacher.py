@@ -43,14 +43,13 @@ def check_runs(model: nn.Module, input_shape: tuple[int, ...], what: str) -> Non
                            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
 
 
-def import_weights(model: nn.Module, params, input_shape: tuple[int, ...]) -> str:
-    """Load the weights ``teacher.init`` names into ``model``; returns a line saying what was loaded."""
-    t = params.teacher
+def import_weights(model: nn.Module, t, name: str | None, input_shape: tuple[int, ...]) -> str:
+    """Load the weights ``teacher.init`` names into ``model`` (``t``: the teacher params section; ``name``:
+    ``model.name``, the torchvision builder); returns a line saying what was loaded."""
     if t.init == "checkpoint":
         checkpoint.load_weights(model, checkpoint.state_dict_of(t.checkpoint), t.checkpoint)
         return f"imported {t.checkpoint}"
     if t.init == "pretrained":
-        name = params.model.name
         state, classes = tvmodels.pretrained_state_dict(name)
         head = output_layer(model.eval(), torch.zeros(1, *input_shape))
         head_name = next(n for n, m in model.named_modules() if m is head)

@@ -31,8 +31,8 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
     order, so it draws the same random numbers as in a process of its own."""
     seed_everything(params.seed)
     n_classes = len(data["classes"])
-    pruned, pruned_masks, meta = stage.load_model(stage.PRUNED, params, expect_classes=n_classes)
-    teacher = stage.load_model(stage.TEACHER, params, expect_classes=n_classes)[0]
+    pruned, pruned_masks, meta = stage.load_model(stage.PRUNED, params.model, expect_classes=n_classes)
+    teacher = stage.load_model(stage.TEACHER, params.model, expect_classes=n_classes)[0]
     start = starting_point(variant, params, pruned, pruned_masks, teacher)
     student, masks = start.student.to(device), start.masks
     _, nz_before = count_prunable(pruned)
@@ -64,7 +64,7 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
 
 def main(params: Params) -> None:
     device = setup_runtime(params.runtime, params.seed, log=stage.log)
-    data = stage.load_data(params)
+    data = stage.load_data(params.data)
     for variant in params.distill.variants:  # validated names (kdprune.params.VARIANTS) only
         recover(params, variant, data, device)
     if distributed.is_main():  # every output is written: the resume states can go

@@ -78,15 +78,16 @@ def check_student(name: str, rep: dict, pruned: dict, masked: bool) -> None:
         raise stage.StageError(f"{name}: {rep[key]} {key.replace('_', ' ')}, but the pruned model has {pruned[key]}; {what}")
 
 
-def export_student(name: str, model, shape: tuple, dense_path, out: dict, params: Params) -> None:
-    """Compact and ONNX exports of one student, with their sizes and the ONNX parity in ``out``."""
+def export_student(name: str, model, shape: tuple, dense_path, out: dict, onnx: bool, seed: int) -> None:
+    """Compact and ONNX exports of one student, with their sizes and the ONNX parity in ``out`` (``onnx``:
+    evaluate.onnx; ``seed`` draws the parity check's inputs)."""
     out[f"bytes_checkpoint_{name}"] = dense_path.stat().st_size
     out[f"bytes_compact_{name}"] = export_compact(model, EXPORT / f"{name}.kdc", meta={"variant": name})
     out[f"bytes_compact_bound_{name}"] = compact_bound_bytes(model)
-    if params.evaluate.onnx and onnx_available():
+    if onnx and onnx_available():
         path = EXPORT / f"{name}.onnx"
         export_onnx(model, path, shape)
-        x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(params.seed))
+        x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(seed))
         diff, scale = onnx_parity(model, path, x)
         # relative to the logits' size once they pass 1 (fp32 rounding scales with them); NaN fails (max keeps 1.0)
         allowed = ONNX_TOLERANCE * max(1.0, scale)
@@ -100,12 +101,12 @@ def export_student(name: str, model, shape: tuple, dense_path, out: dict, params
 def main(params: Params) -> None:
     setup_runtime(params.runtime, params.seed, log=stage.log)
     p = params.prune
-    teacher, _, meta = stage.load_model(stage.TEACHER, params)
+    teacher, _, meta = stage.load_model(stage.TEACHER, params.model)
     shape = tuple(meta["input_shape"])
-    pruned_model, pruned_masks, _ = stage.load_model(stage.PRUNED, params)
+    pruned_model, pruned_masks, _ = stage.load_model(stage.PRUNED, params.model)
     models = {"teacher": teacher, "pruned": pruned_model}
     for v in params.distill.variants:
-        models[v] = stage.load_model(stage.student_path(v), params)[0]
+        models[v] = stage.load_model(stage.student_path(v), params.model)[0]
     accs = measured_accuracies(params.distill.variants)
     pruned_metrics = io.read_json(stage.METRICS / "prune.json")
     # metrics only, each in one file (kdprune/metrics.py): the teacher's and the pruned model's are in
@@ -122,7 +123,7 @@ def main(params: Params) -> None:
         out[f"params_{name}"] = rep["params"]
         out[f"nonzero_params_{name}"] = rep["nonzero_params"]
         out[f"nonzero_prunable_params_{name}"] = rep["nonzero_prunable_params"]
-        export_student(name, model, shape, stage.student_path(name), out, params)
+        export_student(name, model, shape, stage.student_path(name), out, params.evaluate.onnx, params.seed)
     if params.evaluate.latency_repeats:  # the pruned model has its students' shape: not timed again
         busy = cpu_busy_fraction()
         latency["cpu_busy_fraction_before"] = busy

@@ -18,9 +18,9 @@ TAYLOR_BATCHES = 4  # training batches whose gradients rank the channels (prune.
 
 def main(params: Params) -> None:
     device = setup_runtime(params.runtime, params.seed, log=stage.log)
-    data = stage.load_data(params)
+    data = stage.load_data(params.data)
     p = params.prune
-    teacher, _, meta = stage.load_model(stage.TEACHER, params, expect_classes=len(data["classes"]))
+    teacher, _, meta = stage.load_model(stage.TEACHER, params.model, expect_classes=len(data["classes"]))
     shape = tuple(meta["input_shape"])
     check_finite(teacher, str(stage.TEACHER))
 

@@ -20,12 +20,12 @@ from kdprune.train.runtime import setup_runtime, to_runtime
 
 def main(params: Params) -> None:
     device = setup_runtime(params.runtime, params.seed, log=stage.log)
-    data = stage.load_data(params)
+    data = stage.load_data(params.data)
     shape = tuple(data["train_x"].shape[1:])
     spec = spec_from_params(params.model, shape[0], len(data["classes"]))
     model = build_model(spec, params.model.factory)
     check_runs(model, shape, params_name(params.model))
-    origin = import_weights(model, params, shape)
+    origin = import_weights(model, params.teacher, params.model.name, shape)
     model = model.to(device)
     stage.log(f"teacher: {params_name(params.model)}, {origin}")
     t0 = time.perf_counter()

@@ -314,7 +314,7 @@ def test_onnx_parity_is_relative_to_large_logits_and_still_catches_a_wrong_expor
     dense = tmp_path / "kd.pt"
     dense.write_bytes(b"x")
     out = {}
-    evaluate.export_student("kd", model, (1, 28, 28), dense, out, params)  # passes: relative to the logits
+    evaluate.export_student("kd", model, (1, 28, 28), dense, out, params.evaluate.onnx, params.seed)  # passes: relative to the logits
     assert out["onnx_max_abs_diff_kd"] == pytest.approx(diff, rel=0.5, abs=1e-3 * scale)
     # a wrong export still fails: another model's ONNX file in its place
     other = build_model(resnet_spec(8, 4, 1, 10)).eval()
@@ -322,7 +322,7 @@ def test_onnx_parity_is_relative_to_large_logits_and_still_catches_a_wrong_expor
         other.fc.weight.mul_(1e7)
     monkeypatch.setattr(evaluate, "export_onnx", lambda m, path, shape: export.export_onnx(other, path, shape))
     with pytest.raises(stage.StageError, match=r"differ from torch by .* x max\(1, largest \|torch logit\|"):
-        evaluate.export_student("kd", model, (1, 28, 28), dense, {}, params)
+        evaluate.export_student("kd", model, (1, 28, 28), dense, {}, params.evaluate.onnx, params.seed)
     # non-finite logits are never a pass
     with torch.no_grad():
         model.fc.bias.fill_(float("inf"))
@@ -341,5 +341,5 @@ def test_a_nan_onnx_difference_fails_the_parity_check(tmp_path, monkeypatch):
     params = SimpleNamespace(seed=0, evaluate=SimpleNamespace(onnx=True))
     out = {}
     with pytest.raises(stage.StageError, match="differ from torch by nan"):  # before: NaN > tol is False
-        evaluate.export_student("kd", build_model(resnet_spec(8, 4, 1, 10)), (1, 28, 28), dense, out, params)
+        evaluate.export_student("kd", build_model(resnet_spec(8, 4, 1, 10)), (1, 28, 28), dense, out, params.evaluate.onnx, params.seed)
     assert "onnx_max_abs_diff_kd" not in out

@@ -340,6 +340,11 @@ def teacher_params(tmp_path, **teacher):
     return params_from_dict(raw)
 
 
+def teacher_args(params) -> tuple:
+    """What import_weights reads of the params: the teacher section and model.name."""
+    return params.teacher, params.model.name
+
+
 def test_a_plain_state_dict_and_a_kdprune_checkpoint_are_imported(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "teachers").mkdir()
@@ -351,7 +356,7 @@ def test_a_plain_state_dict_and_a_kdprune_checkpoint_are_imported(tmp_path, monk
     for f in ("plain.pt", "wrapped.pt", "kdprune.pt"):
         params = teacher_params(tmp_path, init="checkpoint", checkpoint=f"teachers/{f}", epochs=0)
         model = _tv()
-        assert "imported" in import_weights(model, params, SHAPE)
+        assert "imported" in import_weights(model, params.teacher, params.model.name, SHAPE)
         with torch.inference_mode():
             assert torch.equal(model.eval()(x), user.eval()(x))
 
@@ -367,10 +372,11 @@ def test_mismatched_teacher_weights_name_the_first_keys(tmp_path, monkeypatch):
     params = teacher_params(tmp_path, init="checkpoint", checkpoint="teachers/bad.pt")
     with pytest.raises(io.CheckpointError, match="1 missing keys \\(layer1.0.conv1.weight\\), 1 unexpected keys "
                                                  "\\(extra.weight\\), 1 shape mismatches \\(fc.weight \\(5, 512\\)"):
-        import_weights(_tv(), params, SHAPE)
+        import_weights(_tv(), params.teacher, params.model.name, SHAPE)
     torch.save({"weights": [1, 2]}, tmp_path / "teachers" / "junk.pt")
     with pytest.raises(io.CheckpointError, match="neither a kdprune checkpoint nor a state_dict"):
-        import_weights(_tv(), teacher_params(tmp_path, init="checkpoint", checkpoint="teachers/junk.pt"), SHAPE)
+        import_weights(_tv(), *teacher_args(teacher_params(tmp_path, init="checkpoint", checkpoint="teachers/junk.pt")),
+                       SHAPE)
 
 
 def test_teacher_checkpoint_must_stay_inside_teachers(tmp_path, monkeypatch):
@@ -405,7 +411,7 @@ def test_pretrained_offline_says_which_file_is_missing_and_where(tmp_path, monke
     params = teacher_params(tmp_path, init="pretrained", epochs=0)
     want = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     with pytest.raises(io.CheckpointError, match=f"{want} is missing.*download.pytorch.org"):
-        import_weights(_tv(), params, SHAPE)
+        import_weights(_tv(), params.teacher, params.model.name, SHAPE)
 
 
 def test_pretrained_weights_from_the_cache_load_and_a_new_class_count_needs_training(tmp_path, monkeypatch):
@@ -416,9 +422,10 @@ def test_pretrained_weights_from_the_cache_load_and_a_new_class_count_needs_trai
     cache.mkdir(parents=True)
     torch.save(imagenet.state_dict(), cache / "resnet18-f37072fd.pth")
     with pytest.raises(TeacherError, match="1000 classes and the data 10.*teacher.epochs > 0"):
-        import_weights(_tv(), teacher_params(tmp_path, init="pretrained", epochs=0), SHAPE)
+        import_weights(_tv(), *teacher_args(teacher_params(tmp_path, init="pretrained", epochs=0)), SHAPE)
     model = _tv()
-    assert "new fc" in import_weights(model, teacher_params(tmp_path, init="pretrained", epochs=1), SHAPE)
+    assert "new fc" in import_weights(model, *teacher_args(teacher_params(tmp_path, init="pretrained", epochs=1)),
+                                       SHAPE)
     assert torch.equal(model.layer1[0].conv1.weight, imagenet.layer1[0].conv1.weight)
 
 
