@@ -11,9 +11,10 @@ The search. A *probe* is one ``prune.ratio``, run once per seed: one queued DVC 
 run per seed, with every method as a variant of that experiment (``distill.variants``), so the methods share
 the probe's teacher, mask and batch order. The axis is ``u = -ln(1 - ratio)``: for ``magnitude`` pruning
 exactly the log of the compression of the prunable weights, for ``l1_filter``/``channel`` (where ratio is the
-channel ratio) a monotone stand-in; both the params compression and the MAC reduction are measured and
-reported. The search first probes ``--lo`` and ``--hi`` (compressions); then, as long as some (method,
-budget) has its frontier bracketed by a passing probe below and a failing one above that span more than
+channel ratio) a monotone stand-in (checked: probes whose measured compression does not grow with the ratio
+are an error); both the params compression and the MAC reduction are measured and reported. The search first
+probes ``--lo`` and ``--hi`` (compressions); then, as long as some (method, budget) has its frontier
+bracketed by a passing probe below and a failing one above that span more than
 ``--tolerance`` x in compression, it probes the geometric midpoint of that bracket (bisection in
 log-compression). All the brackets' midpoints of a round run as one queue (``-j`` workers).
 
@@ -54,7 +55,7 @@ from kdprune import overrides
 from kdprune.experiments import queue
 from kdprune.experiments.args import nest, parse_floats, parse_methods, parse_seeds, parse_sets
 from kdprune.experiments.frontier_report import plural_seeds, write_outputs
-from kdprune.experiments.frontier_search import MAX_PROBES, Probe, probes_from_runs, search
+from kdprune.experiments.frontier_search import MAX_PROBES, Probe, check_compression_grows, probes_from_runs, search
 from kdprune.experiments.runs import FrontierError, joined, load_runs, write_records
 from kdprune.params import ParamsError, flatten, params_from_dict, safe_load_yaml
 from kdprune.archs import params_name
@@ -149,10 +150,12 @@ def run(args: argparse.Namespace) -> int:
             return known()
 
         t0 = time.time()
-        probes = search(run_batch, probes, methods, budgets, lo, hi, tolerance, args.max_probes, log)
+        probes = search(run_batch, probes, methods, budgets, lo, hi, tolerance, args.max_probes, log,
+                        prune_method=params.prune.method)
         log(f"frontier: search wall time {time.time() - t0:.0f} s")
     if not probes:
         raise FrontierError(f"no finished probes match params.yaml + --set with seeds {seeds} and methods {methods}")
+    check_compression_grows(probes, params.prune.method)
 
     title = f"{params.data.name}, {params_name(params.model)}, {params.prune.method} ({plural_seeds(len(seeds))})"
     files, fronts = write_outputs(args.out, probes, methods, budgets, title)

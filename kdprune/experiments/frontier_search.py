@@ -14,6 +14,7 @@ from kdprune.experiments.runs import FrontierError
 
 BOOTSTRAP = 2000
 MAX_PROBES = 64
+STRUCTURED = frozenset({"l1_filter", "channel"})  # = kdprune.prune.PHYSICAL (torch-free here): ratio = channel ratio
 
 
 # ----------------------------------------------------------------------------------------------- the axis
@@ -63,6 +64,23 @@ def probes_from_runs(runs: pd.DataFrame, methods: list[str], seeds: list[int]) -
                          mac_reduction=float(g["mac_reduction"].mean()) if "mac_reduction" in g else float("nan"),
                          run_ids=[str(x) for x in g["run_id"]]))
     return sorted(out, key=lambda p: p.ratio)
+
+
+def check_compression_grows(probes: list[Probe], prune_method: str) -> None:
+    """l1_filter / channel: the search's axis, the ratio, is a stand-in for the compression, so the probes' measured
+    compression must grow with it, else the brackets and the estimate are wrong (Torch-Pruning once left layers
+    whole at high ratios: 1.00x at 0.99). A probe at a higher ratio (``probes`` are sorted by ratio) that
+    compressed no more than a lower one is refused, naming both."""
+    if prune_method not in STRUCTURED:
+        return
+    for a, b in zip(probes, probes[1:]):
+        if not b.compression > a.compression:
+            runs = ", ".join(b.run_ids[:3]) + (" ..." if len(b.run_ids) > 3 else "")
+            raise FrontierError(f"prune.method {prune_method}: compression does not grow with prune.ratio: the probe "
+                                f"at ratio {b.ratio:g} compressed {b.compression:.2f}x, the one at ratio {a.ratio:g} "
+                                f"{a.compression:.2f}x; the search needs compression that grows with the ratio (runs "
+                                f"of ratio {b.ratio:g}: {runs or 'none'}; remove them, from MLflow and the records, "
+                                f"if kdprune refuses that ratio now)")
 
 
 @dataclass
@@ -168,11 +186,13 @@ def next_probes(probes: list[Probe], methods: list[str], budgets: list[float], l
 
 def search(run_probe_batch: Callable[[list[float]], list[Probe]], probes: list[Probe], methods: list[str],
            budgets: list[float], lo: float, hi: float, tolerance: float, max_probes: int,
-           log: Callable[[str], None] = print) -> list[Probe]:
+           log: Callable[[str], None] = print, prune_method: str = "magnitude") -> list[Probe]:
     """Bisection: probe, recompute the brackets, repeat until they are within tolerance or ``max_probes`` new
-    probes ran. ``run_probe_batch(ratios)`` runs them and returns every probe known afterwards."""
+    probes ran. ``run_probe_batch(ratios)`` runs them and returns every probe known afterwards. With a structured
+    ``prune_method`` every round first checks that the compression grows with the ratio."""
     ran = 0
     while True:
+        check_compression_grows(probes, prune_method)
         todo = next_probes(probes, methods, budgets, lo, hi, tolerance)
         if not todo:
             log(f"frontier: every bracket is within {tolerance:g}x ({len(probes)} probes)")

@@ -34,8 +34,8 @@ from kdprune.experiments import queue
 from kdprune.experiments.frontier_search import MAX_PROBES, Probe, search
 from kdprune.experiments.runs import FrontierError
 from kdprune.experiments.study_analysis import analyse
-from kdprune.experiments.study_plan import (Experiment, Plan, StudyError, frontier_experiments, frontier_range, load,
-                                            load_plan, run_for, study_probes)
+from kdprune.experiments.study_plan import (Experiment, Plan, StudyError, cell_experiment, frontier_experiments,
+                                            frontier_range, load, load_plan, run_for, study_probes)
 from kdprune.tracking.store import tracking_uri
 from kdprune.tracking.summary import log_summary, reports_experiment
 
@@ -93,7 +93,7 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
     lo, hi = frontier_range(plan)
     try:
         search(run_batch, study_probes(plan, runs), fr["methods"], fr["budgets"], lo, hi, fr["tolerance"],
-               MAX_PROBES, log)
+               MAX_PROBES, log, prune_method=str({**plan.base, **cell_experiment(plan).flat}["prune.method"]))
     except PartOver:
         log(f"study: the part's {minutes:g} minutes are up during the frontier search; rerun to resume")
         return False

@@ -13,8 +13,10 @@ one *group*. Each group loses ``prune.ratio`` of its channels, ranked by ``prune
 The classifier is kept whole: the layer whose output is the model's output (found by running the model)
 keeps its output width; its inputs shrink with the layer before. With ``prune.target_macs_reduction`` (e.g.
 2.0) the model is pruned in small steps until its MACs (at the data's input size) fall by that factor; the
-caller reports what was reached. The pruned model is physically smaller; the returned history
-(``kdprune.models.history``) rebuilds it from a fresh model.
+caller reports what was reached. A ``prune.ratio`` at which some group would keep no channel (Torch-Pruning
+would leave it whole: less compression than a lower ratio) is refused before anything is pruned (limits.py).
+The pruned model is physically smaller; the returned history (``kdprune.models.history``) rebuilds it from a
+fresh model.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from kdprune.errors import UserError
 from kdprune.models.history import tracing
 from kdprune.prune.counts import dense_macs
+from kdprune.prune.limits import check_ratio, group_sizes
 from kdprune.prune.masks import check_finite
 
 TARGET_STEPS = 50  # target_macs_reduction: channel-ratio increments of MAX_RATIO / TARGET_STEPS
@@ -118,6 +121,8 @@ def channel_prune(model: nn.Module, example: torch.Tensor, importance_name: str 
                     model, example, importance=importance(importance_name),
                     pruning_ratio=MAX_RATIO if target else ratio, iterative_steps=TARGET_STEPS if target else 1,
                     ignored_layers=ignored + keep)
+            if target is None:  # a ratio that would leave a group no channel: refused (kdprune/prune/limits.py)
+                check_ratio(group_sizes(pruner, model), ratio, "channel", ChannelPruningError)
             after, applied = before, 0.0
             for step in range(1, (TARGET_STEPS if target else 1) + 1):
                 if importance_name == "taylor":

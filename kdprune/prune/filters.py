@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kdprune.prune.masks import check_finite
+from kdprune.prune.limits import check_ratio, group_sizes
+from kdprune.prune.masks import PruningError, check_finite
 
 
 def residual_blocks(model: nn.Module) -> list[nn.Module]:
@@ -32,7 +33,8 @@ def l1_filter_prune(model: nn.Module, ratio: float, example_input: torch.Tensor)
     graph removes the matching BN channels and the next conv's input channels with them, so the model
     is physically smaller. The stem, the residual path (each block's last conv, the shortcuts) and the
     classifier keep their widths, so residual additions stay valid. Call ``models.spec_of`` afterwards
-    to get the new architecture spec.
+    to get the new architecture spec. A ratio at which some inner conv would keep no filter is refused
+    (:class:`PruningError`, see kdprune/prune/limits.py) before anything is pruned.
     """
     import torch_pruning as tp  # heavy optional dependency: imported only when channels are removed
 
@@ -45,10 +47,13 @@ def l1_filter_prune(model: nn.Module, ratio: float, example_input: torch.Tensor)
     ignored = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in prunable]
     was_training = model.training
     model.eval()
-    pruner = tp.pruner.MagnitudePruner(
-        model, example_input, importance=tp.importance.MagnitudeImportance(p=1, normalizer=None,
-                                                                             group_reduction="first"),
-        pruning_ratio=ratio, ignored_layers=ignored)
-    pruner.step()
-    model.train(was_training)
+    try:
+        pruner = tp.pruner.MagnitudePruner(
+            model, example_input, importance=tp.importance.MagnitudeImportance(p=1, normalizer=None,
+                                                                                 group_reduction="first"),
+            pruning_ratio=ratio, ignored_layers=ignored)
+        check_ratio(group_sizes(pruner, model), ratio, "l1_filter", PruningError)
+        pruner.step()
+    finally:
+        model.train(was_training)
     return model

@@ -20,7 +20,8 @@ Masks = dict[str, torch.Tensor]
 
 
 class PruningError(UserError, ValueError):
-    """The model cannot be pruned as asked (non-finite weights: a diverged teacher)."""
+    """The model cannot be pruned as asked (non-finite weights: a diverged teacher; an l1_filter ratio that would
+    leave a layer no filter)."""
 
 
 def check_finite(model: nn.Module, what: str = "the model") -> None:

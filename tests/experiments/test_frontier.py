@@ -338,6 +338,59 @@ def test_structured_pruning_is_searched_on_the_channel_ratio(workdir, monkeypatc
     assert calls[0] == [(0, 0.5), (0, 0.9375), (1, 0.5), (1, 0.9375)]
 
 
+def old_structured_probe(ratio: float, seeds: list[int]) -> fsearch.Probe:
+    """l1_filter / channel before issue 27: ResNet-8 w16's 16-channel layers were left whole above ratio 0.9375
+    (Torch-Pruning keeps int(16 x (1 - ratio)) = 0 channels, so none are removed) and nothing was pruned at 0.99."""
+    p = fake_probe(ratio, seeds)
+    p.compression = p.mac_reduction = 1 / (1 - ratio) ** 2 if ratio <= 0.9375 else 1.0
+    return p
+
+
+def test_a_structured_search_refuses_probes_whose_compression_does_not_grow():
+    store: dict[float, fsearch.Probe] = {}
+
+    def run(ratios):
+        store.update({r: old_structured_probe(r, [0, 1]) for r in ratios})
+        return sorted(store.values(), key=lambda p: p.ratio)
+
+    for method in ("l1_filter", "channel"):
+        store.clear()
+        with pytest.raises(exp_runs.FrontierError) as e:
+            fsearch.search(run, [], ["kd"], [1.0], 2, 200, 1.05, 8, log=lambda m: None, prune_method=method)
+        msg = str(e.value)
+        assert len(msg.splitlines()) == 1 and msg.startswith(
+            f"prune.method {method}: compression does not grow with prune.ratio: the probe at ratio 0.995 compressed "
+            "1.00x, the one at ratio 0.5 4.00x;") and "runs of ratio 0.995: run-0.995-0, run-0.995-1;" in msg, msg
+        assert sorted(store) == [0.5, 0.995]  # refused after the first round: no probe was bisected on a wrong axis
+    # equal compression at a higher ratio is refused too; probes that already disagree are refused before any run
+    flat = [old_structured_probe(r, [0, 1]) for r in (0.5, 0.96, 0.99)]
+    with pytest.raises(exp_runs.FrontierError, match="probe at ratio 0.99 compressed 1.00x, the one at ratio 0.96 1.00x"):
+        fsearch.check_compression_grows(flat[1:], "channel")
+    with pytest.raises(exp_runs.FrontierError, match="ratio 0.96 compressed 1.00x, the one at ratio 0.5 4.00x"):
+        fsearch.search(lambda rs: pytest.fail("ran a probe"), flat, ["kd"], [1.0], 2, 200, 1.05, 8,
+                       log=lambda m: None, prune_method="l1_filter")
+    fsearch.check_compression_grows(flat, "magnitude")  # magnitude's axis is its compression: not checked
+    fsearch.check_compression_grows([old_structured_probe(r, [0]) for r in (0.5, 0.9, 0.9375)], "l1_filter")
+
+
+def test_the_frontier_cli_refuses_structured_runs_whose_compression_does_not_grow(workdir, capsys):
+    tmp, params = workdir
+    records = tmp / "metrics" / "frontier_runs.csv"
+    records.parent.mkdir()
+    p = exp_args.nest({**flatten(params), "prune.method": "channel", "distill.variants": ["kd", "finetune"]})
+    rows = []
+    for i, (s, r) in enumerate([(0, 0.5), (1, 0.5), (0, 0.99), (1, 0.99)]):
+        rows.append({**run_row(p, r, s, i), "compression_ratio": 100.0 if r == 0.5 else 1.0})
+    pd.DataFrame(rows).to_csv(records, index=False)
+    assert F.main(["--set", "prune.method=channel", "--seeds", "0,1", "--analyse", "--no-mlflow-summary"]) == 2
+    err = capsys.readouterr().err  # MLflow's own INFO lines (creating the store) come first
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err and errors[0].startswith(
+        "error: prune.method channel: compression does not grow with prune.ratio: the probe at ratio 0.99 compressed "
+        "1.00x, the one at ratio 0.5 100.00x;") and "fake0002, fake0003" in errors[0], err
+    assert not (tmp / "metrics" / "frontier.md").exists()
+
+
 def test_a_corrupt_records_file_is_named(workdir, capsys):
     tmp, _ = workdir
     bad = tmp / "bad.csv"
