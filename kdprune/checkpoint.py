@@ -2,7 +2,8 @@
 
 Loading checks the stored spec before anything is built (a known arch, a consistent structure, bounded
 sizes), rebuilds the module from it (kdprune.models) and loads the weights with ``weights_only=True``
-(kdprune.io.torch_load). Also: the weights of a teacher a user brings (``state_dict_of``, ``load_weights``)."""
+(kdprune.io.torch_load). Also: the weights of a teacher a user brings (``state_dict_of``, ``load_weights``: at most
+``MAX_IMPORT_BYTES``, floating-point and finite; float64/float16/bfloat16 converted to the model's dtype, said)."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,9 @@ from kdprune.schema import show
 
 
 CHECKPOINT_FORMAT = "kdprune-checkpoint-v1"
+MAX_IMPORT_BYTES = 16 << 30
+"""The largest teacher file ``state_dict_of`` reads: 4 billion float32 values (torchvision's largest classifier,
+ViT-H/14 with SWAG weights, is 2.5 GB; kdprune's specs allow at most 250M parameters, 1 GB)."""
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, masks: dict | None = None,
@@ -102,7 +106,7 @@ def state_dict_of(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The weights in ``path``: a kdprune checkpoint, or what a plain script writes with
     ``torch.save(model.state_dict(), path)`` (also inside ``{"state_dict": ...}`` or ``{"model": ...}``, and with
     DDP's ``module.`` prefix). Loaded with ``weights_only=True``."""
-    obj = torch_load(path)
+    obj = torch_load(path, max_bytes=MAX_IMPORT_BYTES)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         obj = obj.get("state_dict")
     elif isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -124,8 +128,48 @@ def _first(names, n: int = 3) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``model.load_state_dict(state)`` with every mismatch named: missing and unexpected keys, then shapes."""
+WIDENED = (torch.float16, torch.bfloat16, torch.float64)  # floating dtypes converted to the model's, with a note
+
+
+def _checked_dtypes(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                    source: str) -> tuple[dict[str, torch.Tensor], str]:
+    """``state`` with every floating tensor in the dtype of the model's own (``load_state_dict`` would cast it
+    silently), and a note naming what was converted ("" when nothing was). Refused, naming the key and dtype: an
+    integer, bool or complex tensor for a floating parameter or buffer (an int8-quantised file cast to float is
+    nonsense: its teacher scored 10 %), and NaN or infinite values (also after a float64 value is narrowed)."""
+    converted: dict[torch.dtype, list[str]] = {}
+    out = dict(state)
+    for k, mine in own.items():
+        theirs = state.get(k)
+        if theirs is None or not mine.is_floating_point():
+            continue
+        if theirs.is_complex() or not theirs.is_floating_point():
+            raise CheckpointError(f"{source}: {k} is {str(theirs.dtype).removeprefix('torch.')}, but the model's "
+                                  f"{k} is {str(mine.dtype).removeprefix('torch.')}: kdprune imports floating-point "
+                                  f"weights only (float32, float16, bfloat16 or float64), never quantised, integer or "
+                                  f"complex ones; export the teacher's float weights")
+        if not bool(torch.isfinite(theirs).all()):
+            bad = int((~torch.isfinite(theirs)).sum())
+            raise CheckpointError(f"{source}: the imported weights hold NaN or infinite values ({k}: {bad:,} of "
+                                  f"{theirs.numel():,}); the file's weights are broken (the run that wrote them "
+                                  f"diverged?), not kdprune's training: export them again from a good run")
+        if theirs.dtype != mine.dtype:
+            cast = theirs.to(mine.dtype)
+            if not bool(torch.isfinite(cast).all()):
+                raise CheckpointError(f"{source}: {k} ({str(theirs.dtype).removeprefix('torch.')}) holds values "
+                                      f"beyond the range of {str(mine.dtype).removeprefix('torch.')}, the model's dtype; "
+                                      f"the file's weights are broken")
+            out[k] = cast
+            converted.setdefault(theirs.dtype, []).append(k)
+    note = "; ".join(f"{len(keys)} {str(dt).removeprefix('torch.')} tensors ({_first(keys, 2)}) converted to "
+                     f"{str(own[keys[0]].dtype).removeprefix('torch.')}" for dt, keys in converted.items())
+    return out, note
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> str:
+    """``model.load_state_dict(state)`` with every mismatch named: missing and unexpected keys, then shapes, then
+    dtypes (:func:`_checked_dtypes`). Returns a note on the floating tensors converted to the model's dtype
+    (float16, bfloat16, float64 -> float32), "" when none was: the caller logs it."""
     own = model.state_dict()
     missing, unexpected = set(own) - set(state), set(state) - set(own)
     shapes = [f"{k} {tuple(state[k].shape)} vs the model's {tuple(own[k].shape)}"
@@ -140,4 +184,6 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     if problems:
         raise CheckpointError(f"{source}: the weights do not fit the model of params.yaml: " + ", ".join(problems)
                               + "; is model.arch / model.name / the data's class count the one it was trained with?")
+    state, note = _checked_dtypes(own, state, source)
     model.load_state_dict(state, strict=True)
+    return note

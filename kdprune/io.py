@@ -12,9 +12,10 @@ import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 if TYPE_CHECKING:  # torch is imported where it is used: stages/validate.py imports this module without it
     import torch  # heavy: imported only here, so stages/validate.py can use this module without torch
@@ -108,6 +109,57 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
         raise
 
 
+def _one_line(path: str | os.PathLike) -> str:
+    """A path on one line, as it was given (a file name may hold a newline: then escaped)."""
+    return str(path) if str(path).isprintable() else repr(str(path))[1:-1]
+
+
+def open_regular(path: str | os.PathLike, what: str, max_bytes: int | None, error: type[Exception] = UserError,
+                 missing: str = "file not found") -> tuple[BinaryIO, int]:
+    """``(binary file, its size)`` of ``path``, a regular file (symbolic links followed) of at most ``max_bytes``
+    (None: no bound here; the caller bounds what it reads). Anything else is ``error``, one line naming ``path``
+    and ``what`` it should be: a FIFO (reading would wait forever for a writer), a device such as /dev/zero
+    (endless), a directory, a socket, or a file too large.
+
+    Opened with O_NONBLOCK and checked with ``fstat`` on the open descriptor, so a FIFO never blocks the open and a
+    file swapped for one between a check and the open is still caught; O_NONBLOCK means nothing for a regular
+    file. ``missing``: the message for a path that does not exist."""
+    name = _one_line(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise error(f"{name}: {missing}") from None
+    except OSError as e:
+        raise error(f"{name}: cannot read {what} ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "a special file")
+            raise error(f"{name}: {kind}, not a regular file; {what} must be a regular file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise error(f"{name}: {st.st_size:,} bytes; {what} is at most {max_bytes:,} bytes")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike, what: str, max_bytes: int, error: type[Exception] = UserError,
+                 missing: str = "file not found") -> bytes:
+    """The bytes of ``path`` (:func:`open_regular`: a regular file of at most ``max_bytes``), read with that bound
+    even if the file grows meanwhile."""
+    fh, _ = open_regular(path, what, max_bytes, error, missing)
+    with fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise error(f"{_one_line(path)}: grew past {max_bytes:,} bytes while it was read; {what} is at most "
+                    f"{max_bytes:,} bytes")
+    return data
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path, size=len(text.encode())) as tmp:
         tmp.write_text(text)
@@ -136,15 +188,16 @@ def torch_save(path: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, fh)
 
 
-def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Load a torch file with ``weights_only=True``: tensors and plain containers only, never code."""
+def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu", max_bytes: int | None = None) -> Any:
+    """Load a torch file with ``weights_only=True``: tensors and plain containers only, never code. The path must
+    be a regular file (:func:`open_regular`: a FIFO would hang, a device never ends) of at most ``max_bytes``."""
     import torch  # heavy: imported only here, so stages/validate.py can use this module without torch
 
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: file not found")
+    fh, _ = open_regular(path, "a torch file", max_bytes, CheckpointError)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with fh:
+            return torch.load(fh, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several types for unsafe or broken files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(

@@ -17,7 +17,7 @@ import yaml
 
 from kdprune.schema import ParamsError, build, check, json_like, safe_load_yaml, show, within  # noqa: F401
 from kdprune.archs import ARCHS, MAX_CHANNELS, TORCHVISION_CLASSIFIERS, depth_rule, stage_blocks, widest_factor
-from kdprune.io import path_stays_inside
+from kdprune.io import path_stays_inside, read_regular
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")  # = kdprune.data.REGISTRY
 # + kdprune.data.FOLDER_DATASETS
@@ -440,13 +440,9 @@ def params_from_dict(raw: Any) -> Params:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > MAX_PARAMS_BYTES:
-            raise ParamsError(f"{path}: {size:,} bytes; a params file is at most {MAX_PARAMS_BYTES:,} bytes")
-        raw = safe_load_yaml(path.read_text())
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: file not found (run from the repository root)") from None
+    try:  # a regular file (a FIFO would hang, /dev/zero never ends), read with its size bound
+        raw = safe_load_yaml(read_regular(path, "a params file", MAX_PARAMS_BYTES, ParamsError,
+                                          missing="file not found (run from the repository root)").decode())
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise ParamsError(f"{path}: not valid YAML: {str(e)[:500]}") from None
     return params_from_dict(raw)

@@ -131,10 +131,12 @@ def build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with two changes for hand-written params files:
+    """PyYAML's safe loader with three changes for hand-written params files:
 
     - no aliases (``*name``): a few KB of nested aliases expand to gigabytes (a "billion laughs" YAML bomb),
       and params.yaml has no use for them;
+    - no duplicate keys in a mapping: PyYAML keeps the last one silently, while DVC refuses the file (YAML 1.2
+      requires unique keys), so kdprune would run with a value DVC never sees;
     - YAML 1.2 floats: ``1e-3`` is a float, as in YAML 1.2 and in DVC's own parser (PyYAML follows YAML 1.1,
       which needs a dot, ``1.0e-3``, and reads ``1e-3`` as a string).
     """
@@ -145,6 +147,19 @@ class _Loader(yaml.SafeLoader):
             raise yaml.YAMLError(f"YAML aliases (*{show(event.anchor)[1:-1]}) are not allowed in params files "
                                  f"{event.start_mark}".rstrip())
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # a complex key: PyYAML refuses it itself
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.YAMLError(f"duplicate key {show(key)} on lines {seen[key]} and {line}: a key may "
+                                         f"appear once in a mapping (DVC refuses the file too); keep one")
+                seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(

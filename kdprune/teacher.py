@@ -3,7 +3,8 @@
   scratch     a fresh model, trained for ``teacher.epochs``
   checkpoint  ``teacher.checkpoint``, a file inside ``teachers/`` (a DVC dependency of the teacher stage):
               what a plain script writes with ``torch.save(model.state_dict(), path)``, or a kdprune
-              checkpoint; loaded with ``weights_only=True``, every mismatched key named
+              checkpoint; loaded with ``weights_only=True``, every mismatched key named; NaN, integer or complex
+              weights refused, other float dtypes converted to float32 (the returned line says so)
   pretrained  torchvision's DEFAULT weights of ``model.name`` (its weights enum), from torch's hub cache;
               with a class count other than the weights' (1000 for ImageNet) the classifier starts fresh
               and needs ``teacher.epochs > 0``
@@ -47,8 +48,8 @@ def import_weights(model: nn.Module, t, name: str | None, input_shape: tuple[int
     """Load the weights ``teacher.init`` names into ``model`` (``t``: the teacher params section; ``name``:
     ``model.name``, the torchvision builder); returns a line saying what was loaded."""
     if t.init == "checkpoint":
-        checkpoint.load_weights(model, checkpoint.state_dict_of(t.checkpoint), t.checkpoint)
-        return f"imported {t.checkpoint}"
+        note = checkpoint.load_weights(model, checkpoint.state_dict_of(t.checkpoint), t.checkpoint)
+        return f"imported {t.checkpoint}" + (f" ({note})" if note else "")
     if t.init == "pretrained":
         state, classes = tvmodels.pretrained_state_dict(name)
         head = output_layer(model.eval(), torch.zeros(1, *input_shape))

@@ -12,6 +12,7 @@ import numpy as np
 
 from kdprune.data.limits import DatasetError, _check_count, _check_declared, _check_labels
 from kdprune.data.registry import DatasetInfo, _joined_names
+from kdprune.io import open_regular
 
 
 try:  # numpy >= 2 (the originals, pickled under numpy 1, name numpy.core.multiarray; both map here)
@@ -91,8 +92,10 @@ def read_cifar_pickle(path: str | os.PathLike) -> dict[str, object]:
     file no larger than ``MEMORY_BUDGET`` whose opcodes were checked first (``_check_pickle_opcodes``)."""
     path = Path(path)
     try:
-        _check_declared(path, "the file", path.stat().st_size)
-        raw = path.read_bytes()
+        fh, size = open_regular(path, "a CIFAR pickle", None, DatasetError)
+        with fh:
+            _check_declared(path, "the file", size)
+            raw = fh.read(size)
         _check_pickle_opcodes(raw, path)
         obj = _RestrictedUnpickler(_stdio.BytesIO(raw), path).load()
     except DatasetError:

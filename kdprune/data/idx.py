@@ -15,6 +15,7 @@ import numpy as np
 from kdprune.data.limits import (_CHUNK, _DEFLATE_MAX_RATIO, DatasetError, _check_count, _check_declared,
                                   _check_labels)
 from kdprune.data.registry import DatasetInfo
+from kdprune.io import open_regular
 
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): code -> big-endian numpy dtype
@@ -30,8 +31,8 @@ def _open_idx(path: Path, max_len: int | None = None) -> Iterator[tuple[object, 
     dimension) it may declare. Read errors anywhere in the ``with`` body become a ``DatasetError``."""
     compressed = path.suffix == ".gz"
     try:
-        size = path.stat().st_size
-        with (gzip.open if compressed else open)(path, "rb") as fh:
+        raw, size = open_regular(path, "an IDX file", None, DatasetError)
+        with raw, (gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw) as fh:
             head = fh.read(4)
             if len(head) < 4 or head[0] != 0 or head[1] != 0:
                 raise DatasetError(f"{path}: not an IDX file (bad magic number)")

@@ -10,7 +10,8 @@ Decoding is PIL's, as in a plain ``ImageFolder`` script and in torchvision's wei
 uint8 pixels are identical to what such a script feeds its model:
 
 - channels: 1 when every image of both splits is grayscale (PIL modes ``1 L LA I I;16 F``), converted with
-  ``convert("L")``; otherwise 3, every image converted with ``convert("RGB")`` (as ``ImageFolder`` does);
+  ``convert("L")``; otherwise 3, every image converted with ``convert("RGB")`` (as ``ImageFolder`` does); 16-bit
+  grayscale is first scaled to 8 bits by its high byte (kdprune/data/decode.py: ``convert`` would clip it);
 - eval transform ("as stored"): ``Resize(resize_size)`` (the shorter side, bilinear, antialiased) then
   ``CenterCrop(image_size)``; ``resize_size`` defaults to ``image_size``;
 - train transform: the stored ``image_size`` images, padded by ``data.crop_padding`` and randomly cropped
@@ -26,11 +27,13 @@ the stages read, and any attempt to read a pixel from them fails loudly.
 What is refused, each with a one-line ``DatasetError`` naming the file or directory: a missing ``train/`` or
 ``val/``, an empty class directory, classes that differ between the splits, no images, more than
 ``MAX_CLASSES`` classes or ``MAX_FILES`` images, an unreadable or corrupt image, an image whose header declares
-more than ``MAX_IMAGE_PIXELS`` pixels (checked before decoding: decompression bombs), and symbolic links that
-lead out of ``data.root``.
+more than ``MAX_IMAGE_PIXELS`` pixels (checked before decoding: decompression bombs) or an aspect ratio over
+``decode.MAX_ASPECT``:1, a file that is not a regular file, a train split with a constant channel (std 0), and symbolic
+links that lead out of ``data.root``. An error about a ``data.root`` outside the repository does not list it.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,7 @@ from kdprune.data.limits import DatasetError
 from kdprune.data.prepare import _stratified_subset, channel_stats
 from kdprune.data.preprocessing import override_stats
 from kdprune.data.workers import Batches, FileIndex, Headers, batches_for, checked, worker_loader
+from kdprune.io import resolves_inside
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 SPLITS = (("train", "train"), ("test", "val"))  # prepared-dict split -> directory under data.root
@@ -142,10 +146,14 @@ def scan(root: str | os.PathLike) -> Folder:
     dirs = {split: Path(real_root) / name for split, name in SPLITS}
     missing = [f"{name}/" for split, name in SPLITS if not dirs[split].is_dir()]
     if missing:
-        present = sorted(p.name for p in Path(real_root).iterdir())[:8]
+        if resolves_inside(real_root):
+            present = sorted(show_path(p.name) for p in Path(real_root).iterdir())
+            holds = f"it holds {present[:8]}{' ...' if len(present) > 8 else ''}"
+        else:  # an error message must not list a directory outside the repository
+            holds = "its contents are not listed: it is outside the repository"
         raise DatasetError(f"data.root = {show_path(root)}: missing {' and '.join(missing)}; an image folder holds "
                            f"train/<class>/<images> and val/<class>/<images> (torchvision's ImageFolder layout); "
-                           f"it holds {present}")
+                           f"{holds}")
     for split, name in SPLITS:  # real_root is resolved: a split is outside it only when it is a link out
         if not _inside(os.path.realpath(dirs[split]), real_root):
             raise DatasetError(f"{show_path(root_path / name)}: a symbolic link out of data.root (to "
@@ -255,9 +263,22 @@ def prepare(root: str, *, image_size: int, resize_size: int | None = None, inter
         computed = _sampled_stats(files, labels, batches_for(files, out["preprocessing"]), memory_budget_mb, seed,
                                   num_workers)
         out["index"] = {"root": str(folder.root), **{split: chosen[split][0].to_dict() for split in chosen}}
+    _check_stats(computed, root, n["train"] if path == "tensor" else None)
     out["mean"], out["std"] = override_stats(computed, mean, std, channels)
     out["computed_mean"], out["computed_std"] = computed
     return out
+
+
+def _check_stats(computed: tuple[list[float], list[float]], root: str, n_train: int | None) -> None:
+    """Refuse a train split with a constant channel (std 0: normalising divides by zero) or non-finite statistics,
+    as ``prepare_dataset`` does for the built-in datasets; ``n_train`` None: the stream path's sample."""
+    for c, (m, s) in enumerate(zip(*computed)):
+        if not (math.isfinite(m) and math.isfinite(s) and s > 0):
+            what = f"its {n_train} train images" if n_train is not None else "a sample of its train images"
+            raise DatasetError(
+                f"data.root = {show_path(root)}: channel {c} of {what} has mean {m} and std {s}: "
+                f"{'every pixel has the same value, so normalising divides by zero' if s == 0 else 'not finite'} "
+                f"(training would diverge to NaN); are these the right images?")
 
 
 def _sampled_stats(files: FileIndex, labels: torch.Tensor, batches: Batches, memory_budget_mb: int, seed: int,

@@ -14,6 +14,7 @@ This module imports no torch at module level.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from kdprune.params import DEFAULT_IMAGE_SIZE, DataParams, ParamsError
@@ -32,7 +33,11 @@ def override_stats(computed: tuple[list[float], list[float]], mean: list[float] 
             raise ParamsError(f"params.yaml: data.{key} = {list(given)} is invalid: the prepared images have "
                               f"{channels} channel{'s' if channels != 1 else ''}, so it needs {channels} "
                               f"value{'s' if channels != 1 else ''} (or null: computed from the train split)")
-        out.append([float(v) for v in given])
+        values = [float(v) for v in given]
+        if key == "std" and not all(math.isfinite(v) and v > 0 for v in values):  # the params check this too
+            raise ParamsError(f"params.yaml: data.std = {values} is invalid: every value must be a finite number "
+                              f"above 0 (normalising divides by it)")
+        out.append(values)
     return out[0], out[1]
 
 

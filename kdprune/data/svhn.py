@@ -11,6 +11,7 @@ import numpy as np
 
 from kdprune.data.limits import DatasetError, _DEFLATE_MAX_RATIO, _check_count, _check_declared
 from kdprune.data.registry import DatasetInfo, _joined_names
+from kdprune.io import open_regular
 
 
 # MATLAB 5 numeric classes (mxCLASS) -> (name, bytes per element), and stored data types (miINT8..miUINT64) -> bytes
@@ -44,8 +45,9 @@ def _mat_variables(path: Path, names: tuple[str, ...] = ("X", "y")) -> dict[str,
     expand to. Only real numeric variables are accepted (a cell or struct hides further allocations)."""
     from scipy.io.matlab import _mio5, matfile_version  # heavy optional, only for SVHN files; _mio5: the reader whosmat uses (scipy is pinned)
 
-    size, found = path.stat().st_size, {}
-    with open(path, "rb") as fh:
+    fh, size = open_regular(path, "an SVHN .mat file", None, DatasetError)
+    found = {}
+    with fh:
         if (version := matfile_version(fh)) != (1, 0):
             raise DatasetError(f"{path}: a MATLAB 5 .mat file (SVHN's format) is expected, this one is version "
                                f"{version}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import io as _stdio
 import math
 import re
 from pathlib import Path
@@ -117,11 +118,10 @@ def read_records(path: Path) -> pd.DataFrame:
     """The per-run records CSV (every column a string but the metrics, which are checked), or an empty frame."""
     if not path.exists():
         return pd.DataFrame()
-    size = path.stat().st_size
-    if size > MAX_RECORDS_BYTES:
-        raise FrontierError(f"{path}: {size:,} bytes; a records CSV is at most {MAX_RECORDS_BYTES:,} bytes")
+    # a regular file (a FIFO would hang, /dev/zero never ends) of at most MAX_RECORDS_BYTES, read with that bound
+    text = io.read_regular(path, "a records CSV", MAX_RECORDS_BYTES, FrontierError)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(_stdio.BytesIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
         raise FrontierError(f"{path}: not a readable records CSV ({str(e)[:200]})") from None
     if "run_id" not in df:

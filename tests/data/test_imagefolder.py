@@ -238,7 +238,7 @@ def tiny_folder(root: Path, classes=("a", "b"), n=2) -> Path:
         for c in classes:
             (root / split / c).mkdir(parents=True)
             for k in range(n):
-                Image.new("RGB", (12, 10), (40 * k, 100, 200)).save(root / split / c / f"{k}.png")
+                Image.new("RGB", (12, 10), (40 * k, 100 + 20 * k, 200 - 30 * k)).save(root / split / c / f"{k}.png")
     return root
 
 
