@@ -67,9 +67,15 @@ def literal(value: Any, key: str = "value") -> str:
                         "string, true/false, null or a list of those (set a mapping's keys one by one)")
 
 
+# Mappings whose keys params.yaml need not hold: DVC applies overrides in OmegaConf's struct mode, where
+# `model.kwargs.width=16` (and `model.kwargs={width: 16}`) fail with "Could not override" when params.yaml's
+# kwargs lacks the key; Hydra's `++key=value` adds the key or replaces it.
+FREE_FORM = ("model.kwargs.",)
+
+
 def override(key: str, value: Any) -> str:
-    """``key=<literal>`` for ``dvc exp run -S``."""
-    return f"{key}={literal(value, key)}"
+    """``key=<literal>`` for ``dvc exp run -S`` (``++key=<literal>`` below a FREE_FORM mapping)."""
+    return f"{'++' if key.startswith(FREE_FORM) else ''}{key}={literal(value, key)}"
 
 
 def interpolations(data: Any, prefix: str = "") -> list[str]:

@@ -18,6 +18,7 @@ import yaml
 from kdprune.schema import ParamsError, build, check, json_like, safe_load_yaml, show, within  # noqa: F401
 from kdprune.archs import ARCHS, MAX_CHANNELS, TORCHVISION_CLASSIFIERS, depth_rule, stage_blocks, widest_factor
 from kdprune.io import path_stays_inside, read_regular
+from kdprune.workspace import factory_problem
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")  # = kdprune.data.REGISTRY
 # + kdprune.data.FOLDER_DATASETS
@@ -133,6 +134,8 @@ class ModelParams:
     name: str | None = None  # arch torchvision: the builder, e.g. resnet18 (TORCHVISION_CLASSIFIERS)
     factory: str | None = None  # arch custom: "package.module:function" returning an nn.Module (runs user code)
     kwargs: dict = field(default_factory=dict)  # arch custom: keyword arguments of the factory
+    # arch custom: a factory outside the repository (an installed package, torch.hub:load) RUNS ITS CODE; opt in
+    allow_external_factory: bool = False
 
     def validate(self, p: str) -> None:
         if self.arch == "torchvision":
@@ -146,10 +149,14 @@ class ModelParams:
                    and FACTORY_RE.fullmatch(self.factory) is not None, f"{p}.factory", self.factory,
                    f"{p}.arch custom needs \"package.module:function\" (Python identifiers only, at most "
                    f"{MAX_FACTORY_CHARS} characters), a function that returns an nn.Module")
+            problem = factory_problem(self.factory, self.allow_external_factory)  # finds the file, imports nothing
+            check(problem is None, f"{p}.factory", self.factory, problem or "")
         else:
             check(self.factory is None, f"{p}.factory", self.factory,
                    f"applies to {p}.arch: custom only; set it to null")
             check(not self.kwargs, f"{p}.kwargs", self.kwargs, f"applies to {p}.arch: custom only; set it to {{}}")
+            check(not self.allow_external_factory, f"{p}.allow_external_factory", self.allow_external_factory,
+                   f"applies to {p}.arch: custom only; set it to false")
         check(len(self.kwargs) <= MAX_KWARGS_ITEMS
                and all(isinstance(k, str) and k.isidentifier() for k in self.kwargs)
                and all(json_like(v) for v in self.kwargs.values())
@@ -300,7 +307,7 @@ def teacher_path_problem(path: str) -> str | None:
     root = Path(TEACHER_DIR).resolve()
     if p.is_absolute() or not p.parts or p.parts[0] != TEACHER_DIR or ".." in p.parts:
         return (f"must be a relative path inside {TEACHER_DIR}/ (e.g. {TEACHER_DIR}/model.pt): copy your checkpoint "
-                f"there and `git add` it (or `dvc add` it when large), so it is a DVC dependency of the teacher stage")
+                f"there and commit it (or `dvc add` it when large), so it is a DVC dependency of the teacher stage")
     real = p.resolve()
     if real == root or not real.is_relative_to(root):
         return f"resolves to {real}, outside {TEACHER_DIR}/ (a symbolic link may not lead out of it)"

@@ -2,7 +2,10 @@
 
 ``teacher.init`` says where its weights start (kdprune/teacher.py): scratch, an imported checkpoint in
 teachers/, or torchvision's pretrained weights. ``teacher.epochs: 0`` only measures an imported teacher.
+A teacher whose final test accuracy is near chance or far below its train accuracy gets a one-line
+``warning:`` (kdprune.teacher.accuracy_warning); the stage still succeeds.
 """
+import sys
 import time
 
 from kdprune import checkpoint, io, stage
@@ -13,7 +16,7 @@ from kdprune.archs import params_name
 from kdprune.models import build_model, spec_from_params
 from kdprune.params import Params
 from kdprune.prune.counts import count_params
-from kdprune.teacher import check_runs, import_weights
+from kdprune.teacher import accuracy_warning, check_runs, import_weights, model_source
 from kdprune.train.loop import fit
 from kdprune.train.runtime import setup_runtime, to_runtime
 
@@ -24,7 +27,7 @@ def main(params: Params) -> None:
     shape = tuple(data["train_x"].shape[1:])
     spec = spec_from_params(params.model, shape[0], len(data["classes"]))
     model = build_model(spec, params.model.factory)
-    check_runs(model, shape, params_name(params.model))
+    check_runs(model, shape, params_name(params.model), len(data["classes"]), model_source(params.model))
     origin = import_weights(model, params.teacher, params.model.name, shape)
     model = model.to(device)
     stage.log(f"teacher: {params_name(params.model)}, {origin}")
@@ -39,6 +42,9 @@ def main(params: Params) -> None:
         stage.log(f"teacher: teacher.epochs 0: measured only, test {history[0]['test_acc']:.2f}%")
     if not distributed.is_main():  # DDP: rank 0 writes the outputs
         return
+    warning = accuracy_warning(history, len(data["classes"]))
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     checkpoint.save_checkpoint(stage.TEACHER, model, meta=stage.data_meta(data))
     total, _ = count_params(model)
     io.write_json(stage.METRICS / "teacher.json", {

@@ -89,6 +89,22 @@ def test_dvc_args_refuses_what_cannot_reach_dvc_unchanged():
         O.nest({"prune": 1, "prune.ratio": 0.9})
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"width": 8}, {"depth": 2}])
+def test_a_model_kwargs_key_reaches_dvc_whether_or_not_params_yaml_has_it(tmp_path, kwargs):
+    """DVC applies -S in OmegaConf's struct mode: `model.kwargs.width=16` (and `model.kwargs={width: 16}`) failed
+    with "Could not override" when params.yaml's kwargs lacked the key; the sweep's and the frontier's --set
+    write `++model.kwargs.width=16`, which adds the key or replaces it."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"model": {"arch": "custom", "kwargs": kwargs}, "seed": 0}))
+    sets = O.dvc_args(yaml.safe_load(path.read_text()), dict([O.parse("model.kwargs.width=16"), O.parse("seed=3")]))
+    assert sets == ["-S", "++model.kwargs.width=16", "-S", "seed=3"]
+    apply_overrides(path, sets[1::2])  # what `dvc exp run -S ... -S ...` does to params.yaml
+    assert yaml.safe_load(path.read_text()) == {"model": {"arch": "custom", "kwargs": {**kwargs, "width": 16}},
+                                                "seed": 3}
+
+
 @pytest.mark.parametrize("text", ["x", "=3", "a b=1", "~prune.ratio=0.5", "+new=1", "prune.ratio", "a..b=1",
                                   "data.root=[1", "seed=&a [1, *a]"])
 def test_parse_refuses_malformed_overrides(text):

@@ -33,10 +33,25 @@ def check(factory: Any, kwargs: Any) -> None:
         raise ValueError(f"custom model kwargs must be a small mapping of scalars and lists, got {str(kwargs)[:80]}")
 
 
-def takes_in_channels(fn) -> bool:
+class FactoryError(CheckpointError):
+    """``model.factory`` cannot be imported or called, or did not build a model; the message names it."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
+def signature_of(fn) -> inspect.Signature | None:
     try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # some built-ins have none
+        return None
+
+
+def takes_in_channels(fn) -> bool:
+    sig = signature_of(fn)
+    if sig is None:
         return False
     return "in_channels" in sig.parameters or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
 
@@ -52,12 +67,35 @@ def factory_function(factory: str, allowed_factory: str | None):
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise CheckpointError(f"model.factory {factory!r}: cannot import {module_name}: {e} (run from the repository "
-                              "root; the module must be importable from there)") from None
+        raise FactoryError(f"model.factory {factory!r}: cannot import {module_name}: {e} (run from the repository "
+                           "root; the module must be importable from there)") from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed while importing: say where, in one line
+        raise FactoryError(f"model.factory {factory!r}: importing {module_name} raised {_first_line(e)}") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise CheckpointError(f"model.factory {factory!r}: {module_name} has no function {fn_name}")
+        raise FactoryError(f"model.factory {factory!r}: {module_name} has no function {fn_name}")
     return fn
+
+
+def _call(factory: str, fn, call: dict[str, Any]) -> Any:
+    """``fn(**call)``; a function that is no model builder, rejected kwargs or an exception are one FactoryError."""
+    shown = f"{factory.split(':')[1]}({', '.join(f'{k}={v!r}' for k, v in call.items())})"[:300]
+    sig = signature_of(fn)
+    if sig is not None:
+        params = sig.parameters.values()
+        if "num_classes" not in sig.parameters and not any(p.kind is p.VAR_KEYWORD for p in params):
+            raise FactoryError(f"model.factory {factory!r} is not a model builder: it takes {str(sig)[:200]}, and "
+                               f"kdprune calls it as {shown} (num_classes from the data, model.kwargs as keywords)")
+        try:
+            sig.bind(**call)
+        except TypeError as e:
+            raise FactoryError(f"model.factory {factory!r} cannot be called as {shown}: {e} (its signature is "
+                               f"{str(sig)[:200]}; model.kwargs gives every argument but num_classes and "
+                               "in_channels)") from None
+    try:
+        return fn(**call)
+    except Exception as e:  # noqa: BLE001 - the user's code failed: one line naming the factory and the call
+        raise FactoryError(f"model.factory {factory!r} raised {_first_line(e)} when called as {shown}") from None
 
 
 def build(factory: str, kwargs: dict, num_classes: int, in_channels: int,
@@ -66,7 +104,7 @@ def build(factory: str, kwargs: dict, num_classes: int, in_channels: int,
     fn = factory_function(factory, allowed_factory)
     takes = takes_in_channels(fn)
     extra = {"in_channels": in_channels} if takes else {}
-    model = fn(num_classes=num_classes, **extra, **kwargs)
+    model = _call(factory, fn, {"num_classes": num_classes, **extra, **kwargs})
     if not isinstance(model, nn.Module):
-        raise CheckpointError(f"model.factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise FactoryError(f"model.factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model, takes

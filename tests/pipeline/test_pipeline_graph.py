@@ -12,6 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 GATE = "data/params.valid"
+MODEL_CODE = "data/model_code.sha256"  # the custom model's module hash, written by validate
 
 
 def module_files(name: str) -> list[str]:
@@ -79,10 +80,20 @@ def test_no_command_interpolates_anything():
 def test_validate_runs_first_and_gates_every_stage():
     validate = PIPELINE["validate"]
     assert validate["params"] == [{"params.yaml": None}]  # every key of params.yaml
-    assert validate["outs"] == [{GATE: {"persist": True}}]  # kept when validation fails
+    assert validate["outs"] == [{GATE: {"persist": True}}, {MODEL_CODE: {"persist": True}}]  # kept when it fails
     for name, st in PIPELINE.items():
         if name != "validate":
             assert GATE in st["deps"], f"stage {name} does not wait for params validation"
+
+
+def test_every_stage_that_builds_the_model_depends_on_its_code():
+    """model.factory's module can be any file of the repository: validate hashes it on every run (always_changed)
+    into MODEL_CODE, and each stage that builds or loads the model depends on that file."""
+    assert PIPELINE["validate"].get("always_changed") is True
+    builds = {name for name in PIPELINE if re.search(r"build_model|load_model", (ROOT / f"stages/{name}.py").read_text())}
+    assert builds == {"train_teacher", "prune", "distill", "evaluate"}
+    for name, st in PIPELINE.items():
+        assert (MODEL_CODE in st.get("deps", [])) == (name in builds), name
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINE))
