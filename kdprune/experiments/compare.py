@@ -21,6 +21,7 @@ import subprocess
 import sys
 from typing import Any, Iterable, Iterator
 
+from kdprune import io
 from kdprune.params import flatten
 
 # params shown first, in this order: what usually differs between experiments
@@ -97,9 +98,9 @@ def render(rows: list[dict[str, Any]], as_csv: bool = False) -> str:
     cols = table(rows)
     if as_csv:
         buf = _stdio.StringIO()
-        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+        w = csv.writer(buf, lineterminator="\n")  # names and values come from DVC: escaped (io.csv_safe)
+        w.writerow([io.csv_safe(c) for c in cols])
+        w.writerows([io.csv_safe(r.get(c)) for c in cols] for r in rows)
         return buf.getvalue()
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(c, r.get(c)) for c in cols) + " |" for r in rows]
