@@ -27,10 +27,10 @@ def main() -> int:
         load_params()
         # a ${...} value: `dvc exp run -S` would resolve it (an environment variable into params.yaml and MLflow)
         check_no_interpolation(safe_load_yaml(Path("params.yaml").read_text()), "params.yaml")
-    except (ParamsError, OverrideError) as e:
+        io.write_text(MARKER, CONTENT)
+    except (ParamsError, OverrideError, io.OutputError) as e:  # OutputError: a full disk, one line naming the file
         print(f"error: {e}", file=sys.stderr)
         return 2
-    io.write_text(MARKER, CONTENT)
     return 0
 
 
