@@ -14,6 +14,17 @@ APT_LOCK_TIMEOUT=${KDPRUNE_APT_LOCK_TIMEOUT:-300}  # seconds to wait while anoth
 APT_LOCK_POLL=${KDPRUNE_APT_LOCK_POLL:-5}
 APT_MANUAL="sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"
 
+# The two waits reach bash arithmetic and sleep: digits only, checked before anything runs (in arithmetic,
+# a value such as 'a[$(cmd)]' would run cmd). One line naming the variable, exit 2.
+bad_env() { local v=${2:0:80}; printf 'error: %s = %s is invalid: must be %s\n' "$1" "${v@Q}" "$3" >&2; exit 2; }
+if [[ ! $APT_LOCK_TIMEOUT =~ ^[0-9]{1,6}$ ]] || ((10#$APT_LOCK_TIMEOUT > 86400)); then
+  bad_env KDPRUNE_APT_LOCK_TIMEOUT "$APT_LOCK_TIMEOUT" "a whole number of seconds in [0, 86400] (default 300)"
+fi
+if [[ ! $APT_LOCK_POLL =~ ^[0-9]{1,4}(\.[0-9]{1,3})?$ ]] || ((10#${APT_LOCK_POLL%%.*} >= 3600)) \
+   || [[ $APT_LOCK_POLL =~ ^0*(\.0*)?$ ]]; then
+  bad_env KDPRUNE_APT_LOCK_POLL "$APT_LOCK_POLL" "a number of seconds in (0, 3600), e.g. 5 or 0.2 (default 5)"
+fi
+
 usage() { sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; }
 
 # apt-get ARGS, quietly; while another apt/dpkg process holds the dpkg or the lists lock, wait for it

@@ -11,6 +11,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -163,6 +164,31 @@ def read_regular(path: str | os.PathLike, what: str, max_bytes: int, error: type
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path, size=len(text.encode())) as tmp:
         tmp.write_text(text)
+
+
+# CSV formula injection (OWASP): a spreadsheet runs a cell that begins with one of these as a formula
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_CSV_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_CSV_ESCAPED = re.compile("'+[" + re.escape("".join(CSV_FORMULA_START)) + "]")
+
+
+def csv_safe(value: Any) -> Any:
+    """A CSV cell that no spreadsheet runs as a formula: a string that begins (after any quotes) with ``=``, ``+``,
+    ``-``, ``@``, a tab or a carriage return gets a leading ``'``, unless it is a plain finite number (``-0.61``).
+    Anything but a string is returned as it is. :func:`csv_unescape` undoes it exactly."""
+    if not isinstance(value, str) or _CSV_NUMBER.fullmatch(value):
+        return value
+    if value.lstrip("'").startswith(CSV_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def csv_unescape(value: Any) -> Any:
+    """The cell :func:`csv_safe` was given (a file written before the escaping reads the same, but for a cell
+    that began with quotes and then a formula character)."""
+    if isinstance(value, str) and _CSV_ESCAPED.match(value):
+        return value[1:]
+    return value
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

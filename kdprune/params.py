@@ -36,6 +36,14 @@ MAX_AT_LAYERS = 32
 MAX_PARAMS_BYTES = 1 << 20  # params.yaml is a few KB; a larger file is not a params file (or is a YAML bomb)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a cgroup cpuset), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def max_threads() -> int:
     """Torch threads allowed per process: 4x this machine's cores. More only adds contention (and 10,000
     threads stall the machine; 100,000 crash torch)."""
@@ -195,6 +203,10 @@ class RuntimeParams:
                "more threads only contend, and thousands stall the machine)")
         check(1 <= self.nproc_per_node <= 1024, f"{p}.nproc_per_node", self.nproc_per_node,
                "must be in [1, 1024] (1 = one process, no DDP)")
+        cores = usable_cores()
+        check(self.nproc_per_node <= cores, f"{p}.nproc_per_node", self.nproc_per_node,
+               f"must be at most this machine's {cores} usable cores (each DDP process, CPU or GPU, needs a core of "
+               "its own; more only contend for them, and every process holds its own copy of the model and data)")
         # 1024 nodes x 1024 processes bounds the world size (and the batch-size divisibility check) at 2^20
         check(1 <= self.nnodes <= MAX_NODES, f"{p}.nnodes", self.nnodes,
                f"must be in [1, {MAX_NODES}] (1 = this machine only)")

@@ -22,7 +22,30 @@ class ParamsError(ValueError):
     """Invalid params.yaml content. The message names the key, the value and what is allowed."""
 
 
-_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+INT_DIGITS = 4300  # Python reads and writes at most this many decimal digits (sys.get_int_max_str_digits())
+
+
+class OversizedInt:
+    """An integer in params YAML too long to read (over INT_DIGITS digits: ``int()`` raises ValueError there).
+    The loader keeps only its length, so validation names the key instead of a traceback; it is no int, so
+    nothing accepts it."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<an integer {self.digits:,} digits long>"
+
+
+class _Repr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:  # past INT_DIGITS digits, e.g. from 0xfff... (hex is read without that limit)
+            return f"<an integer {x.bit_length():,} bits long>"
+
+
+_REPR = _Repr()  # keyword arguments need Python 3.12
 _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel, _REPR.maxlong = 60, 60, 4, 4, 3, 40
 
 
@@ -68,6 +91,9 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    if isinstance(value, OversizedInt):
+        raise ParamsError(f"params.yaml: {key} = {value!r} is invalid: an integer has at most {INT_DIGITS:,} digits "
+                          "here (Python's limit for reading one), and every key allows far fewer")
     origin = typing.get_origin(tp)
     if origin is Literal:
         check(value in typing.get_args(tp), key, value, f"must be {_type_name(tp)}")
@@ -131,14 +157,16 @@ def build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with three changes for hand-written params files:
+    """PyYAML's safe loader with four changes for hand-written params files:
 
     - no aliases (``*name``): a few KB of nested aliases expand to gigabytes (a "billion laughs" YAML bomb),
       and params.yaml has no use for them;
     - no duplicate keys in a mapping: PyYAML keeps the last one silently, while DVC refuses the file (YAML 1.2
       requires unique keys), so kdprune would run with a value DVC never sees;
     - YAML 1.2 floats: ``1e-3`` is a float, as in YAML 1.2 and in DVC's own parser (PyYAML follows YAML 1.1,
-      which needs a dot, ``1.0e-3``, and reads ``1e-3`` as a string).
+      which needs a dot, ``1.0e-3``, and reads ``1e-3`` as a string);
+    - integers longer than Python reads (``INT_DIGITS``) become ``OversizedInt``, which validation refuses in one
+      line naming the key, instead of a ValueError traceback.
     """
 
     def compose_node(self, parent, index):
@@ -161,7 +189,16 @@ class _Loader(yaml.SafeLoader):
                 seen[key] = line
         return super().construct_mapping(node, deep)
 
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node)
+        digits = text.replace("_", "").lstrip("+-")
+        digits = len(digits) - (2 if digits[:2] in ("0x", "0o", "0b") else 0)
+        if digits > INT_DIGITS:  # int() refuses it (ValueError); a base-60 1:2:3... would take quadratic time
+            return OversizedInt(digits)
+        return super().construct_yaml_int(node)
 
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"))

@@ -44,7 +44,10 @@ def main(params: Params) -> None:
     io.write_json(stage.METRICS / "prune.json", {
         "acc_pruned": acc, **{k: report[k] for k in ratios}, **extra,
         **{f"{k}_pruned": v for k, v in report.items() if k not in ratios}})
-    stage.log(f"prune: {p.method} ratio {p.ratio}: acc {acc:.2f}% (no recovery), "
+    # with a MAC target, prune.ratio is not used: show the channel ratio reached
+    shown = (f"ratio {p.ratio}" if p.target_macs_reduction is None else
+             f"ratio {extra['channel_ratio']:.4g} (reached for target_macs_reduction {p.target_macs_reduction:g})")
+    stage.log(f"prune: {p.method} {shown}: acc {acc:.2f}% (no recovery), "
               f"compression {report['compression_ratio']:.2f}x, prunable {report['prunable_compression_ratio']:.2f}x, "
               f"MACs / {report['mac_reduction']:.2f}")
 

@@ -64,11 +64,11 @@ def main() -> int:
         check_no_interpolation(safe_load_yaml(Path("params.yaml").read_text()), "params.yaml")
         check_committed(params)
         code = model_code(params)
-    except (ParamsError, OverrideError, ValueError, OSError) as e:
+        io.write_text(MARKER, CONTENT)
+        io.write_text(MODEL_CODE, code)
+    except (ParamsError, OverrideError, ValueError, OSError) as e:  # OSError: io.OutputError (a full disk) too
         print(f"error: {e}", file=sys.stderr)
         return 2
-    io.write_text(MARKER, CONTENT)
-    io.write_text(MODEL_CODE, code)
     return 0
 
 

@@ -106,7 +106,7 @@ exit 0
 """
 
 
-def setup_dataset(tmp_path, locked, timeout):
+def setup_dataset(tmp_path, locked, timeout, **env_vars):
     """run.sh's setup_dataset (sourced: no venv, no dvc) with a fake apt-get and no dataset installed."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
@@ -117,6 +117,7 @@ def setup_dataset(tmp_path, locked, timeout):
     e = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", STATE=str(tmp_path / "calls"), LOCKED=str(locked),
              KDPRUNE_FMNIST_DIR=str(tmp_path / "none"), KDPRUNE_APT_LOCK_TIMEOUT=str(timeout),
              KDPRUNE_APT_LOCK_POLL="0.2")
+    e.update(env_vars)
     return subprocess.run(["bash", "-c", f"source {ROOT / 'run.sh'}; setup_dataset"], env=e, capture_output=True,
                           text=True, timeout=60)
 
@@ -139,6 +140,32 @@ def test_setup_gives_up_on_a_held_apt_lock_with_one_clear_line(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: /var/lib/apt/lists/lock is still held by another apt/dpkg process after 1 s")
     assert "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist" in last
+
+
+@pytest.mark.parametrize("var", ["KDPRUNE_APT_LOCK_TIMEOUT", "KDPRUNE_APT_LOCK_POLL"])
+def test_hostile_apt_waits_run_nothing_and_name_the_variable(tmp_path, var):
+    """Old: run.sh put KDPRUNE_APT_LOCK_TIMEOUT into bash arithmetic, where 'a[$(cmd)]' runs cmd."""
+    pwned = tmp_path / "pwned"
+    hostile = f"SECONDS[$(touch {pwned})]"  # set -u stops 'a[...]' (unset) first; a set name runs the $(...)
+    # the path that used to run it: setup with a held apt lock (a fake apt-get, as root)
+    r = setup_dataset(tmp_path, locked=3, timeout=30, **{var: hostile})
+    assert not pwned.exists() and r.returncode == 2
+    assert r.stderr == f"error: {var} = '{hostile[:80]}' is invalid: must be " + (  # abbreviated to 80
+        "a whole number of seconds in [0, 86400] (default 300)\n" if var.endswith("TIMEOUT") else
+        "a number of seconds in (0, 3600), e.g. 5 or 0.2 (default 5)\n")
+    assert not (tmp_path / "calls.log").exists()  # refused before apt-get ran
+    # checked first: every command refuses it, even help
+    too_big = "86401" if var.endswith("TIMEOUT") else "3600"
+    for value in (hostile, f"a[$(touch {pwned})]", too_big, "-1", "1e3", " 5", "0x10", "5\n6"):
+        r = subprocess.run(["bash", str(ROOT / "run.sh"), "help"], env=dict(os.environ, **{var: value}),
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith(f"error: {var} = "), (value, r.stderr)
+        assert len(r.stderr.splitlines()) == 1
+    assert not pwned.exists()
+    for value in ("0", "86400") if var.endswith("TIMEOUT") else ("5", "0.2", "3599.999"):
+        r = subprocess.run(["bash", str(ROOT / "run.sh"), "help"], env=dict(os.environ, **{var: value}),
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.startswith("usage: ./run.sh"), (value, r.stderr)
 
 
 def test_setup_runtime_names_the_device(monkeypatch):

@@ -18,7 +18,9 @@ from kdprune import checkpoint, export, io, stage
 from kdprune.export import MAGIC, ExportError, export_compact, load_compact
 from kdprune.io import CheckpointError, OutputError
 from kdprune.models import MAX_PARAMS, build_model, model_spec, resnet_spec, spec_param_count
-from kdprune.params import ModelParams
+from kdprune.params import ModelParams, ParamsError, params_from_dict, safe_load_yaml
+from kdprune.schema import show
+from tests.helpers import default_params
 from kdprune.prune.masks import apply_masks, global_magnitude_masks
 
 # ---------------------------------------------------------------- compact files (.kdc) that lie
@@ -267,6 +269,66 @@ def test_a_stage_reports_a_full_disk_in_one_line(monkeypatch, capsys):
         stage.run(main)
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: models/teacher.pt: cannot write it: No space left on device\n"
+
+
+def run_validate(tmp_path, monkeypatch, params_text):
+    """stages/validate.py's main() in ``tmp_path`` (in process: no torch needed, as in DVC)."""
+    from stages import validate
+
+    (tmp_path / "params.yaml").write_bytes(params_text.encode())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["stages/validate.py"])
+    return validate.main()
+
+
+def test_validate_on_a_full_disk_is_one_line_and_keeps_the_old_marker(tmp_path, monkeypatch, capsys):
+    """Old: validate let the OutputError of data/params.valid out as a traceback."""
+    from tests.helpers import committed_params_text
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "params.valid").write_text("old\n")
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    assert run_validate(tmp_path, monkeypatch, committed_params_text()) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data/params.valid: cannot write it: No space left on device (needs 70 bytes, ")
+    assert err.count("\n") == 1 and "free some space and rerun" in err, err
+    assert (tmp_path / "data" / "params.valid").read_bytes() == b"old\n"
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["params.valid"]  # no temp file left
+
+
+@pytest.mark.parametrize("key, literal, shown", [
+    ("seed", "1" * 5000, "<an integer 5,000 digits long>"),
+    ("seed", "-" + "9" * 4301, "<an integer 4,301 digits long>"),
+    ("teacher.epochs", "1_" * 4400 + "1", "<an integer 4,401 digits long>"),  # underscores are no digits
+    ("prune.ratio", "1" * 5000, "<an integer 5,000 digits long>"),  # a float key
+    ("seed", "1:" * 3000 + "1", "<an integer 6,001 digits long>"),  # YAML 1.1 base 60
+])
+def test_an_integer_python_cannot_read_is_one_line_naming_the_key(tmp_path, monkeypatch, capsys, key, literal, shown):
+    """Old: a 5,000-digit seed raised ValueError "Exceeds the limit (4300 digits)" inside YAML parsing."""
+    import yaml
+
+    raw = default_params()
+    section, _, leaf = key.rpartition(".")
+    (raw[section] if section else raw)[leaf] = "HUGE_LITERAL"
+    text = yaml.safe_dump(raw, sort_keys=False).replace("HUGE_LITERAL", literal)
+    with pytest.raises(ParamsError) as e:
+        params_from_dict(safe_load_yaml(text))
+    assert str(e.value) == (f"params.yaml: {key} = {shown} is invalid: an integer has at most 4,300 digits here "
+                            "(Python's limit for reading one), and every key allows far fewer")
+    assert run_validate(tmp_path, monkeypatch, text) == 2  # the stage: one line, exit 2, no marker
+    assert capsys.readouterr().err == f"error: {e.value}\n" and not (tmp_path / "data" / "params.valid").exists()
+
+
+def test_a_huge_hex_integer_is_shown_bounded():
+    """0x... is read without Python's digit limit, but repr() of it raises past 4,300 digits."""
+    raw = {**default_params(), "seed": int("f" * 5000, 16)}
+    with pytest.raises(ParamsError, match=r"^params.yaml: seed = <an integer 20,000 bits long> is invalid: must be an "
+                                          r"integer in \[0, 4294967295\]"):
+        params_from_dict(raw)
+    assert show(10 ** 4299) == repr(10 ** 4299)[:18] + "..." + repr(10 ** 4299)[-19:]  # readable ones as before
 
 
 # ---------------------------------------------------------------- file modes

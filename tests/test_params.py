@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kdprune import params as kparams
 from kdprune.params import ParamsError, flatten, load_params, params_from_dict
 from tests.helpers import params_with, committed_params_text, default_params
 
@@ -22,6 +23,12 @@ def test_repo_params_are_valid(tmp_path):
     p = load_params(tmp_path / "params.yaml")
     assert p.prune.ratio == BASE["prune"]["ratio"]
     assert flatten(p.to_dict())["distill.temperature"] == BASE["distill"]["temperature"]
+
+
+@pytest.fixture(autouse=True)
+def many_cores(monkeypatch):
+    """runtime.nproc_per_node is bounded by the cores: give these tests 64, whatever machine runs them."""
+    monkeypatch.setattr(kparams, "usable_cores", lambda: 64)
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -207,3 +214,26 @@ def test_bad_model_names_key_value_and_what_exists(arch, depth, width, key, need
     value = {"model.arch": arch, "model.depth": depth, "model.width": width}[key]
     msg = str(e.value)
     assert f"{key} = {value!r} is invalid" in msg and needle in msg, msg
+
+
+def test_nproc_per_node_is_bounded_by_the_cores(monkeypatch):
+    """Old: runtime.nproc_per_node = 128 passed validation on 2 cores (16 processes there took +6.6 GB)."""
+    monkeypatch.setattr(kparams, "usable_cores", lambda: 2)
+    for n in (3, 128, 1024):  # 1024 divides every batch size here: the cores refuse it, not the batch size
+        raw = params_with("runtime.nproc_per_node", n, params_with("teacher.batch_size", 1024,
+                                                                   params_with("distill.batch_size", 1024, BASE)))
+        with pytest.raises(ParamsError) as e:
+            params_from_dict(raw)
+        assert str(e.value) == (f"params.yaml: runtime.nproc_per_node = {n} is invalid: must be at most this machine's "
+                                "2 usable cores (each DDP process, CPU or GPU, needs a core of its own; more only "
+                                "contend for them, and every process holds its own copy of the model and data)")
+    assert params_from_dict(with_value("runtime.nproc_per_node", 2)).runtime.nproc_per_node == 2
+
+
+def test_usable_cores_are_this_process_cpu_affinity(monkeypatch):
+    monkeypatch.undo()  # the real function, not the many_cores fixture's
+    monkeypatch.setattr(kparams.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(kparams.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert kparams.usable_cores() == 3  # e.g. taskset -c 0-2 on a 64-core machine
+    monkeypatch.delattr(kparams.os, "sched_getaffinity")  # macOS, Windows: every core
+    assert kparams.usable_cores() == 64

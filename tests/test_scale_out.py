@@ -18,13 +18,14 @@ import yaml
 
 from kdprune.experiments import args as exp_args
 from kdprune.experiments import queue as exp_queue
+from kdprune.experiments import runs as exp_runs
 from kdprune.experiments import sweep
 from tests.pipeline.test_e2e import dvc, free_port, git, lock_md5, make_repo
 
 @pytest.mark.parametrize("bad", ["", "1", "0/2", "3/2", "1/1001", "-1/2", "1/2/3", "a/b", "1.0/2", " 1/2", "１/2",
                                  "1/99999"])
 def test_shard_must_be_k_of_n(bad, capsys):
-    with pytest.raises(SystemExit, match=r"^error: --shard .* is invalid: use K/N with integers 1 <= K <= N <= 1000"):
+    with pytest.raises(exp_runs.FrontierError, match=r"^--shard .* is invalid: use K/N with integers 1 <= K <= N <= 1000"):
         exp_args.parse_shard(bad)
     assert exp_args.parse_shard("2/3") == (2, 3) and exp_args.parse_shard("1000/1000") == (1000, 1000)
 

@@ -34,10 +34,10 @@ def parse_floats(text: str, what: str, lo: float, hi: float, open_lo: bool = Tru
 def parse_seeds(text: str) -> list[int]:
     parts = [x.strip() for x in text.split(",") if x.strip()]
     if not parts or len(parts) > MAX_SEEDS or not all(p.isascii() and p.isdigit() and len(p) <= 10 for p in parts):
-        raise FrontierError(f"--seeds {text!r}: give 1 to {MAX_SEEDS} comma-separated integers in [0, 2^32)")
+        raise FrontierError(f"--seeds {text[:80]!r}: give 1 to {MAX_SEEDS} comma-separated integers in [0, 2^32)")
     seeds = [int(p) for p in parts]
     if any(s >= 2 ** 32 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise FrontierError(f"--seeds {text!r}: seeds must be distinct integers in [0, 2^32)")
+        raise FrontierError(f"--seeds {text[:80]!r}: seeds must be distinct integers in [0, 2^32)")
     return seeds
 
 
@@ -73,11 +73,43 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
         raise FrontierError(f"--set {e}") from None
 
 
-def parse_list(text: str, cast) -> list:
-    try:
-        return [cast(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"error: cannot parse {text!r} as a comma-separated list of {cast.__name__}") from None
+MAX_RATIOS = 100
+MAX_GRID = 1000  # experiments in one sweep (each a DVC queue entry, a pipeline run and an MLflow run)
+MAX_JOBS = 64
+
+
+def parse_ratios(text: str) -> list[float]:
+    """``--ratios``: 1 to MAX_RATIOS distinct finite prune ratios in [0, 1), as params.yaml's prune.ratio."""
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    if not parts or len(parts) > MAX_RATIOS:
+        raise FrontierError(f"--ratios {text[:80]!r}: give 1 to {MAX_RATIOS} comma-separated prune ratios in [0, 1)")
+    ratios = []
+    for p in parts:
+        try:
+            v = float(p)
+        except ValueError:
+            raise FrontierError(f"--ratios: {p[:40]!r} is not a number; give prune ratios in [0, 1)") from None
+        if not (math.isfinite(v) and 0 <= v < 1):
+            raise FrontierError(f"--ratios: {v!r} is out of range: allowed [0, 1) (the fraction of prunable weights "
+                                "removed; finite)")
+        ratios.append(v)
+    if len(set(ratios)) != len(ratios):
+        raise FrontierError(f"--ratios {text[:80]!r}: the ratios must be distinct")
+    return ratios
+
+
+def parse_jobs(jobs: int) -> int:
+    if not 1 <= jobs <= MAX_JOBS:
+        raise FrontierError(f"-j {jobs}: allowed 1 to {MAX_JOBS} parallel queue workers")
+    return jobs
+
+
+def check_git_remote(remote: str) -> str:
+    """A git remote name or URL for ``dvc exp push``: an argv item, never an option (no leading '-')."""
+    if not remote or len(remote) > 1000 or remote.startswith("-") or not remote.isprintable() or " " in remote:
+        raise FrontierError(f"--git-remote {remote[:80]!r}: must be a git remote's name or URL (no leading '-', "
+                            "no spaces or control characters, at most 1000 characters)")
+    return remote
 
 
 SHARD_MAX = 1000  # more workers than any team's machines; bounds the slice arithmetic
@@ -87,20 +119,21 @@ def parse_shard(text: str) -> tuple[int, int]:
     """``"K/N"`` -> (K, N) with 1 <= K <= N <= SHARD_MAX, else a one-line error."""
     parts = text.split("/")
     if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 4 for p in parts):
-        raise SystemExit(f"error: --shard {text!r} is invalid: use K/N with integers 1 <= K <= N <= {SHARD_MAX} "
-                         "(e.g. 2/4 = the second of four workers)")
+        raise FrontierError(f"--shard {text[:80]!r} is invalid: use K/N with integers 1 <= K <= N <= {SHARD_MAX} "
+                            "(e.g. 2/4 = the second of four workers)")
     k, n = int(parts[0]), int(parts[1])
     if not 1 <= k <= n <= SHARD_MAX:
-        raise SystemExit(f"error: --shard {text!r} is invalid: use K/N with integers 1 <= K <= N <= {SHARD_MAX} "
-                         "(e.g. 2/4 = the second of four workers)")
+        raise FrontierError(f"--shard {text!r} is invalid: use K/N with integers 1 <= K <= N <= {SHARD_MAX} "
+                            "(e.g. 2/4 = the second of four workers)")
     return k, n
 
 
-def check_sets(sets: list[str], params_path: Path = Path("params.yaml")) -> tuple[str, list[str]]:
+def check_sets(sets: list[str], params_path: Path = Path("params.yaml"),
+               ratios: list[float] = ()) -> tuple[str, list[str]]:
     """The MLflow experiment and the ``-S`` arguments for the sweep's ``key=value`` overrides, checked before
-    anything is queued (exit 2 with one line): params.yaml + the overrides must validate, the values must
-    reach DVC unchanged (no sweep, no interpolation: kdprune/overrides.py), and ratio and seed are the
-    sweep's own."""
+    anything is queued (exit 2 with one line): params.yaml + the overrides must validate (with each of
+    ``ratios`` as prune.ratio), the values must reach DVC unchanged (no sweep, no interpolation:
+    kdprune/overrides.py), and ratio and seed are the sweep's own."""
     try:
         if len(sets) > MAX_SETS:
             raise overrides.OverrideError(f"at most {MAX_SETS} overrides")
@@ -114,4 +147,10 @@ def check_sets(sets: list[str], params_path: Path = Path("params.yaml")) -> tupl
     except (overrides.OverrideError, ParamsError) as e:
         print(f"error: -S {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    for ratio in ratios:  # e.g. prune.min_layer_density must stay at most 1 - prune.ratio
+        try:
+            params_from_dict(merge(base, overrides.nest({**values, "prune.ratio": ratio})))
+        except (overrides.OverrideError, ParamsError) as e:
+            print(f"error: --ratios {ratio!r} with -S: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     return params.mlflow.experiment, extra

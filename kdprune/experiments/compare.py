@@ -4,7 +4,8 @@
 ``dvc exp show --json`` and keeps what differs between compression experiments: method, ratio,
 schedule, seed, dataset and model, compression (all parameters and prunable weights), MAC reduction,
 and the test accuracy of the teacher, of the pruned model before recovery, and of every recovery
-variant that any experiment ran.
+variant that any experiment ran. With ``prune.target_macs_reduction`` (channel pruning), ``ratio`` is the
+channel ratio reached (metrics/prune.json), and ``macs_target`` the target; ``depth`` is the zoo's only.
 
     python -m kdprune.compare                 # the workspace, its baseline commit and its experiments
     python -m kdprune.compare -A --csv        # every commit's experiments, as CSV
@@ -21,12 +22,16 @@ import subprocess
 import sys
 from typing import Any, Iterable, Iterator
 
+from kdprune import io
+from kdprune.archs import ARCHS, model_name
 from kdprune.params import flatten
 
 # params shown first, in this order: what usually differs between experiments
 PARAM_COLUMNS = {"method": "prune.method", "ratio": "prune.ratio", "schedule": "prune.schedule",
                  "variants": "distill.variants", "epochs": "distill.epochs", "seed": "seed",
                  "data": "data.name", "arch": "model.arch", "depth": "model.depth"}
+COLUMNS = ("method", "ratio", "macs_target", "schedule", "variants", "epochs", "seed", "data", "model", "arch",
+           "depth")  # the param columns (and what they imply: the model's name, the MAC target), in order
 METRIC_COLUMNS = ("compression_ratio", "prunable_compression_ratio", "mac_reduction", "acc_teacher", "acc_pruned")
 VARIANT_ORDER = ("kd", "finetune", "scratch", "scratch_kd")
 
@@ -62,6 +67,16 @@ def row_of(name: str, data: dict) -> dict[str, Any]:
     for col, key in PARAM_COLUMNS.items():
         v = params.get(key)
         row[col] = "+".join(map(str, v)) if isinstance(v, list) else v
+    target = params.get("prune.target_macs_reduction")
+    if target is not None:  # channel pruning to a MAC target: prune.ratio is not used; show what was reached
+        row["ratio"], row["macs_target"] = metrics.get("channel_ratio"), target
+    arch, depth = params.get("model.arch"), params.get("model.depth")
+    if isinstance(arch, str):
+        if arch in ARCHS and isinstance(depth, int):
+            row["model"] = model_name(arch, depth)
+        elif arch not in ARCHS:  # torchvision, custom: model.depth means nothing there
+            row["model"], row["depth"] = model_name(arch, None, params.get("model.name"),
+                                                    params.get("model.factory")), None
     for key in METRIC_COLUMNS:
         row[key] = metrics.get(key)
     for key, v in metrics.items():
@@ -75,7 +90,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     variants = {k for r in rows for k in r if k.startswith("acc_")} - set(METRIC_COLUMNS)
     ordered = [f"acc_{v}" for v in VARIANT_ORDER if f"acc_{v}" in variants] + sorted(variants - {
         f"acc_{v}" for v in VARIANT_ORDER})
-    cols = ["experiment", *PARAM_COLUMNS, *METRIC_COLUMNS, *ordered]
+    cols = ["experiment", *COLUMNS, *METRIC_COLUMNS, *ordered]
     return [c for c in cols if any(r.get(c) is not None for r in rows)]
 
 
@@ -97,9 +112,9 @@ def render(rows: list[dict[str, Any]], as_csv: bool = False) -> str:
     cols = table(rows)
     if as_csv:
         buf = _stdio.StringIO()
-        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+        w = csv.writer(buf, lineterminator="\n")  # names and values come from DVC: escaped (io.csv_safe)
+        w.writerow([io.csv_safe(c) for c in cols])
+        w.writerows([io.csv_safe(r.get(c)) for c in cols] for r in rows)
         return buf.getvalue()
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(c, r.get(c)) for c in cols) + " |" for r in rows]

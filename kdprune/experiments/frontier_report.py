@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from kdprune import io
+from kdprune.experiments.runs import csv_text
 from kdprune.experiments.frontier_search import BOOTSTRAP, Frontier, Probe, frontier, levelled, teacher_spread
 from kdprune.experiments.stats import t_interval
 
@@ -189,9 +190,9 @@ def write_outputs(out: Path, probes: list[Probe], methods: list[str], budgets: l
     fronts = [frontier(probes, m, b) for b in budgets for m in methods]
     files = [out / "metrics" / f"{prefix}.csv", out / "metrics" / f"{prefix}.md", out / "plots" / f"{prefix}.png",
              out / "metrics" / f"{prefix}_points.csv"]
-    io.write_text(files[0], probe_table(probes, methods).to_csv(index=False))
+    io.write_text(files[0], csv_text(probe_table(probes, methods)))
     io.write_text(files[1], markdown(probes, fronts, methods, budgets, title))
-    io.write_text(files[3], frontier_table(fronts).to_csv(index=False))
+    io.write_text(files[3], csv_text(frontier_table(fronts)))
     if probes:
         plot(probes, fronts, methods, budgets, files[2], title)
     return [f for f in files if f.exists()], fronts

@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from kdprune import io
-from kdprune.experiments.runs import FrontierError, merge_runs, param_matches, read_records
+from kdprune.experiments.runs import FrontierError, csv_text, merge_runs, param_matches, read_records
 from kdprune.experiments.stats import t_interval, verdict
 from kdprune.params import flatten, load_params
 from kdprune.archs import params_name
@@ -126,8 +126,8 @@ def methods_main(out: Path, current: dict, uri: str, experiment: str, use_all: b
               f"method settings {list(SETTING)} and seed; try --all)", file=sys.stderr)
         return 2
     table = methods_table(runs)
-    io.write_text(out / "metrics" / "methods.csv", table.to_csv(index=False))
-    io.write_text(out / "metrics" / "methods_runs.csv", runs_table(runs).to_csv(index=False))
+    io.write_text(out / "metrics" / "methods.csv", csv_text(table))
+    io.write_text(out / "metrics" / "methods_runs.csv", csv_text(runs_table(runs)))
     md = methods_markdown(table)
     io.write_text(out / "metrics" / "methods.md", md)
     print(md)
@@ -298,10 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     files = [out / "metrics" / "report.csv", out / "metrics" / "report_runs.csv", out / "metrics" / "report.md",
              out / "plots" / "accuracy_vs_compression.png"]
-    io.write_text(files[0], table.merge(paired[["ratio", "kd_minus_finetune", "ci95_low", "ci95_high", "verdict"]],
-                                        on="ratio", how="left").to_csv(index=False) if not paired.empty
-                  else table.to_csv(index=False))
-    io.write_text(files[1], runs_table(runs).to_csv(index=False))
+    gaps = paired[["ratio", "kd_minus_finetune", "ci95_low", "ci95_high", "verdict"]] if not paired.empty else None
+    io.write_text(files[0], csv_text(table.merge(gaps, on="ratio", how="left") if gaps is not None else table))
+    io.write_text(files[1], csv_text(runs_table(runs)))
     md = markdown(table, paired, len(runs), excluded)
     io.write_text(files[2], md)
     plot(table, files[3], f"{params.data.name}, {params_name(params.model)}: accuracy vs compression "

@@ -124,6 +124,7 @@ def read_records(path: Path) -> pd.DataFrame:
         df = pd.read_csv(_stdio.BytesIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
         raise FrontierError(f"{path}: not a readable records CSV ({str(e)[:200]})") from None
+    df = df.rename(columns=io.csv_unescape).map(io.csv_unescape)  # what csv_text escaped
     if "run_id" not in df:
         raise FrontierError(f"{path}: no run_id column; not a kdprune records file")
     for c in df.columns:
@@ -144,7 +145,18 @@ def merge_runs(*frames: pd.DataFrame) -> pd.DataFrame:
 def write_records(path: Path, runs: pd.DataFrame) -> None:
     if runs.empty:
         return
-    io.write_text(path, runs_table(runs).to_csv(index=False))
+    io.write_text(path, csv_text(runs_table(runs)))
+
+
+def csv_text(df: pd.DataFrame) -> str:
+    """``df`` as CSV text, every text cell and column name escaped with :func:`kdprune.io.csv_safe` (run names,
+    ids and params come from MLflow or a records file, and a spreadsheet would run ``=...`` as a formula);
+    numeric columns are written as they are. Every CSV of the experiment tools is written through this."""
+    out = df.rename(columns=io.csv_safe)
+    for i, dtype in enumerate(out.dtypes):
+        if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)):
+            out.isetitem(i, out.iloc[:, i].map(io.csv_safe))
+    return out.to_csv(index=False)
 
 
 def load_runs(records: Path, uri: str | None, experiment: str) -> pd.DataFrame:

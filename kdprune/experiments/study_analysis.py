@@ -13,7 +13,7 @@ import pandas as pd
 from kdprune import io
 from kdprune.experiments.frontier_report import headline, plural_seeds, teachers_note, write_outputs
 from kdprune.data.registry import REGISTRY
-from kdprune.experiments.runs import KD_KEYS, same_teacher_and_mask, same_value
+from kdprune.experiments.runs import KD_KEYS, csv_text, same_teacher_and_mask, same_value
 from kdprune.experiments.stats import holm, paired, simultaneous
 from kdprune.experiments.study_plan import (BUDGET_KEYS, Experiment, Plan, cell_experiment, duplicates,
                                             frontier_cell_ratios, frontier_own, preliminary_seeds, run_for,
@@ -131,7 +131,7 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
         files += ffiles
     text = "\n".join(lines) + "\n"
     io.write_text(files[0], text)
-    io.write_text(files[1], pd.DataFrame(rows).to_csv(index=False))
+    io.write_text(files[1], csv_text(pd.DataFrame(rows)))
     return text, files
 
 

@@ -25,7 +25,9 @@ import argparse
 import sys
 
 from kdprune.experiments import report, runcache
-from kdprune.experiments.args import check_sets, parse_list, parse_shard
+from kdprune.experiments.args import (MAX_GRID, check_git_remote, check_sets, parse_jobs, parse_ratios, parse_seeds,
+                                      parse_shard)
+from kdprune.experiments.runs import FrontierError
 from kdprune.experiments.queue import dvc, run_grid
 
 def shard(grid: list[tuple[int, float]], k: int, n: int) -> list[tuple[int, float]]:
@@ -66,10 +68,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="last `dvc exp push <--git-remote> <experiments>`, then push the run-cache")
     ap.add_argument("--git-remote", default="origin", help="git remote for --push (default origin)")
     args = ap.parse_args(argv)
-    k, n = parse_shard(args.shard)
-    ratios = parse_list(args.ratios, float)
-    seeds = parse_list(args.seeds, int)
-    experiment, extra = check_sets(args.set_param)
+    try:  # every argument, before anything is pulled or queued
+        k, n = parse_shard(args.shard)
+        ratios = parse_ratios(args.ratios)
+        seeds = parse_seeds(args.seeds)
+        parse_jobs(args.jobs)
+        check_git_remote(args.git_remote)
+        if len(ratios) * len(seeds) > MAX_GRID:
+            raise FrontierError(f"--ratios x --seeds: {len(ratios)} x {len(seeds)} = {len(ratios) * len(seeds)} "
+                                f"experiments; a sweep runs at most {MAX_GRID}")
+    except FrontierError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    experiment, extra = check_sets(args.set_param, ratios=ratios)
     grid = shard([(s, r) for s in seeds for r in ratios], k, n)
     if not grid:
         print(f"sweep: shard {k}/{n} of a {len(seeds)} x {len(ratios)} grid is empty; nothing to run")

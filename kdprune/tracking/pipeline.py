@@ -231,7 +231,7 @@ def _log_once(workdir: Path, env: Mapping[str, str], info: dict[str, Any], uri: 
             **source_tags(workdir, repo_root(env)),
         }
         run = retry(lambda: client.create_run(exp_id, start_time=info["start_ms"], tags=tags,
-                                              run_name=run_name(info["params"], name)), "create run")
+                                              run_name=run_name(info["params"], name, info.get("reached"))), "create run")
         what = "logged run"
     else:
         what = "completed the interrupted run"
@@ -245,5 +245,5 @@ def _log_once(workdir: Path, env: Mapping[str, str], info: dict[str, Any], uri: 
         print(f"mlflow: this result was logged meanwhile as run {keep}; run {run_id} marked KILLED")
         return keep
     retry(lambda: client.set_terminated(run_id, "FINISHED", end_time=info["end_ms"]), "finish run")
-    print(f"mlflow: {what} {run_id} '{run_name(info['params'], name)}' to {uri} (experiment '{exp_name}')")
+    print(f"mlflow: {what} {run_id} '{run_name(info['params'], name, info.get('reached'))}' to {uri} (experiment '{exp_name}')")
     return run_id

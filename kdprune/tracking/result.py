@@ -239,13 +239,31 @@ def collect(workdir: Path) -> dict[str, Any]:
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
     start_ms, end_ms, times_from = pipeline_times(workdir, metric_files)
     return {"params": params, "metrics": metrics, "curves": curves, "artifacts": artifacts, "models": models,
-            "fingerprint": fingerprint, "start_ms": start_ms, "end_ms": end_ms, "times_from": times_from}
+            "fingerprint": fingerprint, "start_ms": start_ms, "end_ms": end_ms, "times_from": times_from,
+            "reached": reached(workdir)}
 
 
-def run_name(params: dict[str, Any], exp_name: str | None) -> str:
-    """What differs first: method, ratio, variants, seed, dataset, then the DVC experiment name."""
+REACHED = ("channel_ratio", "reached_macs_reduction")  # metrics/prune.json, channel pruning: what was reached
+
+
+def reached(workdir: Path) -> dict[str, float]:
+    """What channel pruning reached (metrics/prune.json), for the run's name; not logged as metrics."""
+    path = workdir / "metrics" / "prune.json"
+    rec = _read_json(path) if path.is_file() else {}
+    return {k: float(rec[k]) for k in REACHED if _is_number(rec.get(k)) and math.isfinite(rec[k])}
+
+
+def run_name(params: dict[str, Any], exp_name: str | None, reached: dict[str, float] | None = None) -> str:
+    """What differs first: method, ratio, variants, seed, dataset, then the DVC experiment name. With
+    ``prune.target_macs_reduction`` (channel pruning), prune.ratio is not used: the ratio shown is the channel
+    ratio ``reached`` (metrics/prune.json), followed by the MAC target, e.g. ``channel-0.304-macs/2-...``."""
     variants = params.get("distill.variants") or []
     variants = "+".join(str(v) for v in variants) if isinstance(variants, (list, tuple)) else str(variants)
-    parts = [params.get("prune.method"), params.get("prune.ratio"), variants, f"s{params.get('seed')}",
+    ratio: Any = params.get("prune.ratio")
+    target = params.get("prune.target_macs_reduction")
+    if target is not None:
+        got = (reached or {}).get("channel_ratio")
+        ratio = "-".join(([f"{got:.3g}"] if got is not None else []) + [f"macs/{target:g}"])
+    parts = [params.get("prune.method"), ratio, variants, f"s{params.get('seed')}",
              params.get("data.name"), exp_name]
     return "-".join(str(p) for p in parts if p not in (None, ""))

@@ -62,3 +62,34 @@ def test_cli_outside_a_dvc_repo_is_one_clear_line(tmp_path):
                        env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHONPATH": str(ROOT),
                             "DVC_NO_ANALYTICS": "1"})
     assert r.returncode == 2 and r.stderr.startswith("error: `dvc exp show --json` failed") and "Traceback" not in r.stderr
+
+
+def test_a_mac_target_shows_the_ratio_reached_and_each_row_names_its_model():
+    """Old: ratio showed prune.ratio (0.8, not used with a MAC target; 0.304 was reached), and depth 8 showed for
+    torchvision and custom models, with no model name anywhere."""
+    target = entry("dddd", "mac-target", 0.8, ["kd"], {"kd": 90.0})
+    data = target["data"]
+    data["params"]["params.yaml"]["data"]["prune"].update(method="channel", target_macs_reduction=2.0)
+    data["metrics"]["metrics/prune.json"]["data"].update(channel_ratio=0.30399999, reached_macs_reduction=2.01,
+                                                         mac_reduction=2.01)
+    tv = entry("eeee", "tv", 0.5, ["kd"], {"kd": 89.0})
+    tv["data"]["params"]["params.yaml"]["data"]["model"] = {"arch": "torchvision", "name": "resnet18", "depth": 8}
+    custom = entry("ffff", "mine", 0.5, ["kd"], {"kd": 88.0})
+    custom["data"]["params"]["params.yaml"]["data"]["model"] = {"arch": "custom", "factory": "pkg.mod:net", "depth": 8}
+    rows = compare.rows_from([EXP_SHOW[0], target, tv, custom])
+    out = compare.render(rows).splitlines()
+    header = out[0]
+    assert header.startswith("| experiment | method | ratio | macs_target | schedule | variants | epochs | seed | "
+                             "data | model | arch | depth |"), header
+    cells = {line.split(" | ")[0][2:]: line.split(" | ") for line in out[2:]}
+    col = {c: i for i, c in enumerate(header.split(" | "))}
+    assert cells["mac-target"][col["ratio"]] == "0.304" and cells["mac-target"][col["macs_target"]] == "2"
+    assert cells["mac-target"][col["mac_reduction"]] == "2.01x"
+    assert cells["workspace"][col["ratio"]] == "0.8" and cells["workspace"][col["macs_target"]] == "-"
+    assert [cells[e][col["model"]] for e in ("workspace", "tv", "mine")] == [
+        "ResNet-8", "torchvision resnet18", "custom pkg.mod:net"]
+    assert [cells[e][col["depth"]] for e in ("workspace", "tv", "mine")] == ["8", "-", "-"]
+    csv_rows = compare.render(rows, as_csv=True).splitlines()
+    assert csv_rows[2].startswith("mac-target,channel,0.30399999,2.0,")
+    # without a MAC target in any row: no macs_target column, and ratio is prune.ratio as before
+    assert "macs_target" not in compare.render(compare.rows_from(EXP_SHOW)).splitlines()[0]

@@ -282,3 +282,35 @@ def test_fold_batchnorm_gives_the_same_function_without_batchnorm():
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is untouched
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_prune_log_shows_the_channel_ratio_a_mac_target_reached(tmp_path, monkeypatch, capsys):
+    """Old: with prune.target_macs_reduction the log said 'channel ratio 0.8' (prune.ratio, not used)."""
+    import json
+
+    import yaml
+
+    import stages.prepare
+    import stages.prune
+    from kdprune import stage
+    from tests.helpers import default_params, write_fake_dataset
+
+    raw = write_fake_dataset(tmp_path / "raw", n_train=40, n_test=20)
+    p = default_params()
+    p["data"].update(root=str(raw), download=False)
+    p["model"].update(depth=8, width=4)
+    p["runtime"]["threads"] = 1
+    p["prune"].update(method="channel", ratio=0.8, target_macs_reduction=2.0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    monkeypatch.chdir(tmp_path)
+    stage.run(stages.prepare.main)
+    torch.manual_seed(0)
+    checkpoint.save_checkpoint(tmp_path / stage.TEACHER, build_model(resnet_spec(8, 4, 1, 10)),
+                               meta={"dataset": "fashion_mnist", "input_shape": [1, 28, 28]})
+    capsys.readouterr()
+    stage.run(stages.prune.main)
+    got = json.loads((tmp_path / "metrics" / "prune.json").read_text())
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "prune: channel" in ln)
+    assert got["channel_ratio"] != 0.8 and got["reached_macs_reduction"] >= 2.0
+    assert (f"prune: channel ratio {got['channel_ratio']:.4g} (reached for target_macs_reduction 2): acc " in line
+            and f"MACs / {got['mac_reduction']:.2f}" in line and "0.8" not in line.split(": acc")[0]), line

@@ -126,6 +126,30 @@ def runs(uri, experiment="kdprune"):
     return client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL) if exp else []
 
 
+def test_a_mac_target_run_is_named_by_the_channel_ratio_it_reached(tmp_path, capsys):
+    """Old: with prune.target_macs_reduction the run was named by prune.ratio (the default 0.8, not used),
+    while the channel ratio reached was 0.304."""
+    make_result(tmp_path, 0.8, 90.0)
+    p = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    p["prune"].update(method="channel", target_macs_reduction=2.0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    prune_json = tmp_path / "metrics" / "prune.json"  # what the prune stage writes for channel pruning
+    prune_json.write_text(json.dumps({**json.loads(prune_json.read_text()), "channel_ratio": 0.30399999,
+                                      "reached_macs_reduction": 2.0123}))
+    env = {"DVC_ROOT": str(tmp_path), "DVC_EXP_NAME": "exp-c"}
+    info = tracking_result.collect(tmp_path)
+    assert info["reached"] == {"channel_ratio": 0.30399999, "reached_macs_reduction": 2.0123}
+    assert "channel_ratio" not in info["metrics"]  # a name, not new metrics: the logged result is unchanged
+    tracking_pipeline.log_pipeline(tmp_path, env)
+    (found,) = runs(tracking_store.tracking_uri(env))
+    assert found.info.run_name == "channel-0.304-macs/2-kd+finetune-s0-fashion_mnist-exp-c"
+    assert "'channel-0.304-macs/2-kd+finetune-s0-fashion_mnist-exp-c'" in capsys.readouterr().out
+    params = tracking_result.flatten(p)
+    assert tracking_result.run_name(params, None) == "channel-macs/2-kd+finetune-s0-fashion_mnist"  # not reached
+    params.update({"prune.target_macs_reduction": None})  # by ratio: the ratio asked is the ratio reached
+    assert tracking_result.run_name(params, "e", {"channel_ratio": 0.8}) == "channel-0.8-kd+finetune-s0-fashion_mnist-e"
+
+
 def test_log_once_then_dedup_then_new_result(tmp_path):
     make_result(tmp_path, 0.8, 90.0, acc_finetune=89.123456, compression_ratio=4.830641153081511)
     env = {"DVC_ROOT": str(tmp_path), "DVC_EXP_NAME": "exp-a", "DVC_EXP_BASELINE_REV": "abc123"}
