@@ -12,9 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from kdprune import io
+from kdprune import io, runlock
 from kdprune.overrides import OverrideError, check_no_interpolation
-from kdprune.params import ParamsError, load_params, safe_load_yaml
+from kdprune.params import ParamsError, flatten, load_params, safe_load_yaml
 
 MARKER = Path("data/params.valid")
 CONTENT = "params.yaml passed kdprune.params validation (see stages/validate.py)\n"
@@ -24,10 +24,12 @@ def main() -> int:
     argparse.ArgumentParser(prog="python -m stages.validate", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     try:
-        load_params()
+        params = load_params()
         # a ${...} value: `dvc exp run -S` would resolve it (an environment variable into params.yaml and MLflow)
         check_no_interpolation(safe_load_yaml(Path("params.yaml").read_text()), "params.yaml")
-    except (ParamsError, OverrideError) as e:
+        # the first stage of a run in this workspace: refuse a second run, record these params (kdprune/runlock.py)
+        runlock.enter(flatten(params.to_dict()))
+    except (ParamsError, OverrideError, runlock.RunLockError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     io.write_text(MARKER, CONTENT)
