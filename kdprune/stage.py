@@ -11,11 +11,11 @@ from typing import Callable
 
 import torch
 
-from kdprune import checkpoint, io
+from kdprune import checkpoint, io, runlock
 from kdprune.data import DatasetError, TensorLoader, load_prepared, streaming
 from kdprune.errors import UserError
 from kdprune.io import CheckpointError, ExportError, OutputError
-from kdprune.params import DataParams, ModelParams, Params, ParamsError, load_params
+from kdprune.params import DataParams, ModelParams, Params, ParamsError, flatten, load_params
 from kdprune.train import distributed
 
 PREPARED = Path("data/prepared/dataset.pt")
@@ -87,6 +87,8 @@ def run(main: Callable[[Params], None], ddp: bool = False, doc: str | None = Non
         parse_args(doc)
     try:
         params = load_params()
+        # one pipeline at a time in a workspace, each stage on the params it started with (kdprune/runlock.py)
+        runlock.enter(flatten(params.to_dict()))
         if ddp:
             distributed.relaunch_if_needed(params.runtime)
             with distributed.process_group(params.runtime, log=log):

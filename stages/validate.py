@@ -20,9 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from kdprune import io, workspace
+from kdprune import io, runlock, workspace
 from kdprune.overrides import OverrideError, check_no_interpolation
-from kdprune.params import Params, ParamsError, load_params, safe_load_yaml
+from kdprune.params import Params, ParamsError, flatten, load_params, safe_load_yaml
 
 MARKER = Path("data/params.valid")
 CONTENT = "params.yaml passed kdprune.params validation (see stages/validate.py)\n"
@@ -64,9 +64,11 @@ def main() -> int:
         check_no_interpolation(safe_load_yaml(Path("params.yaml").read_text()), "params.yaml")
         check_committed(params)
         code = model_code(params)
+        # the first stage of a run in this workspace: refuse a second run, record these params (kdprune/runlock.py)
+        runlock.enter(flatten(params.to_dict()))
         io.write_text(MARKER, CONTENT)
         io.write_text(MODEL_CODE, code)
-    except (ParamsError, OverrideError, ValueError, OSError) as e:  # OSError: io.OutputError (a full disk) too
+    except (ParamsError, OverrideError, runlock.RunLockError, ValueError, OSError) as e:  # OSError: io.OutputError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

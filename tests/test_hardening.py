@@ -285,8 +285,8 @@ def test_shell_payload_in_a_param_never_runs_and_failed_experiments_keep_outputs
     assert "distill.variants" in out
     out = fails("exp", "run", "-S", "prune.ratio=1.2")
     assert "params.yaml: prune.ratio = 1.2 is invalid" in out and "Running stage 'prune'" not in out
-    # the workspace is as it was: nothing to rerun (validate runs every time: dvc.yaml, always_changed)
-    assert json.loads(dvc(repo, env, "status", "--json")) == {"validate": ["always changed"]}
+    # the workspace is as it was: nothing to rerun (validate and track run every time: dvc.yaml, always_changed)
+    assert json.loads(dvc(repo, env, "status", "--json")) == {"validate": ["always changed"], "track": ["always changed"]}
 
 
 def test_narrow_models_stay_nchw_on_the_cpu():

@@ -60,7 +60,7 @@ from kdprune.experiments.runs import FrontierError, joined, load_runs, write_rec
 from kdprune.params import ParamsError, flatten, params_from_dict, safe_load_yaml
 from kdprune.archs import params_name
 from kdprune.presets import merge
-from kdprune.tracking.store import tracking_uri
+from kdprune.tracking.store import redact, tracking_uri
 from kdprune.tracking.summary import log_summary, reports_experiment
 
 RECORDS = Path("metrics/frontier_runs.csv")
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         return probes_from_runs(joined(runs, target, methods), methods, seeds)
 
     probes = known()
-    log(f"frontier: {len(probes)} finished probes found (MLflow {uri} and {args.records})")
+    log(f"frontier: {len(probes)} finished probes found (MLflow {redact(uri)} and {args.records})")
     if not args.analyse:
         try:
             extra = overrides.dvc_args({}, {**sets, "distill.variants": methods})

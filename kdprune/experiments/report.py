@@ -30,7 +30,7 @@ from kdprune.experiments.stats import t_interval, verdict
 from kdprune.params import flatten, load_params
 from kdprune.archs import params_name
 from kdprune.tracking.query import fetch_runs, runs_table
-from kdprune.tracking.store import tracking_uri
+from kdprune.tracking.store import redact, tracking_uri
 from kdprune.tracking.summary import log_summary, plural, reports_experiment
 
 VARYING = ("prune.ratio", "seed")
@@ -122,7 +122,7 @@ def methods_main(out: Path, current: dict, uri: str, experiment: str, use_all: b
     df = fetch_runs(uri, experiment)
     runs, excluded = select_settings(df, {} if use_all else current)
     if runs.empty:
-        print(f"error: no pipeline runs comparable with params.yaml in {uri} ({excluded} differ in more than the "
+        print(f"error: no pipeline runs comparable with params.yaml in {redact(uri)} ({excluded} differ in more than the "
               f"method settings {list(SETTING)} and seed; try --all)", file=sys.stderr)
         return 2
     table = methods_table(runs)
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 df[c] = pd.to_numeric(df[c], errors="coerce")
     runs, excluded = select_comparable(df, {} if args.all else current)
     if runs.empty:
-        print(f"error: no comparable pipeline runs in {uri} (experiment '{params.mlflow.experiment}'; "
+        print(f"error: no comparable pipeline runs in {redact(uri)} (experiment '{params.mlflow.experiment}'; "
               f"{excluded} runs differ from params.yaml in more than prune.ratio/seed; try --all)", file=sys.stderr)
         return 2
     table, paired = summarise(runs)

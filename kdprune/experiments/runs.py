@@ -17,6 +17,7 @@ import pandas as pd
 from kdprune import io
 from kdprune.params import Params, flatten
 from kdprune.tracking.query import RUN_COLUMNS, fetch_runs, runs_table
+from kdprune.tracking.store import redact
 
 IGNORED = ("prune.ratio", "seed", "distill.variants", "evaluate.latency_repeats")
 MAX_RECORDS_BYTES = 256 * 2**20  # a records CSV: ~5 KB per run, so ~50,000 runs
@@ -163,7 +164,7 @@ def load_runs(records: Path, uri: str | None, experiment: str) -> pd.DataFrame:
     """Every finished run: MLflow's (when reachable) and the records file's, one row per run id."""
     from_mlflow = pd.DataFrame()
     if uri:
-        from_mlflow = check_metrics(fetch_runs(uri, experiment), f"MLflow {uri}, experiment {experiment!r}")
+        from_mlflow = check_metrics(fetch_runs(uri, experiment), f"MLflow {redact(uri)}, experiment {experiment!r}")
     return merge_runs(from_mlflow, read_records(records))
 
 

@@ -13,9 +13,9 @@ from typing import Any, Mapping
 from kdprune import checkpoint
 from kdprune.tracking.result import collect, dataset_input, git_commit, run_name, source_tags
 from kdprune.tracking.store import (ALIASES_TAG, FINGERPRINT_TAG, KIND_TAG, TIMES_TAG, WAIT_ENV, TrackingError,
-                                    artifact_location, check_writable, ensure_experiment, finished_pipeline_runs,
-                                    is_outage, is_server_uri, repo_root, retry, server_wait_seconds, store_error,
-                                    tracking_uri)
+                                    artifact_location, check_sqlite_file, check_writable, ensure_experiment,
+                                    finished_pipeline_runs, first_line, is_outage, is_server_uri, quiet_links, redact,
+                                    repo_root, retry, server_wait_seconds, store_error, tracking_uri)
 
 MODEL_PREFIX = "student-"  # logged model name: student-<variant>
 
@@ -177,8 +177,8 @@ def log_pipeline(workdir: Path | None = None, env: Mapping[str, str] | None = No
             if isinstance(e, TrackingError) or not is_outage(e) or left <= 0:
                 raise store_error(uri, e) from None
             delay = min(delay, left)
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            print(f"mlflow: {uri} did not answer ({first}); trying again in {delay:.0f} s "
+            first = first_line(e, 200)
+            print(f"mlflow: {redact(uri)} did not answer ({first}); trying again in {delay:.0f} s "
                   f"(for {left:.0f} s more; {WAIT_ENV} sets how long)", file=sys.stderr, flush=True)
             time.sleep(delay)
             delay = min(30.0, delay * 2)
@@ -192,6 +192,8 @@ def _log_once(workdir: Path, env: Mapping[str, str], info: dict[str, Any], uri: 
     fp = info["fingerprint"]
     name = env.get("DVC_EXP_NAME")
     check_writable(uri)
+    check_sqlite_file(uri)
+    quiet_links(uri)
     client = MlflowClient(tracking_uri=uri)
     exp_id = ensure_experiment(client, exp_name, artifact_location(env))
     same = retry(lambda: client.search_runs([exp_id], filter_string=f"tags.`{FINGERPRINT_TAG}` = '{fp}'",
@@ -216,7 +218,7 @@ def _log_once(workdir: Path, env: Mapping[str, str], info: dict[str, Any], uri: 
             retry(lambda: client.set_tag(run_id, ALIASES_TAG, ",".join(aliases + [name])), "set tag")
         added = complete(client, exp_id, run, info, workdir)
         restored = f"; restored what was missing: {', '.join(added)}" if added else ""
-        print(f"mlflow: this result is already logged as run {run_id} ({uri}); not logging a duplicate{restored}")
+        print(f"mlflow: this result is already logged as run {run_id} ({redact(uri)}); not logging a duplicate{restored}")
         return run_id
     if run is None:
         tags = {
@@ -245,5 +247,5 @@ def _log_once(workdir: Path, env: Mapping[str, str], info: dict[str, Any], uri: 
         print(f"mlflow: this result was logged meanwhile as run {keep}; run {run_id} marked KILLED")
         return keep
     retry(lambda: client.set_terminated(run_id, "FINISHED", end_time=info["end_ms"]), "finish run")
-    print(f"mlflow: {what} {run_id} '{run_name(info['params'], name, info.get('reached'))}' to {uri} (experiment '{exp_name}')")
+    print(f"mlflow: {what} {run_id} '{run_name(info['params'], name, info.get('reached'))}' to {redact(uri)} (experiment '{exp_name}')")
     return run_id

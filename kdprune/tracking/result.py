@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from kdprune import metrics as metrics_files
-from kdprune.params import flatten
+from kdprune.params import flatten, safe_load_yaml
 from kdprune.tracking.store import TrackingUserError
 
 RATIO_METRICS = ("compression_ratio", "prunable_compression_ratio", "mac_reduction")
@@ -198,6 +198,38 @@ def dataset_input(workdir: Path, params: dict[str, Any]):
     return DatasetInput(ds, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "train")])
 
 
+def check_lock_params(workdir: Path, params: dict[str, Any]) -> None:
+    """Refuse to log ``params`` (params.yaml, flat, as DVC reads it) unless every stage in dvc.lock ran with them.
+
+    DVC writes each stage's entry in dvc.lock, with the values of the params keys it lists, as soon as the stage
+    has run or been restored from the run-cache, and ``validate`` lists every key. So a params.yaml that changed
+    after a stage had read it (another ``dvc exp run`` in the workspace, a hand edit before a relog) differs from
+    some entry: the result on disk is not of the params that would be logged (:class:`TrackingUserError`)."""
+    lock = workdir / "dvc.lock"
+    if not lock.is_file():
+        return
+    try:
+        stages = safe_load_yaml(lock.read_text()).get("stages") or {}
+        # an entry of a stage that dvc.yaml no longer has is history, not part of this result
+        dvc_yaml = workdir / "dvc.yaml"
+        current = set(yaml.safe_load(dvc_yaml.read_text())["stages"]) if dvc_yaml.is_file() else set(stages)
+    except (OSError, yaml.YAMLError, AttributeError, UnicodeDecodeError, KeyError, TypeError):
+        raise TrackingUserError(f"{lock}: unreadable (or dvc.yaml is); nothing logged (run `dvc repro`)") from None
+    for stage, entry in stages.items():
+        if stage not in current:
+            continue
+        recorded = (entry.get("params") or {}).get("params.yaml") if isinstance(entry, dict) else None
+        if not isinstance(recorded, dict):
+            continue
+        for key, value in flatten(recorded).items():
+            if key not in params or params[key] != value:
+                now = repr(params[key])[:80] if key in params else "absent"
+                raise TrackingUserError(
+                    f"{workdir / 'params.yaml'}: {key} is {now}, but stage '{stage}' ran with {repr(value)[:80]} "
+                    f"(dvc.lock): the results on disk are not of these params, so nothing is logged. Restore the "
+                    "params the pipeline ran with, or run `dvc repro` (one experiment at a time in a workspace)")
+
+
 def collect(workdir: Path) -> dict[str, Any]:
     """Everything one run logs, read from the pipeline's files in ``workdir``."""
     params_path = workdir / "params.yaml"
@@ -205,7 +237,9 @@ def collect(workdir: Path) -> dict[str, Any]:
     for p in (params_path, evaluate_path):
         if not p.exists():
             raise TrackingUserError(f"{p}: not found; nothing logged (run `dvc repro` first)")
-    params = flatten(yaml.safe_load(params_path.read_text()))
+    text = params_path.read_text()
+    params = flatten(yaml.safe_load(text))
+    check_lock_params(workdir, flatten(safe_load_yaml(text)))
     variants = [str(v) for v in (params.get("distill.variants") or [])]
     result = result_metrics(workdir, variants)
     metric_files = [f for f in result_files(workdir) if f.exists()]

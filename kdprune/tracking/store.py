@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,27 @@ def tracking_uri(env: Mapping[str, str] | None = None) -> str:
     if env.get("MLFLOW_TRACKING_URI"):
         return env["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{repo_root(env) / 'mlflow.db'}"
+
+
+# the password of a URI's userinfo (``http://user:secret@host``), also inside a longer text (an error message)
+_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):[^/\s]*@")
+SUPPRESS_LINKS_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"  # mlflow 3.17.2: no "View run ... at: <url>" lines
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URI in it replaced by ``***``: what kdprune prints or logs."""
+    return _PASSWORD.sub(r"\g<head>:***@", str(text))
+
+
+def has_password(uri: str) -> bool:
+    return redact(uri) != uri
+
+
+def quiet_links(uri: str) -> None:
+    """A URI with a password: turn off mlflow's "View run/experiment at: <url>" lines, which print its
+    credentials (mlflow's RestStore builds the link from the host with its userinfo)."""
+    if has_password(uri):
+        os.environ[SUPPRESS_LINKS_ENV] = "true"
 
 
 def is_server_uri(uri: str) -> bool:
@@ -83,6 +105,51 @@ def _read_only(where: str | os.PathLike) -> str:
             "Nothing was logged; the results stay in metrics/ and plots/")
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+# what SQLite / SQLAlchemy / MLflow's migrations say about a file that is not a usable MLflow store (3.17.2)
+BROKEN_STORE = ("file is not a database", "database disk image is malformed", "out-of-date database schema",
+                "Can't locate revision")
+
+
+def _broken(path: Path, what: str) -> str:
+    return (f"{path}: {what}, so it is not a usable MLflow store (not an outage: waiting does not help). Move it "
+            f"aside (`mv {path} {path}.broken`; the next `track` creates a new store) or set MLFLOW_TRACKING_URI to "
+            "a good one, then log the results with `python -m kdprune.tracking relog`. Nothing was logged; the "
+            "results stay in metrics/ and plots/")
+
+
+def check_sqlite_file(uri: str) -> None:
+    """A local SQLite store that exists must be an SQLite database (an empty file is one: MLflow initialises it)."""
+    path = _sqlite_path(uri)
+    if path is None or not path.is_file():
+        return
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(SQLITE_HEADER))
+    except OSError:
+        return  # unreadable: the read-only check or MLflow names it
+    if head and head != SQLITE_HEADER:
+        raise TrackingUserError(_broken(path, "not an SQLite database (its first bytes are not SQLite's header)"))
+
+
+def broken_store(uri: str, e: BaseException) -> str | None:
+    """The one-line message when ``e`` says the local SQLite store is corrupt or its schema broken, else None."""
+    path = _sqlite_path(uri)
+    if path is None:
+        return None
+    seen: BaseException | None = e
+    for _ in range(10):  # the exception chain, bounded
+        if seen is None:
+            return None
+        text = str(seen)
+        hit = next((m for m in BROKEN_STORE if m in text), None)
+        if hit:
+            detail = redact(text).strip().splitlines()[0][:160] if text.strip() else hit
+            return _broken(path, f"its database or schema is broken ({detail})")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def check_writable(uri: str) -> None:
     """A local SQLite store must be writable, file and directory (SQLite writes a journal next to it)."""
     path = _sqlite_path(uri)
@@ -104,13 +171,16 @@ def store_error(uri: str, e: Exception) -> TrackingError:
     if isinstance(e, TrackingError):
         return e
     if isinstance(e, PermissionError):  # e.g. mlartifacts/ not writable
-        return TrackingUserError(_read_only(e.filename or uri))
+        return TrackingUserError(_read_only(e.filename or redact(uri)))
     if "readonly database" in str(e):  # SQLite: "attempt to write a readonly database"
-        return TrackingUserError(_read_only(_sqlite_path(uri) or uri))
+        return TrackingUserError(_read_only(_sqlite_path(uri) or redact(uri)))
+    broken = broken_store(uri, e)
+    if broken:
+        return TrackingUserError(broken)
     if is_server_uri(uri) and any(m in str(e) for m in AUTH_REFUSED):
         status = "401" if "401" in str(e) or "UNAUTHENTICATED" in str(e) else "403"
         return TrackingUserError(
-            f"the MLflow server at {uri} refused the request (HTTP {status}: "
+            f"the MLflow server at {redact(uri)} refused the request (HTTP {status}: "
             f"{'no or wrong credentials' if status == '401' else 'this user may not write to the experiment'}); "
             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (a user of its basic-auth app with EDIT "
             "permission), or MLFLOW_TRACKING_TOKEN for a server behind a token-checking proxy, then log the "
@@ -118,9 +188,15 @@ def store_error(uri: str, e: Exception) -> TrackingError:
     return TrackingError(_unreachable(uri, e))
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, its type if it has none; URI passwords redacted."""
+    text = redact(str(e)).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 def _unreachable(uri: str, e: Exception) -> str:
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-    return (f"could not log to MLflow at {uri}: {first}. Nothing is lost: the results stay in metrics/ and plots/. "
+    first = first_line(e)
+    return (f"could not log to MLflow at {redact(uri)}: {first}. Nothing is lost: the results stay in metrics/ and plots/. "
             "Once the tracking store is reachable, log them with `python -m kdprune.tracking relog` "
             "(or `dvc repro track`).")
 

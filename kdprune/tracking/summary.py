@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdprune.tracking.store import KIND_TAG, artifact_location, ensure_experiment, retry
+from kdprune.tracking.store import KIND_TAG, artifact_location, ensure_experiment, quiet_links, retry
 
 def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
@@ -20,6 +20,7 @@ def log_summary(uri: str, experiment: str, files: list[Path], n_runs: int, kind:
     """A summary run (``kind``: report, frontier, study) in ``<experiment>-reports`` holding ``files``."""
     from mlflow.tracking import MlflowClient  # heavy optional dependency: only when logging
 
+    quiet_links(uri)
     client = MlflowClient(uri)
     exp_id = ensure_experiment(client, reports_experiment(experiment), artifact_location())
     name = f"{kind} ({plural(n_runs, 'run')} of {experiment})"

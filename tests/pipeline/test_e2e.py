@@ -88,9 +88,21 @@ def test_repro_then_exp_run_reuses_teacher_and_logs_two_runs(tmp_path, venv_bin)
     git(repo, env, "add", "-A")
     git(repo, env, "commit", "-qm", "baseline")
 
-    out = dvc(repo, env, "repro")  # no-op: nothing runs but validate (always_changed), nothing is logged again
-    assert re.findall(r"Running stage '(\w+)'", out) == ["validate"]
+    out = dvc(repo, env, "repro")  # no-op: only validate and track run (both always_changed); nothing is logged again
+    assert re.findall(r"Running stage '(\w+)'", out) == ["validate", "track"] and "already logged" in out
     assert len(mlflow_runs(repo)) == 1
+    assert json.loads(dvc(repo, env, "status", "--json")) == {"validate": ["always changed"], "track": ["always changed"]}
+
+    # a fresh clone (the team's cache shared) logs its first repro, though dvc.lock records track with these deps
+    clone = tmp_path / "clone"
+    git(tmp_path, env, "clone", "-q", str(repo), str(clone))
+    dvc(clone, env, "cache", "dir", "--local", str(repo / ".dvc" / "cache"))
+    out = dvc(clone, env, "repro")
+    assert "Running stage 'track'" in out and "Stage 'track' didn't change" not in out
+    (cloned,) = mlflow_runs(clone)
+    assert cloned.data.params["prune.ratio"] == "0.5" and cloned.data.metrics["acc_kd"] == pytest.approx(first["acc_kd"], abs=0.005)
+    out = dvc(clone, env, "repro")  # and a second one adds none
+    assert re.findall(r"Running stage '(\w+)'", out) == ["validate", "track"] and len(mlflow_runs(clone)) == 1
 
     # with a per-layer floor (prune.min_layer_density): the ratio stays exact, no layer falls below 2 %
     out = dvc(repo, env, "exp", "run", "-S", "prune.ratio=0.95", "-S", "prune.min_layer_density=0.02")
