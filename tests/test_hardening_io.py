@@ -260,7 +260,10 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_one(writer, t
 
 def test_a_stage_reports_a_full_disk_in_one_line(monkeypatch, capsys):
     assert {OutputError, ExportError} <= set(stage.USER_ERRORS)
-    monkeypatch.setattr(stage, "load_params", lambda: None)
+    from kdprune.params import params_from_dict
+    from tests.helpers import default_params
+
+    monkeypatch.setattr(stage, "load_params", lambda: params_from_dict(default_params()))
 
     def main(params):
         raise OutputError(errno.ENOSPC, "models/teacher.pt: cannot write it: No space left on device")
