@@ -397,6 +397,20 @@ class EvaluateParams:
                "must be in [0, 10000] (0 = skip)")
 
 
+QUANTIZE_METHODS = ("none", "ptq", "qat")
+MAX_CALIBRATION_IMAGES = 100_000
+
+
+@dataclass(frozen=True)
+class QuantizeParams:
+    method: Literal["none", "ptq", "qat"] = "ptq"  # none | ptq: ORT static INT8 | qat: recovery with fake quantization
+    calibration_images: int = 512  # training images (eval transforms) that set the INT8 activation ranges
+
+    def validate(self, p: str) -> None:
+        check(within(1, self.calibration_images, MAX_CALIBRATION_IMAGES), f"{p}.calibration_images",
+               self.calibration_images, f"must be an integer in [1, {MAX_CALIBRATION_IMAGES}]")
+
+
 @dataclass(frozen=True)
 class MlflowParams:
     enabled: bool = True
@@ -420,6 +434,7 @@ class Params:
     prune: PruneParams = field(default_factory=PruneParams)
     distill: DistillParams = field(default_factory=DistillParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    quantize: QuantizeParams = field(default_factory=QuantizeParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
     def validate(self, p: str = "") -> None:
@@ -432,6 +447,8 @@ class Params:
             bs = getattr(self, section).batch_size
             check(bs % n == 0, f"{section}.batch_size", bs,
                    f"must be divisible by {what} (each process takes batch_size / {n} images of every step)")
+        check(self.quantize.method == "none" or self.evaluate.onnx, "quantize.method", self.quantize.method,
+               "needs evaluate.onnx: true (the INT8 model is made from the ONNX export), or quantize.method: none")
         if self.teacher.init == "pretrained":
             check(self.model.arch == "torchvision", "teacher.init", self.teacher.init,
                    f"'pretrained' needs model.arch: torchvision (torchvision's weights); model.arch is "
