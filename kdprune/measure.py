@@ -3,6 +3,7 @@ Counting (parameters, MACs) lives in kdprune/prune/counts.py."""
 from __future__ import annotations
 
 import copy
+import platform
 import statistics
 import time
 
@@ -94,6 +95,18 @@ def cpu_busy_fraction(seconds: float = 0.5) -> float | None:
     if a is None or b is None or b[0] <= a[0]:
         return None
     return 1.0 - (b[1] - a[1]) / (b[0] - a[0])
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere; "unknown" without either)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()[:100]
+    except OSError:
+        pass
+    return platform.processor()[:100] or "unknown"
 
 
 BUSY_WARNING = 0.25  # other work using more than this fraction of the CPUs makes latency figures unreliable

@@ -161,10 +161,11 @@ def train_eval_indices(n: int, limit: int = TRAIN_EVAL) -> torch.Tensor:
     return torch.div(torch.arange(k, dtype=torch.int64) * n, k, rounding_mode="floor") if k else torch.zeros(0, dtype=torch.int64)
 
 
-def train_eval_loader(params: Params, data: dict, device):
-    """Unaugmented batches of the fixed training subset (train_eval_indices), on the tensor or stream path."""
+def train_eval_loader(params: Params, data: dict, device, limit: int = TRAIN_EVAL):
+    """Unaugmented batches of the fixed training subset (train_eval_indices, at most ``limit`` images), on the
+    tensor or stream path; evaluate calibrates INT8 on ``quantize.calibration_images`` of them."""
     y = data["train_y"]
-    idx = train_eval_indices(len(y))
+    idx = train_eval_indices(len(y), limit)
     common = dict(batch_size=params.evaluate.batch_size, train=False, device=device,
                   channels_last=params.runtime.channels_last)
     if data.get("loader") == "stream":

@@ -13,10 +13,16 @@ study may select settings on (for example KD's alpha and temperature) without lo
 Resume: each variant keeps its resume checkpoint (checkpoints/distill_<variant>.pt) until the whole
 stage has finished, so a rerun after a kill skips the variants that had finished and resumes the one
 that was running.
+
+``quantize.method: qat``: every variant trains with fake quantization (kdprune/deploy/qat.py) in the scheme of
+the INT8 file evaluate makes: kd is quantization-aware recovery by distillation from the fp32 teacher, finetune
+the same without KD. ``acc_<variant>`` is then the test accuracy of the trained fp32 weights (what is exported
+and quantized), ``acc_<variant>_fakequant`` that of the fake-quantized model at the end of training.
 """
 import time
 
 from kdprune import checkpoint, io, stage
+from kdprune.deploy import qat
 from kdprune.measure import accuracy
 from kdprune.params import Params
 from kdprune.prune.counts import count_params, count_prunable
@@ -37,11 +43,19 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
     student, masks = start.student.to(device), start.masks
     _, nz_before = count_prunable(pruned)
     loader = stage.train_loader(params, data, params.distill, device)
+    # quantize.method qat: train through INT8 rounding (kdprune/deploy/qat.py); the checkpoint holds plain weights
+    fake_quant = qat.attach(student) if params.quantize.method == "qat" else None
     t0 = time.perf_counter()
     history = fit(student, loader, stage.test_loader(params, data, device), params.distill, runtime=params.runtime,
                   objective=start.objective(teacher, params.distill), masks=masks,
                   prune_schedule=agp_schedule(params.prune, params.distill.epochs * len(loader)) if start.gradual else None,
                   name=variant, section="distill", log=stage.log, checkpoint=stage.resume_path(f"distill_{variant}"))
+    test_acc = history[-1]["test_acc"]
+    extra = {}
+    if fake_quant is not None:  # acc_<variant>: the fp32 weights, as exported and checked against ONNX
+        fake_quant.remove()
+        extra[f"acc_{variant}_fakequant"] = test_acc
+        test_acc = accuracy(student, stage.test_loader(params, data, device))
     _, nz_after = count_prunable(student)
     if masks and nz_after > nz_before:  # the loop's invariant; never ship a student whose mask leaked
         raise RuntimeError(f"{variant}: non-zero prunable weights grew from {nz_before} to {nz_after}; masks leaked")
@@ -56,7 +70,7 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
     # metrics only, each in one file (kdprune/metrics.py); alpha, at_beta, gradual: in the checkpoint's meta
     train_acc = round(accuracy(student, stage.train_eval_loader(params, data, device)), 2)
     io.write_json(stage.METRICS / "distill" / f"{variant}.json",
-                  {f"acc_{variant}": history[-1]["test_acc"], f"train_acc_{variant}": train_acc})
+                  {f"acc_{variant}": test_acc, f"train_acc_{variant}": train_acc, **extra})
     columns = ("epoch", "lr", "train_loss", "train_acc", "test_acc") + (("prunable_sparsity",) if start.gradual else ())
     stage.write_curve(stage.PLOTS / "distill" / f"{variant}.csv", history, columns)
     stage.write_timing(f"distill_{variant}", history, wall_seconds=round(time.perf_counter() - t0, 3))

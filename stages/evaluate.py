@@ -1,13 +1,17 @@
 """Stage evaluate: accuracy, sizes, compression, MACs, exports and latency of every model, in one place.
 
-Each model's test accuracy is measured once, by the stage that produced it (full test split,
-fp32, no augmentation); this stage collects those, measures sizes and MACs, checks that every
-student kept the pruned model's mask (unstructured) or architecture (structured), exports every
-student as a compact sparse file and as ONNX (checked against torch with onnxruntime) under
-models/export/, and writes metrics/evaluate.json (flat keys, deterministic) and plots/accuracy.png.
-CPU latencies vary from run to run, so they go to logs/latency.json: not a DVC output, not committed, so a
-fresh ``dvc repro`` leaves git clean; the track stage logs them to MLflow. Latency timed while other work
-keeps the CPUs busy is flagged (``cpu_busy_fraction``) and a warning is printed.
+Each model's torch test accuracy is measured once, by the stage that produced it (full test split, fp32, no
+augmentation); this stage collects those, measures sizes and MACs, checks that every student kept the pruned
+model's mask (unstructured) or architecture (structured), and exports every student as a compact sparse file.
+Then it ships the teacher and every student (kdprune/deploy/ship.py): ONNX with its preprocessing and classes in
+the file's metadata, checked against torch; the INT8 file onnxruntime's quantizer makes of it (quantize.method
+ptq or qat); the test accuracy of both files through onnxruntime (the fp32 file's must match torch's within
+0.1 pt, or the stage fails); their bytes and gzip bytes. All under models/export/, the numbers in
+metrics/evaluate.json (flat keys, deterministic), and plots/accuracy.png.
+Latencies (torch's and onnxruntime's, batch 1 and 128) vary from run to run, so they go to logs/latency.json
+and the deployment table to logs/deployment.md and .csv: not DVC outputs, not committed, so a fresh
+``dvc repro`` leaves git clean; the track stage logs them to MLflow. Latency timed while other work keeps the
+CPUs busy is flagged (``cpu_busy_fraction``) and a warning is printed.
 """
 import math
 from pathlib import Path
@@ -19,17 +23,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from kdprune import io, stage  # noqa: E402
-from kdprune.export import (compact_bound_bytes, export_compact, export_onnx, onnx_available,  # noqa: E402
-                            onnx_parity)
-from kdprune.measure import BUSY_WARNING, cpu_busy_fraction, latency_ms, size_report
-from kdprune.prune.counts import dense_macs, nonzero_macs
+from kdprune.deploy import int8, ort, ship  # noqa: E402
+from kdprune.deploy import table as deploy_table  # noqa: E402
+from kdprune.export import compact_bound_bytes, export_compact, onnx_available  # noqa: E402
+from kdprune.measure import BUSY_WARNING, cpu_busy_fraction, cpu_model, latency_ms, size_report  # noqa: E402
+from kdprune.prune import PHYSICAL  # noqa: E402
+from kdprune.prune.counts import dense_macs, nonzero_macs  # noqa: E402
 from kdprune.archs import spec_name  # noqa: E402
 from kdprune.models import spec_of  # noqa: E402
 from kdprune.params import Params  # noqa: E402
 from kdprune.train.runtime import setup_runtime, to_runtime  # noqa: E402
 
 EXPORT = Path("models/export")
-ONNX_TOLERANCE = 1e-3  # max |onnxruntime - torch| on the logits, fp32 on CPU, per unit of max(1, max |logit|)
 LATENCY_NOTE = ("CPU forward wall time, fp32, median of evaluate.latency_repeats runs after warm-up. Unstructured "
                 "(magnitude) sparsity does not speed up dense kernels: only structured pruning (l1_filter, channel) can.")
 
@@ -78,24 +83,64 @@ def check_student(name: str, rep: dict, pruned: dict, masked: bool) -> None:
         raise stage.StageError(f"{name}: {rep[key]} {key.replace('_', ' ')}, but the pruned model has {pruned[key]}; {what}")
 
 
-def export_student(name: str, model, shape: tuple, dense_path, out: dict, onnx: bool, seed: int) -> None:
-    """Compact and ONNX exports of one student, with their sizes and the ONNX parity in ``out`` (``onnx``:
-    evaluate.onnx; ``seed`` draws the parity check's inputs)."""
+def export_compacts(name: str, model, dense_path, out: dict) -> None:
+    """The compact sparse export of one student, with its sizes, in ``out``."""
     out[f"bytes_checkpoint_{name}"] = dense_path.stat().st_size
     out[f"bytes_compact_{name}"] = export_compact(model, EXPORT / f"{name}.kdc", meta={"variant": name})
     out[f"bytes_compact_bound_{name}"] = compact_bound_bytes(model)
-    if onnx and onnx_available():
-        path = EXPORT / f"{name}.onnx"
-        export_onnx(model, path, shape)
-        x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(seed))
-        diff, scale = onnx_parity(model, path, x)
-        # relative to the logits' size once they pass 1 (fp32 rounding scales with them); NaN fails (max keeps 1.0)
-        allowed = ONNX_TOLERANCE * max(1.0, scale)
-        if not diff <= allowed:  # NaN (a broken export) fails too
-            raise stage.StageError(f"{path}: onnxruntime logits differ from torch by {diff:.3g} > {allowed:.3g} "
-                                   f"({ONNX_TOLERANCE} x max(1, largest |torch logit| {scale:.3g}))")
-        out[f"onnx_max_abs_diff_{name}"] = diff
-        out[f"bytes_onnx_{name}"] = path.stat().st_size
+
+
+def ship_all(params: Params, models: dict, accs: dict, shape: tuple, meta: dict, out: dict) -> list[str]:
+    """fp32 ONNX (with metadata) and INT8 of the teacher and every student, measured through onnxruntime
+    (kdprune/deploy/ship.py); their metrics go in ``out``. Returns the names shipped."""
+    data = stage.load_data(params.data)
+    method = params.quantize.method
+    n_cal = min(params.quantize.calibration_images, len(data["train_y"]))
+    if method != "none" and n_cal < params.quantize.calibration_images:
+        stage.log(f"evaluate: quantize.calibration_images = {params.quantize.calibration_images} but the train split "
+                  f"has {n_cal} images: calibrating on all of them")
+    props = ship.preprocessing(meta, data)
+    test = lambda: ship.torch_batches(stage.test_loader(params, data, "cpu"))  # noqa: E731
+    calibration = (None if method == "none" else
+                   lambda: ship.torch_batches(stage.train_eval_loader(params, data, "cpu", limit=n_cal)))
+    names = ["teacher", *params.distill.variants]
+    for name in names:
+        label = "int8-qat" if method == "qat" and name != "teacher" else "int8-ptq"
+        out.update(ship.ship(name, models[name], shape, EXPORT, props, accs[name], test, calibration, label,
+                             params.seed, threads=torch.get_num_threads()))
+        stage.log(f"evaluate: {name}: {out[f'acc_{name}_onnx']:.2f} % through onnxruntime (torch {accs[name]:.2f} %)"
+                  + (f", INT8 {out[f'acc_{name}_int8']:.2f} %, {out[f'bytes_onnx_int8_{name}']:,} bytes "
+                     f"(fp32 {out[f'bytes_onnx_{name}']:,})" if calibration else ""))
+    return names
+
+
+def ort_latencies(names: list[str], shape: tuple, repeats: int, int8_too: bool) -> dict:
+    """onnxruntime latency of every shipped file at batch 1 and 128 (``ort_latency_b<k>_ms_<name>[_int8]``) and
+    each INT8 file's speed-up against the fp32 teacher's (``ort_speedup_b<k>_<name>_int8``)."""
+    threads = torch.get_num_threads()
+    sessions = {n: ort.session(EXPORT / f"{n}.onnx", threads) for n in names}
+    if int8_too:
+        sessions.update({f"{n}_int8": ort.session(int8.int8_path(EXPORT / f"{n}.onnx"), threads) for n in names})
+    out: dict = {}
+    for batch in (1, 128):
+        ms = ort.latency_ms(sessions, shape, batch, repeats)
+        out.update({f"ort_latency_b{batch}_ms_{k}": v for k, v in ms.items()})
+        out.update({f"ort_speedup_b{batch}_{k}": ms["teacher"] / v for k, v in ms.items() if k != "teacher"})
+    return out
+
+
+def write_deployment_table(names: list[str], out: dict, latency: dict, params: Params) -> None:
+    """logs/deployment.md and .csv (not DVC outputs: the latencies vary; the track stage logs them)."""
+    table = deploy_table.rows(names, out, latency, structured=params.prune.method in PHYSICAL,
+                              int8=params.quantize.method != "none")
+    busy = latency.get("cpu_busy_fraction_before")
+    context = (f"onnxruntime {ort.version()} on the CPU ({cpu_model()}), {torch.get_num_threads()} threads; latency: "
+               f"median of {params.evaluate.latency_repeats} runs per model and batch, the models taking turns; "
+               f"CPU busy with other work before timing: {'unknown' if busy is None else f'{busy:.0%}'}"
+               + (" (BUSY: the latencies measure that contention)" if latency.get("busy") else "")
+               + f"; quantize.method {params.quantize.method}")
+    io.write_text(stage.LOGS / "deployment.md", deploy_table.to_markdown(table, context))
+    io.write_text(stage.LOGS / "deployment.csv", deploy_table.to_csv(table))
 
 
 def main(params: Params) -> None:
@@ -123,7 +168,13 @@ def main(params: Params) -> None:
         out[f"params_{name}"] = rep["params"]
         out[f"nonzero_params_{name}"] = rep["nonzero_params"]
         out[f"nonzero_prunable_params_{name}"] = rep["nonzero_prunable_params"]
-        export_student(name, model, shape, stage.student_path(name), out, params.evaluate.onnx, params.seed)
+        export_compacts(name, model, stage.student_path(name), out)
+    shipped: list[str] = []
+    if params.evaluate.onnx:
+        if not onnx_available():
+            raise stage.StageError("evaluate.onnx is true but onnx or onnxruntime is not installed: install "
+                                   "requirements.txt, or set evaluate.onnx: false and quantize.method: none")
+        shipped = ship_all(params, models, accs, shape, meta, out)
     if params.evaluate.latency_repeats:  # the pruned model has its students' shape: not timed again
         busy = cpu_busy_fraction()
         latency["cpu_busy_fraction_before"] = busy
@@ -138,8 +189,13 @@ def main(params: Params) -> None:
                             channels_last=params.runtime.channels_last)
             latency.update({f"latency_b{batch}_ms_{n}": v for n, v in ms.items()})
             latency.update({f"speedup_b{batch}_{v}": ms["teacher"] / ms[v] for v in params.distill.variants})
+        if shipped:
+            latency.update(ort_latencies(shipped, shape, params.evaluate.latency_repeats,
+                                         int8_too=params.quantize.method != "none"))
     io.write_json(stage.METRICS / "evaluate.json", out)
     io.write_json(stage.LOGS / "latency.json", latency)
+    if shipped:
+        write_deployment_table(shipped, out, latency, params)
     names = list(models)
     ratio = pruned_metrics["compression_ratio"]
     # one point per model for `dvc plots diff <exp> <exp> ...` (dvc.yaml: accuracy against compression)

@@ -4,7 +4,8 @@
 ``dvc exp show --json`` and keeps what differs between compression experiments: method, ratio,
 schedule, seed, dataset and model, compression (all parameters and prunable weights), MAC reduction,
 and the test accuracy of the teacher, of the pruned model before recovery, and of every recovery
-variant that any experiment ran. With ``prune.target_macs_reduction`` (channel pruning), ``ratio`` is the
+variant that any experiment ran, its INT8 file's accuracy through onnxruntime (``acc_<variant>_int8``) and
+bytes (``bytes_onnx_int8_<variant>``) where quantize.method made one. With ``prune.target_macs_reduction`` (channel pruning), ``ratio`` is the
 channel ratio reached (metrics/prune.json), and ``macs_target`` the target; ``depth`` is the zoo's only.
 
     python -m kdprune.compare                 # the workspace, its baseline commit and its experiments
@@ -34,6 +35,7 @@ COLUMNS = ("method", "ratio", "macs_target", "schedule", "variants", "epochs", "
            "depth")  # the param columns (and what they imply: the model's name, the MAC target), in order
 METRIC_COLUMNS = ("compression_ratio", "prunable_compression_ratio", "mac_reduction", "acc_teacher", "acc_pruned")
 VARIANT_ORDER = ("kd", "finetune", "scratch", "scratch_kd")
+INT8_BYTES = "bytes_onnx_int8_"  # + model: the INT8 ONNX file's bytes (metrics/evaluate.json)
 
 
 class CompareError(RuntimeError):
@@ -79,9 +81,11 @@ def row_of(name: str, data: dict) -> dict[str, Any]:
                                                     params.get("model.factory")), None
     for key in METRIC_COLUMNS:
         row[key] = metrics.get(key)
-    for key, v in metrics.items():
-        if key.startswith("acc_") and key not in row:
+    for key, v in metrics.items():  # the fp32 ONNX files' accuracies (acc_*_onnx) equal torch's within 0.1 pt
+        if key.startswith("acc_") and not key.endswith("_onnx") and key not in row:
             row[key] = v
+        elif key.startswith(INT8_BYTES) and not key.startswith(INT8_BYTES + "gzip_"):
+            row[key] = v  # the shipped INT8 file's size (quantize.method ptq | qat)
     return row
 
 
@@ -90,7 +94,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     variants = {k for r in rows for k in r if k.startswith("acc_")} - set(METRIC_COLUMNS)
     ordered = [f"acc_{v}" for v in VARIANT_ORDER if f"acc_{v}" in variants] + sorted(variants - {
         f"acc_{v}" for v in VARIANT_ORDER})
-    cols = ["experiment", *COLUMNS, *METRIC_COLUMNS, *ordered]
+    sizes = sorted({k for r in rows for k in r if k.startswith(INT8_BYTES)})
+    cols = ["experiment", *COLUMNS, *METRIC_COLUMNS, *ordered, *sizes]
     return [c for c in cols if any(r.get(c) is not None for r in rows)]
 
 

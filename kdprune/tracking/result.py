@@ -264,11 +264,15 @@ def collect(workdir: Path) -> dict[str, Any]:
                    **{p.stem: p for p in sorted((workdir / "plots" / "distill").glob("*.csv"))}}
     curves = {name: read_curve(p) for name, p in curve_files.items() if p.exists()}
     export = workdir / "models" / "export"
-    artifacts = [p for p in [params_path, *metric_files, workdir / "metrics" / "latency.json", *curve_files.values(),
+    logs = workdir / "logs"  # the deployment table (evaluate): latencies, so not a DVC output
+    artifacts = [p for p in [params_path, *metric_files, workdir / "metrics" / "latency.json", logs / "latency.json",
+                             logs / "deployment.md", logs / "deployment.csv", *curve_files.values(),
                              workdir / "plots" / "accuracy.png", *(export / f"{v}.kdc" for v in variants)]
                  if p.is_file()]
     models = {v: {"onnx": export / f"{v}.onnx", "pt": workdir / "models" / "students" / f"{v}.pt"} for v in variants}
-    models = {v: m for v, m in models.items() if m["onnx"].is_file() or m["pt"].is_file()}
+    # the INT8 file of each student (quantize.method ptq | qat), logged beside its fp32 model as <variant>_int8
+    models.update({f"{v}_int8": {"onnx": export / f"{v}.int8.onnx"} for v in variants})  # no torch fallback
+    models = {v: m for v, m in models.items() if m["onnx"].is_file() or ("pt" in m and m["pt"].is_file())}
     fingerprint = hashlib.sha256(json.dumps({"params": params, "metrics": result},
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
     start_ms, end_ms, times_from = pipeline_times(workdir, metric_files)
