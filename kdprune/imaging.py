@@ -6,7 +6,7 @@ The steps are the calls torchvision's ``Resize(resize_size)`` + ``CenterCrop(ima
 make on a PIL image (and torchvision's weights' ``transforms()``), written out: the shorter side resized to
 ``resize_size`` with ``PIL.Image.resize`` (bilinear or bicubic; PIL always antialiases), the longer one to
 ``int(resize_size * long / short)``, then the centre crop at ``int(round((h - image_size) / 2.0))``
-(zero-padded first where the image is smaller than the crop). ``tests/test_predict.py`` checks the bytes against
+(zero-padded first where the image is smaller than the crop). ``tests/test_imaging.py`` checks the bytes against
 torchvision's.
 
 16-bit grayscale (PIL modes ``I;16*``) is scaled to 8 bits by keeping the high byte (``v >> 8``), as PIL itself
