@@ -8,6 +8,7 @@
   relog     log the current metrics/ and plots/ to MLflow again         (kdprune.tracking relog)
   compare   compare runs                                                (kdprune.compare)
   runcache  push / pull DVC's run-cache with the outputs it names       (kdprune.runcache)
+  predict   classify image files with an exported ONNX model            (kdprune.predict)
 
 ``python -m kdprune <command> --help`` shows a command's own options. The pipeline's stages are not
 commands here: DVC runs them (``dvc repro``, or ``python -m stages.<name>``).
@@ -30,7 +31,11 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "relog": ("kdprune.tracking.__main__", ("relog",)),
     "compare": ("kdprune.experiments.compare", ()),
     "runcache": ("kdprune.experiments.runcache", ()),
+    "predict": ("kdprune.predict", ()),
 }
+# what a command needs where it needs less than envcheck.REQUIRED: predict runs an exported model on a machine
+# that may have no torch (it imports PIL, numpy and onnxruntime only)
+REQUIRES: dict[str, tuple[str, ...]] = {"predict": ("numpy", "PIL", "onnxruntime")}
 USAGE = f"usage: python -m kdprune {{{','.join(COMMANDS)}}} [args ...]"
 
 
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: '{command}' is not available in this version of kdprune "
               f"(no module {COMMANDS[command][0]})", file=sys.stderr)
         return 2
-    envcheck.require()
+    envcheck.require(REQUIRES.get(command, envcheck.REQUIRED))
     module, prefix = COMMANDS[command]
     return importlib.import_module(module).main([*prefix, *rest])
 

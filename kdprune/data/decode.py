@@ -1,152 +1,34 @@
-"""Opening and decoding one image file, as PIL and torchvision's transforms do it; these run in DataLoader
-workers too. Every refusal is one ``DatasetError`` line naming the file: not a regular file (a FIFO, a device),
-too large, a header that declares too many pixels (a decompression bomb) or too extreme an aspect ratio, changed
-since it was indexed, 32-bit or float pixels beyond 0..255, unreadable or corrupt.
+"""Opening and decoding one image file for training, as PIL and torchvision's transforms do it; these run in
+DataLoader workers too. The work is ``kdprune.imaging``'s (PIL + numpy, shared with ``python -m kdprune predict``,
+so that training and an exported model's preprocessing can never drift apart); here its refusals are
+``DatasetError`` lines naming the file: not a regular file (a FIFO, a device), too large, a header that declares
+too many pixels (a decompression bomb) or too extreme an aspect ratio, changed since it was indexed, 32-bit or
+float pixels beyond 0..255, unreadable or corrupt.
 
 16-bit grayscale (PIL modes ``I;16*``) is scaled to 8 bits by keeping the high byte (``v >> 8``), as PIL itself
 reads 16-bit RGB PNGs and as ``torchvision.io.decode_image`` + ``ToDtype(torch.uint8, scale=True)`` does;
 PIL's ``convert("L")`` (and a plain ``ImageFolder``'s ``convert("RGB")``) would clip every value above 255."""
 from __future__ import annotations
 
-import io as _stdio
-import os
-import warnings
-
-import numpy as np
 import torch
 
+from kdprune import imaging
 from kdprune.data.limits import DatasetError
-from kdprune.io import open_regular
+from kdprune.imaging import MAX_ASPECT, MAX_FILE_BYTES, MAX_IMAGE_PIXELS, SIXTEEN_BIT, WIDE, show_path
 
-
-MAX_IMAGE_PIXELS = 89_478_485  # width * height; PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
-
-
-MAX_FILE_BYTES = 1 << 30  # one image file; PIL's bomb limit at 8 bytes a pixel is under 1 GiB
-
-
-MAX_ASPECT = 20
-"""The longest side of an image is at most this many times its shortest. ``Resize`` scales the shorter side to
-``data.resize_size``, so the resized image has ``resize_size**2 * aspect`` pixels whatever its file's size (a 2 KB
-PNG of 2,000,000 x 1 pixels took 3.6 GB at image_size 16). At 20:1 that is at most 2048**2 * 20 = 84M pixels at
-the largest resize_size (2 x 1024), within PIL's decompression-bomb limit (MAX_IMAGE_PIXELS); and the centre crop
-keeps 1/20 of such an image, too little to be a picture of its class."""
-
-SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})  # PIL's 16-bit grayscale modes
-WIDE = frozenset({"I", "F"})  # 32-bit integer and float pixels: convert("L") clips them to 0..255
-
-
-def show_path(path: str | os.PathLike) -> str:
-    """A path on one line (a file name may hold a newline)."""
-    return repr(str(path))[1:-1]
-
-
-def _check_size(fh, path: str, expected_size: int | None) -> None:
-    size = os.fstat(fh.fileno()).st_size
-    if size > MAX_FILE_BYTES:
-        raise DatasetError(f"{show_path(path)}: larger than {MAX_FILE_BYTES >> 20} MiB; not an image kdprune reads")
-    if expected_size is not None and size != expected_size:
-        raise DatasetError(f"{show_path(path)}: the file changed since `dvc repro prepare` indexed it ({expected_size} "
-                           f"bytes then, {size} now); rerun prepare")
-
-
-def _pil_open(src, path: str):
-    """PIL's lazy open (the header only), with the declared size checked against the bomb limit."""
-    from PIL import Image  # heavy optional: imported where an image is opened (DataLoader workers too)
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(src)
-    except Image.DecompressionBombError:
-        raise DatasetError(f"{show_path(path)}: its header declares more than {2 * MAX_IMAGE_PIXELS:,} pixels, over "
-                           f"the limit of {MAX_IMAGE_PIXELS:,} (a decompression bomb or a huge image)") from None
-    except Exception as e:  # noqa: BLE001 - PIL raises UnidentifiedImageError, SyntaxError, OSError, ValueError...
-        raise DatasetError(f"{show_path(path)}: not a readable image ({_first_line(e)})") from None
-    w, h = img.size
-    if w * h > MAX_IMAGE_PIXELS or w < 1 or h < 1:
-        raise DatasetError(f"{show_path(path)}: its header declares {w} x {h} = {w * h:,} pixels; kdprune decodes at "
-                           f"most {MAX_IMAGE_PIXELS:,} (PIL's decompression-bomb limit)")
-    if max(w, h) > MAX_ASPECT * min(w, h):
-        raise DatasetError(f"{show_path(path)}: {w} x {h} pixels, an aspect ratio of {max(w, h) / min(w, h):,.1f}:1; "
-                           f"kdprune reads images of aspect ratio at most {MAX_ASPECT}:1 (resizing the shorter side "
-                           f"makes the image {MAX_ASPECT}x as wide, or tall, as data.resize_size and more): crop it or "
-                           f"remove it")
-    return img
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
-def _open_file(path: str):
-    """The file, opened only if it is a regular file: a FIFO put in an image's place would block the reader forever
-    (a DataLoader worker: the run would hang), a device such as /dev/zero never ends."""
-    return open_regular(path, "the image", None, DatasetError,
-                        missing="cannot read the image (No such file or directory)")
+__all__ = ["MAX_ASPECT", "MAX_FILE_BYTES", "MAX_IMAGE_PIXELS", "SIXTEEN_BIT", "WIDE", "decode", "header",
+           "show_path"]
 
 
 def header(path: str, expected_size: int | None = None) -> tuple[str, int, int]:
     """(PIL mode, width, height) from the header: only the first bytes of the file are read."""
-    try:
-        fh, _ = _open_file(path)
-        with fh:
-            _check_size(fh, path, expected_size)
-            img = _pil_open(fh, path)
-            return img.mode, img.size[0], img.size[1]
-    except OSError as e:
-        raise DatasetError(f"{show_path(path)}: cannot read the image ({e.strerror or e})") from None
-
-
-def _open(path: str, expected_size: int | None = None):
-    """PIL image of ``path``, read whole into memory (header parsed, pixels not yet decoded)."""
-    try:
-        fh, _ = _open_file(path)
-        with fh:
-            _check_size(fh, path, expected_size)
-            data = fh.read(MAX_FILE_BYTES + 1)
-    except OSError as e:
-        raise DatasetError(f"{show_path(path)}: cannot read the image ({e.strerror or e})") from None
-    if len(data) > MAX_FILE_BYTES or (expected_size is not None and len(data) != expected_size):
-        raise DatasetError(f"{show_path(path)}: the file changed while it was read; rerun prepare")
-    return _pil_open(_stdio.BytesIO(data), path)
+    return imaging.header(path, expected_size, DatasetError)
 
 
 def decode(path: str, channels: int, resize_size: int, image_size: int, interpolation: str = "bilinear",
            expected_size: int | None = None) -> torch.Tensor:
     """uint8 (C, image_size, image_size): converted to L or RGB, shorter side resized to ``resize_size``
     (``interpolation``, antialiased), centre crop. The same calls as torchvision's ``Resize`` + ``CenterCrop``
-    on a PIL image (and as torchvision's weights' ``transforms()``)."""
-    import torchvision.transforms.functional as TF  # heavy: imported where an image is decoded
-    from torchvision.transforms import InterpolationMode  # heavy: as above
-
-    img = _open(path, expected_size)
-    try:
-        img = _eight_bit(img, path)
-        img = img.convert("L" if channels == 1 else "RGB")  # decodes
-        img = TF.resize(img, resize_size, interpolation=InterpolationMode(interpolation))
-        img = TF.center_crop(img, image_size)
-        return TF.pil_to_tensor(img)
-    except DatasetError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a truncated or damaged file fails while decoding, in many ways
-        raise DatasetError(f"{show_path(path)}: cannot decode the image ({_first_line(e)}); the file is corrupt "
-                           f"or truncated") from None
-
-
-def _eight_bit(img, path: str):
-    """16-bit grayscale -> 8-bit "L" by its high byte (``v >> 8``, see the module's docstring); 32-bit integer or
-    float pixels are kept when they lie in 0..255 (what ``convert`` keeps), else refused: they have no fixed range
-    to scale from, and clipping them would silently wash the image out."""
-    if img.mode in SIXTEEN_BIT:
-        from PIL import Image  # heavy optional: imported where an image is decoded
-
-        return Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))  # decodes
-    if img.mode in WIDE:
-        lo, hi = img.getextrema()  # decodes
-        if not (0 <= lo and hi <= 255):
-            raise DatasetError(f"{show_path(path)}: PIL mode {img.mode} pixels span {lo:g}..{hi:g}; kdprune reads "
-                               f"such 32-bit images only when they lie in 0..255 (converting them to 8 bits would "
-                               f"clip the rest): save it as an 8- or 16-bit image")
-    return img
+    on a PIL image (and as torchvision's weights' ``transforms()``): ``kdprune.imaging.load``."""
+    return torch.from_numpy(imaging.load(path, channels, resize_size, image_size, interpolation, expected_size,
+                                         DatasetError))
