@@ -2,10 +2,28 @@
 
   python -m kdprune.frontier --budget 1.0 [--methods kd,finetune,scratch] [--seeds 0,1,2] [--set key=value ...]
                              [-j N] [--lo 2] [--hi 200] [--tolerance 1.25] [--max-probes 8]
+                             [--axis compression|macs|bytes|latency]
   python -m kdprune.frontier --budget 0.5,1,2 --analyse     # no training: the frontier from the runs so far
 
 For each method, the frontier is the largest compression whose mean test accuracy over the seeds stays
 within ``--budget`` points of the teacher (the mean of the seeds' teachers).
+
+The axis (``--axis``): what "most compressed" is measured in, each run's metric:
+  compression  compression_ratio: teacher params / non-zero student params (the default)
+  macs         mac_reduction: teacher MACs / student MACs; for prune.method l1_filter / channel (magnitude
+               removes no MACs: refused)
+  bytes        bytes_onnx_gzip_teacher / bytes_onnx_int8_gzip_<method>: the fp32 teacher's gzipped ONNX file over
+               the student's gzipped INT8 ONNX file, per method (runs with quantize.method ptq or qat)
+  latency      ort_speedup_b1_<method>_int8: the measured ONNX Runtime INT8 speed-up at batch 1 over the fp32
+               teacher, per method; a noisy timing, reported with the runs that flagged the CPU as busy
+The per-method axes give each method its own value at a probe (the mean over seeds), and each method's frontier
+is interpolated along its own values. The search still bisects prune.ratio, so the axis must grow strictly with
+the ratio over the probes (for compression: checked for l1_filter / channel, whose ratio is the channel ratio);
+where it does not, the frontier stops with an error naming the two probes and their values: it does not
+reorder or drop probes. ``--lo``, ``--hi`` and ``--tolerance`` are in the searched ratio for every axis:
+``1 / (1 - prune.ratio)``, the compression of the prunable weights under magnitude pruning (the axis's values
+are only known once measured). Outputs along another axis than compression are named frontier_<axis>.*
+(metrics/frontier_macs.md, plots/frontier_bytes.png, ...); compression keeps metrics/frontier.* as before.
 
 The search. A *probe* is one ``prune.ratio``, run once per seed: one queued DVC experiment and one MLflow
 run per seed, with every method as a variant of that experiment (``distill.variants``), so the methods share
@@ -54,6 +72,7 @@ from typing import Any
 from kdprune import overrides
 from kdprune.experiments import queue
 from kdprune.experiments.args import nest, parse_floats, parse_methods, parse_seeds, parse_sets
+from kdprune.experiments.frontier_axis import AXES, check_axis_params
 from kdprune.experiments.frontier_report import plural_seeds, write_outputs
 from kdprune.experiments.frontier_search import MAX_PROBES, Probe, check_compression_grows, probes_from_runs, search
 from kdprune.experiments.runs import FrontierError, joined, load_runs, write_records
@@ -95,10 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="params override for every probe, like dvc exp run -S (repeatable)")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="parallel queue workers (default 1)")
-    ap.add_argument("--lo", type=float, default=2.0, help="least compression searched (default 2x)")
-    ap.add_argument("--hi", type=float, default=200.0, help="most compression searched (default 200x)")
+    ap.add_argument("--axis", choices=list(AXES), default="compression",
+                    help="what 'most compressed' is measured in: compression (params, default), macs (MAC "
+                         "reduction; l1_filter/channel), bytes (INT8 gzip ONNX size; quantize.method ptq/qat), "
+                         "latency (measured ORT INT8 speed-up at batch 1, noisy)")
+    ap.add_argument("--lo", type=float, default=2.0,
+                    help="least 1/(1 - prune.ratio) searched, for every --axis: the compression of the prunable "
+                         "weights under magnitude pruning (default 2x = ratio 0.5)")
+    ap.add_argument("--hi", type=float, default=200.0,
+                    help="most 1/(1 - prune.ratio) searched, for every --axis (default 200x = ratio 0.995; "
+                         "l1_filter/channel: at most 1/(1 - the model's largest ratio), e.g. 16 for ResNet-8 w16)")
     ap.add_argument("--tolerance", type=float, default=1.25,
-                    help="stop when each bracket spans at most this factor in compression (default 1.25)")
+                    help="stop when each bracket spans at most this factor in 1/(1 - prune.ratio) (default 1.25)")
     ap.add_argument("--max-probes", type=int, default=8, help=f"new probes at most (default 8, at most {MAX_PROBES})")
     ap.add_argument("--records", type=Path, default=RECORDS, help=f"per-run records CSV (default {RECORDS})")
     ap.add_argument("--analyse", action="store_true", help="train nothing: write the frontier from the runs so far")
@@ -125,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         raise FrontierError(f"--max-probes {args.max_probes}: allowed 1 to {MAX_PROBES}")
     sets = parse_sets(args.sets)
     params, target = target_params(Path("params.yaml"), sets, methods)
+    axis = AXES[args.axis]
+    check_axis_params(axis, params.prune.method, target, params.evaluate.latency_repeats, train=not args.analyse)
     uri = tracking_uri()
     experiment = params.mlflow.experiment
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -132,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     def known() -> list[Probe]:
         runs = load_runs(args.records, uri, experiment)
         write_records(args.records, runs)
-        return probes_from_runs(joined(runs, target, methods), methods, seeds)
+        return probes_from_runs(joined(runs, target, methods), methods, seeds, axis)
 
     probes = known()
     log(f"frontier: {len(probes)} finished probes found (MLflow {redact(uri)} and {args.records})")
@@ -151,14 +180,14 @@ def run(args: argparse.Namespace) -> int:
 
         t0 = time.time()
         probes = search(run_batch, probes, methods, budgets, lo, hi, tolerance, args.max_probes, log,
-                        prune_method=params.prune.method)
+                        prune_method=params.prune.method, axis=axis)
         log(f"frontier: search wall time {time.time() - t0:.0f} s")
     if not probes:
         raise FrontierError(f"no finished probes match params.yaml + --set with seeds {seeds} and methods {methods}")
-    check_compression_grows(probes, params.prune.method)
+    check_compression_grows(probes, params.prune.method, axis)
 
     title = f"{params.data.name}, {params_name(params.model)}, {params.prune.method} ({plural_seeds(len(seeds))})"
-    files, fronts = write_outputs(args.out, probes, methods, budgets, title)
+    files, fronts = write_outputs(args.out, probes, methods, budgets, title, prefix=axis.prefix, axis=axis)
     print(Path(files[1]).read_text())
     if not args.no_mlflow_summary:
         run_id = log_summary(uri, experiment, files + ([args.records] if args.records.exists() else []),

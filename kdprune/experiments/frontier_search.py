@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from kdprune.experiments.frontier_axis import COMPRESSION, Axis, busy_flags
 from kdprune.experiments.runs import FrontierError
 
 BOOTSTRAP = 2000
@@ -41,14 +42,23 @@ class Probe:
     compression: float  # measured: teacher params / non-zero student params (mean over seeds)
     mac_reduction: float
     run_ids: list[str] = field(default_factory=list)
+    axis: dict[str, float] = field(default_factory=dict)  # method -> its axis value (mean over seeds); {}: compression
+    busy: np.ndarray | None = None  # per seed: the run flagged the CPU busy while timing (1, 0; NaN: not recorded)
+    busy_fraction: np.ndarray | None = None  # per seed: the fraction of the CPUs other work used before timing
 
     @property
     def u(self) -> float:
         return u_of_ratio(self.ratio)
 
+    def at(self, method: str) -> float:
+        """``method``'s value on the frontier's axis (the compression when the probe holds none)."""
+        return self.axis.get(method, self.compression)
 
-def probes_from_runs(runs: pd.DataFrame, methods: list[str], seeds: list[int]) -> list[Probe]:
-    """One probe per ratio that has a run for every seed (incomplete ratios are not probes yet)."""
+
+def probes_from_runs(runs: pd.DataFrame, methods: list[str], seeds: list[int],
+                     axis: Axis = COMPRESSION) -> list[Probe]:
+    """One probe per ratio that has a run for every seed (incomplete ratios are not probes yet), with each method's
+    value on ``axis`` (the mean over seeds; a run without the axis's metric is refused: :meth:`Axis.values`)."""
     out = []
     if runs.empty:
         return out
@@ -63,24 +73,45 @@ def probes_from_runs(runs: pd.DataFrame, methods: list[str], seeds: list[int]) -
                          compression=float(g["compression_ratio"].mean()),
                          mac_reduction=float(g["mac_reduction"].mean()) if "mac_reduction" in g else float("nan"),
                          run_ids=[str(x) for x in g["run_id"]]))
+        p = out[-1]
+        if axis is not COMPRESSION:
+            g = g.assign(ratio=float(ratio), seed=g.index)
+            p.axis = {m: float(axis.values(g, m).mean()) for m in methods}
+        if axis.measured:
+            p.busy, p.busy_fraction = busy_flags(g)
     return sorted(out, key=lambda p: p.ratio)
 
 
-def check_compression_grows(probes: list[Probe], prune_method: str) -> None:
-    """l1_filter / channel: the search's axis, the ratio, is a stand-in for the compression, so the probes' measured
-    compression must grow with it, else the brackets and the estimate are wrong (Torch-Pruning once left layers
-    whole at high ratios: 1.00x at 0.99). A probe at a higher ratio (``probes`` are sorted by ratio) that
-    compressed no more than a lower one is refused, naming both."""
-    if prune_method not in STRUCTURED:
+def check_compression_grows(probes: list[Probe], prune_method: str, axis: Axis = COMPRESSION) -> None:
+    """The search bisects prune.ratio, so the axis must grow strictly with it over the probes, else the brackets
+    and the estimate are wrong. ``compression``: checked for l1_filter / channel, where the ratio is a stand-in
+    for the compression (Torch-Pruning once left layers whole at high ratios: 1.00x at 0.99; magnitude's ratio is
+    its compression). Every other axis: checked for every method, per method where the axis is (bytes, latency).
+    A probe at a higher ratio (``probes`` are sorted by ratio) whose value is no larger than a lower one's is
+    refused, in one line naming both."""
+    if axis is COMPRESSION and prune_method not in STRUCTURED:
         return
-    for a, b in zip(probes, probes[1:]):
-        if not b.compression > a.compression:
+    keys = list(probes[0].axis) if probes else []
+    for m in keys if axis.per_method else keys[:1] or [""]:  # "": no axis values held, the compression
+        for a, b in zip(probes, probes[1:]):
+            va, vb = a.at(m), b.at(m)
+            if vb > va:
+                continue
             runs = ", ".join(b.run_ids[:3]) + (" ..." if len(b.run_ids) > 3 else "")
-            raise FrontierError(f"prune.method {prune_method}: compression does not grow with prune.ratio: the probe "
-                                f"at ratio {b.ratio:g} compressed {b.compression:.2f}x, the one at ratio {a.ratio:g} "
-                                f"{a.compression:.2f}x; the search needs compression that grows with the ratio (runs "
-                                f"of ratio {b.ratio:g}: {runs or 'none'}; remove them, from MLflow and the records, "
-                                f"if kdprune refuses that ratio now)")
+            tail = (f"(runs of ratio {b.ratio:g}: {runs or 'none'}; remove them, from MLflow and the records, "
+                    f"if kdprune refuses that ratio now)")
+            if axis is COMPRESSION:
+                raise FrontierError(f"prune.method {prune_method}: compression does not grow with prune.ratio: the "
+                                    f"probe at ratio {b.ratio:g} compressed {vb:.2f}x, the one at ratio {a.ratio:g} "
+                                    f"{va:.2f}x; the search needs compression that grows with the ratio {tail}")
+            noisy = (" (a measured timing: noise or a busy CPU can do this; rerun those runs on an idle machine)"
+                     if axis.measured else "")
+            raise FrontierError(f"prune.method {prune_method}, --axis {axis.name}: the {axis.label}"
+                                f"{' of ' + m if axis.per_method else ''} does not grow with prune.ratio: the probe "
+                                f"at ratio {b.ratio:g} reached {vb:.2f}x, the one at ratio {a.ratio:g} {va:.2f}x; the "
+                                f"search bisects prune.ratio and needs an axis that grows strictly with it{noisy}; use "
+                                f"another --axis or a --lo/--hi where it grows (runs of ratio {b.ratio:g}: "
+                                f"{runs or 'none'})")
 
 
 @dataclass
@@ -147,7 +178,7 @@ def frontier(probes: list[Probe], method: str, budget: float, bootstrap: int = B
     if not probes:
         return Frontier(method, budget, float("nan"), None, None, float("nan"), "")
     us = np.array([p.u for p in probes])
-    cs = np.array([p.compression for p in probes])
+    cs = np.array([p.at(method) for p in probes])  # the method's own values on the axis
     acc, teacher = levelled(probes, method)  # probes x seeds; per seed
     threshold = float(teacher.mean()) - budget
     a, b, est, cens = _crossing(us, cs, acc.mean(axis=1), threshold)
@@ -186,13 +217,14 @@ def next_probes(probes: list[Probe], methods: list[str], budgets: list[float], l
 
 def search(run_probe_batch: Callable[[list[float]], list[Probe]], probes: list[Probe], methods: list[str],
            budgets: list[float], lo: float, hi: float, tolerance: float, max_probes: int,
-           log: Callable[[str], None] = print, prune_method: str = "magnitude") -> list[Probe]:
+           log: Callable[[str], None] = print, prune_method: str = "magnitude",
+           axis: Axis = COMPRESSION) -> list[Probe]:
     """Bisection: probe, recompute the brackets, repeat until they are within tolerance or ``max_probes`` new
-    probes ran. ``run_probe_batch(ratios)`` runs them and returns every probe known afterwards. With a structured
-    ``prune_method`` every round first checks that the compression grows with the ratio."""
+    probes ran. ``run_probe_batch(ratios)`` runs them and returns every probe known afterwards. Every round first
+    checks that the axis grows with the ratio (:func:`check_compression_grows`)."""
     ran = 0
     while True:
-        check_compression_grows(probes, prune_method)
+        check_compression_grows(probes, prune_method, axis)
         todo = next_probes(probes, methods, budgets, lo, hi, tolerance)
         if not todo:
             log(f"frontier: every bracket is within {tolerance:g}x ({len(probes)} probes)")
@@ -206,5 +238,10 @@ def search(run_probe_batch: Callable[[list[float]], list[Probe]], probes: list[P
         ran += len(todo)
         missing = [r for r in todo if r not in {p.ratio for p in probes}]
         if missing or {p.ratio for p in probes} == before:
+            limit = (f"; prune.method {prune_method} cannot reach every ratio: the prune stage refuses one that would "
+                     "leave a layer no channel and names the largest it allows; rerun with --hi at most "
+                     "1 / (1 - that ratio), e.g. --hi 16 for ResNet-8 w16"
+                     if prune_method in STRUCTURED and ratio_of_compression(hi) in (missing or todo) else "")
             raise FrontierError(f"probes at ratios {missing or todo} gave no complete result (a failed experiment: "
-                                "see `dvc queue logs <name>`); the runs that finished are kept, rerun to resume")
+                                f"see `dvc queue logs <name>`){limit}; the runs that finished are kept, rerun to "
+                                "resume")

@@ -27,6 +27,11 @@ RATIO_COLUMNS = ("compression_ratio", "prunable_compression_ratio", "mac_reducti
 # cross-entropy alone, so their result does not depend on these (tests check the two lists agree).
 KD_KEYS = frozenset({"distill.alpha", "distill.temperature", "distill.at_beta"})
 WITHOUT_KD = frozenset({"finetune", "scratch"})
+# A method's own metrics beside its accuracy (the frontier's axes read them: kdprune/experiments/frontier_axis.py);
+# a method joined from another run takes them from that run, and the CPU-busy record of both runs.
+METHOD_METRICS = ("bytes_onnx_{m}", "bytes_onnx_int8_{m}", "bytes_onnx_gzip_{m}", "bytes_onnx_int8_gzip_{m}",
+                  "ort_speedup_b1_{m}_int8")
+BUSY_COLUMNS = ("cpu_busy_fraction_before", "busy")
 
 
 class FrontierError(ValueError):
@@ -194,6 +199,17 @@ def matching(runs: pd.DataFrame, target: dict[str, Any], methods: list[str], new
     return out.sort_values(["ratio", "seed"]).reset_index(drop=True)
 
 
+def busy_number(v: Any) -> float:
+    """A busy flag or fraction as MLflow or a records CSV holds it (a number, "True"/"False", empty) as a float."""
+    text = str(v).strip().lower()
+    if text in ("true", "false"):
+        return float(text == "true")
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
 def without_kd_keys(target: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in target.items() if k not in KD_KEYS}
 
@@ -221,12 +237,18 @@ def joined(runs: pd.DataFrame, target: dict[str, Any], methods: list[str]) -> pd
     b = matching(runs, without_kd_keys(target), loose)
     if a.empty or b.empty or not {"acc_teacher", "compression_ratio"} <= set(a) & set(b):
         return whole  # nothing to join, or no way to tell the two runs share a teacher and mask
-    keep = ["ratio", "seed", "run_id", "acc_teacher", "compression_ratio", *(f"acc_{m}" for m in loose)]
-    pairs = a.drop(columns=[f"acc_{m}" for m in loose if f"acc_{m}" in a]).merge(
+    own = [f"acc_{m}" for m in loose] + [t.format(m=m) for m in loose for t in METHOD_METRICS]
+    keep = ["ratio", "seed", "run_id", "acc_teacher", "compression_ratio", *own, *BUSY_COLUMNS]
+    pairs = a.drop(columns=[c for c in own if c in a]).merge(
         b[[c for c in keep if c in b]], on=["ratio", "seed"], suffixes=("", "_other"))
     pairs = pairs[same_teacher_and_mask(pairs["acc_teacher"], pairs["compression_ratio"],
                                         pairs["acc_teacher_other"], pairs["compression_ratio_other"])]
     pairs = pairs.assign(run_id=pairs["run_id"].astype(str) + "+" + pairs["run_id_other"].astype(str))
+    for c in BUSY_COLUMNS:  # the pair was timed in two runs: busy when either was
+        if f"{c}_other" in pairs:
+            other = pd.to_numeric(pairs[f"{c}_other"].map(busy_number), errors="coerce")
+            mine = pd.to_numeric(pairs[c].map(busy_number), errors="coerce") if c in pairs else other
+            pairs[c] = np.fmax(mine.to_numpy(float), other.to_numpy(float))
     pairs = pairs.drop(columns=[c for c in pairs if c.endswith("_other")])
     have = set(zip(whole["ratio"], whole["seed"])) if not whole.empty else set()
     extra = pairs[[(r, s) not in have for r, s in zip(pairs["ratio"], pairs["seed"])]]
