@@ -8,8 +8,12 @@ Each stage writes what it measured, once:
   metrics/teacher.json          acc_teacher, params_teacher, macs_teacher
   metrics/prune.json            acc_pruned, both compression ratios, sparsities, MAC reduction and
                                 the pruned model's counts (``*_pruned``)
-  metrics/distill/<v>.json      acc_<v>, one file per recovery variant
-  metrics/evaluate.json         each student's counts and MACs, its export sizes and ONNX parity
+  metrics/distill/<v>.json      acc_<v>, train_acc_<v> (quantize.method qat: acc_<v>_fakequant), one file
+                                per recovery variant
+  metrics/evaluate.json         each student's counts and MACs, its export sizes and ONNX parity; for the
+                                teacher and each student the accuracy of its fp32 and INT8 ONNX files
+                                through onnxruntime (acc_<m>_onnx, acc_<m>_int8) and their bytes
+                                (bytes_onnx[_int8][_gzip]_<m>)
   ============================  ==================================================================
 
 No file repeats another's metric, holds params (they are in params.yaml) or prose. Timings, which

@@ -106,3 +106,16 @@ def test_cuda_check_runs_the_real_stages_tiny_on_cpu(fake_root, tmp_path, monkey
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the GPU check on a machine without one
     assert mod.main(["--data", str(fake_root)]) == 2
+
+
+@pytest.mark.slow  # 45 s: resnet18 exported and quantized twice
+def test_int8_benchmark_runs_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location("int8_deploy", ROOT / "benchmarks" / "int8_deploy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--resnet18", "--side", "32", "--target", "1.5", "--rounds", "1", "--repeats", "1",
+                     "--json", str(tmp_path / "r.json")]) == 0
+    rec = json.loads((tmp_path / "r.json").read_text())["resnet18"]
+    assert rec["mac_reduction"] >= 1.5
+    assert rec["models"]["pruned"]["bytes_int8"] < 0.35 * rec["models"]["pruned"]["bytes_fp32"]
+    assert rec["latency"]["pruned_int8_b1_ms"] > 0

@@ -72,9 +72,11 @@ def set_metadata(path: str | os.PathLike, props: dict[str, str]) -> None:
 
 
 def quantize(fp32_path: str | os.PathLike, calibration: Iterable[np.ndarray], out_path: str | os.PathLike | None = None,
-             label: str = "int8-ptq", input_name: str = "x") -> Path:
+             label: str = "int8-ptq", input_name: str = "x", exclude: Iterable[str] = ()) -> Path:
     """Write the INT8 model of the fp32 ONNX file ``fp32_path`` (default: :func:`int8_path` of it), calibrated
-    on ``calibration`` (float32 batches, already normalised as the model expects). Returns its path."""
+    on ``calibration`` (float32 batches, already normalised as the model expects). Returns its path.
+    ``exclude``: names of nodes (of the pre-processed graph) left in fp32; the pipeline excludes none
+    (benchmarks/int8_deploy.py measures what excluding the first conv or the classifier would give)."""
     import onnxruntime.quantization as q  # heavy optional dependency: only when quantizing
     from onnxruntime.quantization.shape_inference import quant_pre_process  # heavy optional: as above
 
@@ -89,7 +91,7 @@ def quantize(fp32_path: str | os.PathLike, calibration: Iterable[np.ndarray], ou
                 q.quantize_static(str(pre), str(Path(tmp) / "int8.onnx"), _Batches(calibration, input_name),
                                   quant_format=q.QuantFormat.QDQ, per_channel=True,
                                   activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                                  calibrate_method=q.CalibrationMethod.MinMax)
+                                  calibrate_method=q.CalibrationMethod.MinMax, nodes_to_exclude=list(exclude))
         except Exception as e:  # noqa: BLE001 - onnxruntime's quantizer raises many types for graphs it cannot handle
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"{fp32_path}: onnxruntime cannot quantize it to INT8: {first[:300]}; "
