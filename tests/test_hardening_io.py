@@ -363,10 +363,9 @@ def test_outputs_get_the_mode_open_would_give(umask, tmp_path):
 def test_onnx_parity_is_relative_to_large_logits_and_still_catches_a_wrong_export(tmp_path, monkeypatch):
     """A student at 54x with prune.min_layer_density gave logits of 3.5e6 on the check's random inputs, and
     onnxruntime differed from torch by 1.0 (relative 3e-7): the absolute 1e-3 failed a correct export."""
-    from stages import evaluate
+    from kdprune.deploy import ship
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(evaluate, "EXPORT", tmp_path)
     torch.manual_seed(0)
     model = build_model(resnet_spec(8, 4, 1, 10)).eval()
     with torch.no_grad():
@@ -375,19 +374,15 @@ def test_onnx_parity_is_relative_to_large_logits_and_still_catches_a_wrong_expor
     export.export_onnx(model, tmp_path / "big.onnx", (1, 28, 28))
     diff, scale = export.onnx_parity(model, tmp_path / "big.onnx", x)
     assert scale > 1e5 and 0 <= diff <= 1e-3 * scale
-    params = SimpleNamespace(seed=0, evaluate=SimpleNamespace(onnx=True))
-    dense = tmp_path / "kd.pt"
-    dense.write_bytes(b"x")
-    out = {}
-    evaluate.export_student("kd", model, (1, 28, 28), dense, out, params.evaluate.onnx, params.seed)  # passes: relative to the logits
-    assert out["onnx_max_abs_diff_kd"] == pytest.approx(diff, rel=0.5, abs=1e-3 * scale)
+    got = ship.export_checked(model, tmp_path / "kd.onnx", (1, 28, 28), seed=0)  # passes: relative to the logits
+    assert got == pytest.approx(diff, rel=0.5, abs=1e-3 * scale)
     # a wrong export still fails: another model's ONNX file in its place
     other = build_model(resnet_spec(8, 4, 1, 10)).eval()
     with torch.no_grad():
         other.fc.weight.mul_(1e7)
-    monkeypatch.setattr(evaluate, "export_onnx", lambda m, path, shape: export.export_onnx(other, path, shape))
-    with pytest.raises(stage.StageError, match=r"differ from torch by .* x max\(1, largest \|torch logit\|"):
-        evaluate.export_student("kd", model, (1, 28, 28), dense, {}, params.evaluate.onnx, params.seed)
+    monkeypatch.setattr(ship, "export_onnx", lambda m, path, shape: export.export_onnx(other, path, shape))
+    with pytest.raises(ExportError, match=r"differ from torch by .* x max\(1, largest \|torch logit\|"):
+        ship.export_checked(model, tmp_path / "kd.onnx", (1, 28, 28), seed=0)
     # non-finite logits are never a pass
     with torch.no_grad():
         model.fc.bias.fill_(float("inf"))
@@ -395,16 +390,10 @@ def test_onnx_parity_is_relative_to_large_logits_and_still_catches_a_wrong_expor
 
 
 def test_a_nan_onnx_difference_fails_the_parity_check(tmp_path, monkeypatch):
-    from stages import evaluate
+    from kdprune.deploy import ship
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(evaluate, "onnx_available", lambda: True)
-    monkeypatch.setattr(evaluate, "export_onnx", lambda model, path, shape: pathlib.Path(path).write_bytes(b"x"))
-    monkeypatch.setattr(evaluate, "onnx_parity", lambda model, path, x: (float("nan"), float("nan")))
-    dense = tmp_path / "kd.pt"
-    dense.write_bytes(b"x")
-    params = SimpleNamespace(seed=0, evaluate=SimpleNamespace(onnx=True))
-    out = {}
-    with pytest.raises(stage.StageError, match="differ from torch by nan"):  # before: NaN > tol is False
-        evaluate.export_student("kd", build_model(resnet_spec(8, 4, 1, 10)), (1, 28, 28), dense, out, params.evaluate.onnx, params.seed)
-    assert "onnx_max_abs_diff_kd" not in out
+    monkeypatch.setattr(ship, "export_onnx", lambda model, path, shape: pathlib.Path(path).write_bytes(b"x"))
+    monkeypatch.setattr(ship, "onnx_parity", lambda model, path, x: (float("nan"), float("nan")))
+    with pytest.raises(ExportError, match="differ from torch by nan"):  # before: NaN > tol is False
+        ship.export_checked(build_model(resnet_spec(8, 4, 1, 10)), tmp_path / "kd.onnx", (1, 28, 28), seed=0)
