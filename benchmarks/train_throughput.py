@@ -41,7 +41,7 @@ from kdprune.data import TensorLoader, prepare_dataset  # noqa: E402
 from kdprune.models import build_model, spec_from_params  # noqa: E402
 from kdprune.params import load_params  # noqa: E402
 from kdprune.train.loop import fit  # noqa: E402
-from kdprune.train.runtime import setup_runtime  # noqa: E402
+from kdprune.train.runtime import bf16_choice, setup_runtime  # noqa: E402
 
 
 def matmul_peak_gflops(dtype=torch.float32, sizes=(1024, 2048, 3072), reps=5) -> float:
@@ -109,7 +109,7 @@ def bench_naive(params, data, n_images: int, workers: int, our_step: bool, tmp: 
                                          persistent_workers=workers > 0)
     rt = params.runtime
     cl = our_step and rt.channels_last
-    bf16 = our_step and rt.bf16
+    bf16 = our_step and bf16_choice(rt, torch.device("cpu"))[0]
     model = build_model(spec_from_params(params.model, data["train_x"].shape[1], len(data["classes"])))
     if cl:
         model = model.to(memory_format=torch.channels_last)
@@ -177,9 +177,10 @@ def run(n_images: int = 20480, workers=(0, 1, 2), pipeline: bool = False, params
     res["bf16_peak_gflops"] = matmul_peak_gflops(torch.bfloat16, peak_sizes)
     model = build_model(spec_from_params(params.model, data["train_x"].shape[1], len(data["classes"])))
     res["train_flops_per_image"] = train_step_flops_per_image(model, 8, tuple(data["train_x"].shape[1:]))
+    res["bf16"], res["bf16_why"] = bf16_choice(params.runtime, torch.device("cpu"))  # which way (a) ran, and why
     res["a_ours_img_s"] = bench_ours(params, data, n_images)
     fp32 = replace(params, runtime=replace(params.runtime, bf16=False))
-    res["a_ours_fp32_img_s"] = bench_ours(fp32, data, n_images) if params.runtime.bf16 else res["a_ours_img_s"]
+    res["a_ours_fp32_img_s"] = bench_ours(fp32, data, n_images) if res["bf16"] else res["a_ours_img_s"]
     with tempfile.TemporaryDirectory() as tmp:
         naive = {w: bench_naive(params, data, n_images, w, our_step=False, tmp=Path(tmp)) for w in workers}
         best_w = max(naive, key=naive.get)
@@ -204,7 +205,7 @@ def report(res: dict) -> str:
         f"machine: {res['machine']}, torch {res['torch']}, {res['threads']} threads",
         f"model {res['model']}, batch {res['batch_size']}, {res['n_images']} images, runtime {res['runtime']}",
         f"fp32 matmul peak: {res['fp32_peak_gflops']:.1f} GFLOP/s   (bf16: {res['bf16_peak_gflops']:.1f})",
-        f"(a) ours:                                  {res['a_ours_img_s']:8.0f} img/s",
+        f"(a) ours, bf16 autocast {'on' if res['bf16'] else 'off'} ({res['bf16_why']}): {res['a_ours_img_s']:.0f} img/s",
         f"(b) naive DataLoader, plain fp32 step:     {res['b_naive_img_s']:8.0f} img/s  "
         f"(num_workers={res['b_naive_best_workers']}; by workers: "
         + ", ".join(f"{w}: {v:.0f}" for w, v in res["b_naive_img_s_by_workers"].items()) + ")",

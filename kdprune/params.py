@@ -187,7 +187,7 @@ class ModelParams:
 @dataclass(frozen=True)
 class RuntimeParams:
     threads: int = 0  # torch intra-op threads per process; 0 = all cores (shared among the processes of a node)
-    bf16: bool = False  # bf16 autocast for training forward passes (CPU or CUDA)
+    bf16: bool | Literal["auto"] = "auto"  # bf16 autocast for training; auto: where the hardware has bf16
     channels_last: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch.cuda.is_available(), else cpu
     deterministic: bool = True  # CUDA only: bit-identical runs (no cuDNN benchmarking, deterministic kernels)

@@ -172,10 +172,10 @@ def test_setup_runtime_names_the_device(monkeypatch):
     threads = torch.get_num_threads()
     lines = []
     try:
-        assert runtime.setup_runtime(RuntimeParams(device="cpu", threads=1), 0, log=lines.append).type == "cpu"
+        assert runtime.setup_runtime(RuntimeParams(device="cpu", threads=1, bf16=False), 0, log=lines.append).type == "cpu"
     finally:
         torch.set_num_threads(threads)
-    assert lines == ["device: cpu (1 threads)"]
+    assert lines == ["device: cpu (1 threads); training bf16 autocast off (runtime.bf16: false)"]
 
 
 def test_the_device_line_names_the_gpu(monkeypatch):

@@ -62,7 +62,7 @@ def many_cores(monkeypatch):
     ("data.test_subset", -1, "[0, 100,000,000]"),
     ("data.crop_padding", 9, "[0, 8]"),
     ("data.download", "no", "true or false"),
-    ("runtime.bf16", 1, "true or false"),
+    ("runtime.bf16", 1, "true/false or one of 'auto'"),
     ("prune.include_last_fc", None, "true or false"),
     ("mlflow.enabled", "true", "true or false"),
     ("distill.checkpoint_every", 1.5, "an integer"),

@@ -37,7 +37,7 @@ from kdprune.train.features import LayerTap, check_layers, default_layers
 from kdprune.train.losses import at_loss, kd_loss
 from kdprune.train.objective import PLAIN, Objective
 from kdprune.train.resume import RESUME_FORMAT, load_resume, rng_state, run_fingerprint, set_rng_state
-from kdprune.train.runtime import to_runtime
+from kdprune.train.runtime import bf16_choice, to_runtime
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -172,6 +172,7 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, objective:
         if not show:
             heartbeat = (heartbeat or Heartbeat()) if distributed.is_main() else None
         n_batches = len(train_loader)
+        bf16 = bf16_choice(runtime, device)[0]  # runtime.bf16: true | false | auto (the hardware's bf16)
         step = start * len(train_loader)
         for epoch in range(start + 1, cfg.epochs + 1):
             model.train()
@@ -181,7 +182,7 @@ def fit(model: nn.Module, train_loader, test_loader, cfg, *, runtime, objective:
             seen = 0
             batches = tqdm(train_loader, desc=f"{name} {epoch}/{cfg.epochs}", leave=False) if show else train_loader
             for batch, (x, y) in enumerate(batches, 1):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.bf16):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = net(x)
                     feats = taps[0].take() if taps else None
                     t_logits = None
