@@ -93,3 +93,16 @@ def test_a_mac_target_shows_the_ratio_reached_and_each_row_names_its_model():
     assert csv_rows[2].startswith("mac-target,channel,0.30399999,2.0,")
     # without a MAC target in any row: no macs_target column, and ratio is prune.ratio as before
     assert "macs_target" not in compare.render(compare.rows_from(EXP_SHOW)).splitlines()[0]
+
+
+def test_the_int8_files_accuracy_and_bytes_are_shown_not_the_fp32_onnx_duplicates():
+    e = entry("dddd", "int8-exp", 0.8, ["kd"], {"kd": 91.0})
+    e["data"]["metrics"]["metrics/evaluate.json"] = {"data": {
+        "acc_kd_onnx": 91.0, "acc_kd_int8": 90.87, "acc_teacher_int8": 91.9, "bytes_onnx_int8_kd": 103_780,
+        "bytes_onnx_int8_gzip_kd": 33_016, "bytes_onnx_kd": 314_537}}
+    rows = compare.rows_from([e])
+    assert rows[0]["acc_kd_int8"] == 90.87 and rows[0]["bytes_onnx_int8_kd"] == 103_780
+    assert "acc_kd_onnx" not in rows[0] and "bytes_onnx_int8_gzip_kd" not in rows[0]  # equal torch's / too many
+    header = compare.render(rows).splitlines()[0]
+    assert header.index("acc_kd ") < header.index("acc_kd_int8") < header.index("bytes_onnx_int8_kd")
+    assert "| 90.87 |" in compare.render(rows) and "103780" in compare.render(rows)
