@@ -42,12 +42,13 @@ def make_repo(tmp_path: Path, venv_bin: Path) -> tuple[Path, dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "GIT_"))}
     env.update(PATH=f"{venv_bin}:{env.get('PATH', '/usr/bin:/bin')}", DVC_NO_ANALYTICS="1",
                MLFLOW_DISABLE_TELEMETRY="true", DVC_SITE_CACHE_DIR=str(tmp_path / "site-cache"), CI="true",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               # one fixed date: the same tree gives the same commit in every repo, and the ONNX files name it
-               GIT_AUTHOR_DATE="2026-01-01T00:00:00Z", GIT_COMMITTER_DATE="2026-01-01T00:00:00Z")
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
     git(repo, env, "init", "-q", "-b", "main")
     git(repo, env, "add", "-A")
-    git(repo, env, "commit", "-qm", "init")
+    # one fixed date for the first commit: the same tree gives the same commit in every repo, and the ONNX files
+    # name it (kdprune.deploy.ship.code_commit). Not in env: DVC's own git commits refuse these variables.
+    git(repo, dict(env, GIT_AUTHOR_DATE="2026-01-01T00:00:00Z", GIT_COMMITTER_DATE="2026-01-01T00:00:00Z"),
+        "commit", "-qm", "init")
     return repo, env
 
 
