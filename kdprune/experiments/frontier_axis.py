@@ -55,6 +55,21 @@ class Axis:
             return ("bytes_onnx_gzip_teacher", self.metric(method))
         return (self.metric(method),)
 
+    def accuracy(self, method: str) -> str:
+        """The accuracy a probe of ``method`` is judged by: on the bytes and latency axes the student shipped is its
+        INT8 file, so its accuracy through onnxruntime (``acc_<m>_int8``); else torch's ``acc_<m>``."""
+        return f"acc_{method}_int8" if self.name in ("bytes", "latency") else f"acc_{method}"
+
+    def accuracies(self, runs: pd.DataFrame, method: str) -> np.ndarray:
+        """``method``'s accuracy (:meth:`accuracy`) in each run; an INT8 accuracy missing from a run is refused."""
+        name = self.accuracy(method)
+        col = runs[name].to_numpy(float) if name in runs else np.full(len(runs), np.nan)
+        bad = np.flatnonzero(np.isnan(col))
+        if bad.size and name != f"acc_{method}":  # acc_<m>: as before (a NaN probe fails the budget)
+            raise FrontierError(f"--axis {self.name}: {self._run(runs, bad[0])} has no {name} ({bad.size} of the "
+                                f"{len(runs)} run(s) of the probes lack it): {self.hint}")
+        return col
+
     def column(self, method: str) -> str:
         """The probe table's column of ``method``'s value (per-method axes only)."""
         return f"{method}_{'int8_gzip_size_reduction' if self.name == 'bytes' else 'ort_int8_speedup_b1'}"
@@ -91,10 +106,12 @@ AXES = {a.name: a for a in (
     Axis("macs", "MAC-reduction", "MAC reduction", "teacher MACs / student MACs", False,
          hint="runs from before MACs were measured; rerun them"),
     Axis("bytes", "INT8 size", "INT8 gzip size reduction",
-         "fp32 teacher ONNX gzip bytes / student INT8 ONNX gzip bytes", True,
+         "fp32 teacher ONNX gzip bytes / student INT8 ONNX gzip bytes; the students' accuracy: their INT8 files "
+         "through onnxruntime", True,
          hint=f"only runs that export INT8 measure its size; {_QUANTIZE}"),
     Axis("latency", "INT8 latency", "ORT INT8 speed-up at batch 1",
-         "fp32 teacher ORT ms / student INT8 ORT ms at batch 1, measured: noisy", True, measured=True,
+         "fp32 teacher ORT ms / student INT8 ORT ms at batch 1, measured: noisy; the students' accuracy: their INT8 "
+         "files through onnxruntime", True, measured=True,
          hint=f"only runs that export INT8 and time it measure it; {_QUANTIZE} and evaluate.latency_repeats > 0"),
 )}
 COMPRESSION = AXES["compression"]

@@ -68,7 +68,7 @@ def probes_from_runs(runs: pd.DataFrame, methods: list[str], seeds: list[int],
             continue
         g = g.loc[seeds]
         out.append(Probe(ratio=float(ratio), seeds=list(seeds),
-                         acc={m: g[f"acc_{m}"].to_numpy(float) for m in methods},
+                         acc={m: axis.accuracies(g.assign(ratio=float(ratio), seed=g.index), m) for m in methods},
                          teacher=g["acc_teacher"].to_numpy(float),
                          compression=float(g["compression_ratio"].mean()),
                          mac_reduction=float(g["mac_reduction"].mean()) if "mac_reduction" in g else float("nan"),

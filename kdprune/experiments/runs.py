@@ -30,7 +30,7 @@ WITHOUT_KD = frozenset({"finetune", "scratch"})
 # A method's own metrics beside its accuracy (the frontier's axes read them: kdprune/experiments/frontier_axis.py);
 # a method joined from another run takes them from that run, and the CPU-busy record of both runs.
 METHOD_METRICS = ("bytes_onnx_{m}", "bytes_onnx_int8_{m}", "bytes_onnx_gzip_{m}", "bytes_onnx_int8_gzip_{m}",
-                  "ort_speedup_b1_{m}_int8")
+                  "ort_speedup_b1_{m}_int8", "acc_{m}_int8")
 BUSY_COLUMNS = ("cpu_busy_fraction_before", "busy")
 
 

@@ -21,6 +21,7 @@ TEACHER = 93.0
 SLOPE = {"kd": 0.5, "finetune": 0.8}
 RATIOS = (0.5, 0.75, 0.9, 0.95, 0.98)
 TEACHER_GZIP = 300_000.0
+INT8_COST = 0.1  # points the INT8 file loses against torch's fp32 accuracy
 
 
 def acc(method: str, c: float, seed: int) -> float:
@@ -44,6 +45,7 @@ def row(params: dict, ratio: float, seed: int, t: int, **extra) -> dict:
     out.update(acc_teacher=TEACHER, acc_pruned=50.0, compression_ratio=c * 0.98, prunable_compression_ratio=c,
                mac_reduction=c * 0.9, bytes_onnx_gzip_teacher=TEACHER_GZIP, cpu_busy_fraction_before=0.05 * seed,
                **{f"acc_{m}": acc(m, c, seed) for m in SLOPE},
+               **{f"acc_{m}_int8": acc(m, c, seed) - INT8_COST for m in SLOPE},
                **{f"bytes_onnx_int8_gzip_{m}": int8_gzip(m, c) for m in SLOPE},
                **{f"ort_speedup_b1_{m}_int8": speedup(m, c, seed) for m in SLOPE})
     out.update(extra)
@@ -252,7 +254,8 @@ def test_each_axis_writes_its_own_files_naming_the_axis(workdir, capsys):
     assert md.startswith("# INT8 size frontier: ")
     assert "(93.00 %), along the INT8 gzip size reduction: kd reaches" in md
     assert "| budget (pt) | method | frontier (INT8 gzip size reduction: fp32 teacher ONNX gzip bytes / student " \
-           "INT8 ONNX gzip bytes) |" in md and "interpolated along its own values" in md
+           "INT8 ONNX gzip bytes; the students' accuracy: their INT8 files through onnxruntime) |" in md
+    assert "interpolated along its own values" in md
     points = pd.read_csv(tmp / "metrics" / "frontier_bytes_points.csv")
     assert set(points["axis"]) == {"bytes"} and points["unit"].iloc[0].startswith("fp32 teacher ONNX gzip bytes")
     table = pd.read_csv(tmp / "metrics" / "frontier_bytes.csv")
@@ -317,3 +320,16 @@ def test_the_cli_offers_the_axes_and_says_what_lo_and_hi_mean(capsys):
     for metric in ("compression_ratio", "mac_reduction", "bytes_onnx_gzip_teacher / bytes_onnx_int8_gzip_<method>",
                    "ort_speedup_b1_<method>_int8"):
         assert metric in out
+
+
+def test_the_int8_axes_judge_the_students_by_their_int8_files_accuracy(workdir):
+    _, params = workdir
+    runs = pd.DataFrame([row(params, r, s, i * 2 + s) for i, r in enumerate(RATIOS) for s in (0, 1)])
+    runs = runs.assign(ratio=runs["params.prune.ratio"].astype(float), seed=runs["params.seed"].astype(int))
+    for name, cost in (("compression", 0.0), ("macs", 0.0), ("bytes", INT8_COST), ("latency", INT8_COST)):
+        probes = fsearch.probes_from_runs(runs, ["kd", "finetune"], [0, 1], faxis.AXES[name])
+        c = 1 / (1 - RATIOS[-1])
+        assert probes[-1].acc["kd"] == pytest.approx([acc("kd", c, s) - cost for s in (0, 1)]), name
+    without = runs.drop(columns=["acc_kd_int8"])
+    with pytest.raises(exp_runs.FrontierError, match=r"--axis bytes: run fake\d+ .* has no acc_kd_int8"):
+        fsearch.probes_from_runs(without, ["kd", "finetune"], [0, 1], faxis.AXES["bytes"])
