@@ -23,7 +23,7 @@ from kdprune.models import build_model, spec_from_params  # noqa: E402
 from kdprune.params import load_params  # noqa: E402
 from kdprune.prune.masks import apply_masks, global_magnitude_masks, mask_grads  # noqa: E402
 from kdprune.train.loop import make_optimizer  # noqa: E402
-from kdprune.train.runtime import setup_runtime, to_runtime  # noqa: E402
+from kdprune.train.runtime import bf16_choice, setup_runtime, to_runtime  # noqa: E402
 
 
 def profile_steps(steps: int = 20, kd: bool = False, data: dict | None = None, row_limit: int = 15) -> str:
@@ -45,7 +45,7 @@ def profile_steps(steps: int = 20, kd: bool = False, data: dict | None = None, r
     alpha = params.distill.alpha if kd else 0.0
 
     def step(x, y):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=rt.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_choice(rt, torch.device("cpu"))[0]):
             logits = model(x)
             t = None
             if kd:
