@@ -1,5 +1,6 @@
 """Same params and seed on CPU -> identical dvc.lock output hashes across two fresh `dvc repro` runs,
 in two repos at different paths reading the same data bytes from different directories."""
+import shutil
 import subprocess
 
 import yaml
@@ -14,10 +15,16 @@ def out_hashes(repo) -> dict[str, str]:
 
 def test_two_fresh_repros_give_identical_output_hashes(tmp_path, venv_bin):
     procs = []
+    (tmp_path / "run0").mkdir()
+    first, env = make_repo(tmp_path / "run0", venv_bin)
+    # the second repo: a clone of the first (the same commit, which the ONNX exports name), reading a copy of
+    # the raw data from another directory
+    shutil.copytree(tmp_path / "run0" / "raw", tmp_path / "run1" / "raw")
+    subprocess.run(["git", "clone", "-q", str(first), str(tmp_path / "run1" / "repo")], env=env, check=True)
     for i in range(2):
-        (tmp_path / f"run{i}").mkdir()
-        repo, env = make_repo(tmp_path / f"run{i}", venv_bin)
+        repo = tmp_path / f"run{i}" / "repo"
         params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["data"]["root"] = str(tmp_path / f"run{i}" / "raw")
         params["mlflow"]["enabled"] = False  # tracking has no outputs; keep the test fast
         params["teacher"]["epochs"] = 1
         params["runtime"]["threads"] = 1  # the two runs go in parallel on a shared machine
