@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -360,6 +360,8 @@ class DistillParams(TrainParams):
     schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
     warmup_frac: float = 0.0
     variants: list[str] = field(default_factory=lambda: ["kd", "finetune"])
+    finetune_lr: float | None = None  # the finetune variant's own peak learning rate; None = lr (each method at its
+    # own tuned rate in one experiment: same teacher, mask and batch order)
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the KD term in kd variants; finetune always uses 0
     at_beta: float = 0.0  # attention-transfer weight (Zagoruyko & Komodakis use 1000) in variants with a teacher
@@ -372,6 +374,11 @@ class DistillParams(TrainParams):
         for v in self.variants:
             check(v in VARIANTS, f"{p}.variants", self.variants, f"each entry must be one of {list(VARIANTS)}")
         check(len(set(self.variants)) == len(self.variants), f"{p}.variants", self.variants, "has duplicates")
+        if self.finetune_lr is not None:
+            check(0 < self.finetune_lr <= MAX_LR, f"{p}.finetune_lr", self.finetune_lr,
+                   f"must be null (= {p}.lr) or in (0, {MAX_LR}] (the finetune variant's peak SGD learning rate)")
+            check("finetune" in self.variants, f"{p}.finetune_lr", self.finetune_lr,
+                   f"applies to the finetune variant, which {p}.variants does not list; set it to null")
         check(within(MIN_TEMPERATURE, self.temperature, MAX_TEMPERATURE), f"{p}.temperature", self.temperature,
                f"must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (Hinton et al. use 1-20; near 0 the softened "
                "logits overflow to NaN, and the KD term is scaled by T^2)")
@@ -383,6 +390,12 @@ class DistillParams(TrainParams):
                f"{p}.at_layers", self.at_layers,
                f"must list at most {MAX_AT_LAYERS} distinct module names (as model.named_modules() spells them, "
                "e.g. layer3 or features.6)")
+
+    def for_variant(self, variant: str) -> "DistillParams":
+        """The training settings one variant runs with: finetune at ``finetune_lr`` when set, else these."""
+        if variant == "finetune" and self.finetune_lr is not None:
+            return replace(self, lr=self.finetune_lr)
+        return self
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,10 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
     # quantize.method qat: train through INT8 rounding (kdprune/deploy/qat.py); the checkpoint holds plain weights
     fake_quant = qat.attach(student) if params.quantize.method == "qat" else None
     t0 = time.perf_counter()
-    history = fit(student, loader, stage.test_loader(params, data, device), params.distill, runtime=params.runtime,
+    cfg = params.distill.for_variant(variant)  # finetune at distill.finetune_lr when that is set
+    history = fit(student, loader, stage.test_loader(params, data, device), cfg, runtime=params.runtime,
                   objective=start.objective(teacher, params.distill), masks=masks,
-                  prune_schedule=agp_schedule(params.prune, params.distill.epochs * len(loader)) if start.gradual else None,
+                  prune_schedule=agp_schedule(params.prune, cfg.epochs * len(loader)) if start.gradual else None,
                   name=variant, section="distill", log=stage.log, checkpoint=stage.resume_path(f"distill_{variant}"))
     test_acc = history[-1]["test_acc"]
     extra = {}

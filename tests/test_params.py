@@ -59,6 +59,12 @@ def many_cores(monkeypatch):
     ("teacher.eval_every", -1, "[0, 10000]"),
     ("distill.epochs", 0, "[1, 10000]"),
     ("distill.lr", float("inf"), "finite number"),
+    ("distill.finetune_lr", float("nan"), "must be a number or null"),
+    ("distill.finetune_lr", 0.0, "(0, 10.0]"),
+    ("distill.finetune_lr", -0.2, "(0, 10.0]"),
+    ("distill.finetune_lr", 11.0, "(0, 10.0]"),
+    ("distill.finetune_lr", True, "must be a number or null"),
+    ("distill.finetune_lr", "0.2", "must be a number or null"),
     ("data.test_subset", -1, "[0, 100,000,000]"),
     ("data.crop_padding", 9, "[0, 8]"),
     ("data.download", "no", "true or false"),
@@ -237,3 +243,14 @@ def test_usable_cores_are_this_process_cpu_affinity(monkeypatch):
     assert kparams.usable_cores() == 3  # e.g. taskset -c 0-2 on a 64-core machine
     monkeypatch.delattr(kparams.os, "sched_getaffinity")  # macOS, Windows: every core
     assert kparams.usable_cores() == 64
+
+
+def test_finetune_lr_needs_the_finetune_variant_and_changes_only_finetune():
+    p = BASE | {"distill": {**BASE["distill"], "variants": ["kd"], "finetune_lr": 0.2}}
+    with pytest.raises(ParamsError, match=r"distill.finetune_lr = 0.2 is invalid: applies to the finetune variant"):
+        params_from_dict(p)
+    d = params_from_dict(BASE | {"distill": {**BASE["distill"], "lr": 0.01, "finetune_lr": 0.2}}).distill
+    assert d.for_variant("finetune").lr == 0.2 and d.for_variant("finetune").epochs == d.epochs
+    assert d.for_variant("kd").lr == 0.01 and d.for_variant("scratch").lr == 0.01
+    unset = params_from_dict(BASE).distill
+    assert unset.finetune_lr is None and unset.for_variant("finetune") is unset
