@@ -129,10 +129,10 @@ def train_loader(params: Params, data: dict, cfg, device: torch.device | str = "
     if world > 1:
         section = next((s for s in ("teacher", "distill") if getattr(params, s) is cfg), "<section>")
         distributed.check_batch_size(cfg.batch_size, f"{section}.batch_size")
-    if data.get("loader") == "stream":  # an image folder decoded while training (kdprune/streaming.py)
-        return streaming.StreamLoader(streaming.split_files(data, "train"), data["preprocessing"], data["train_y"],
-                                      data["mean"], data["std"], cfg.batch_size, num_workers=params.data.num_workers,
-                                      rank=distributed.rank(), world=world, **kw)
+    if data.get("loader") == "stream":  # an image folder's decoded array on disk (kdprune/data/streaming.py)
+        return streaming.StreamLoader(streaming.split_array(data, "train", params.data.num_workers), data["train_y"],
+                                      data["mean"], data["std"], cfg.batch_size, rank=distributed.rank(),
+                                      world=world, **kw)
     x, y = to_device(data["train_x"], device), to_device(data["train_y"], device)
     if world == 1:
         return TensorLoader(x, y, data["mean"], data["std"], cfg.batch_size, **kw)
@@ -142,10 +142,9 @@ def train_loader(params: Params, data: dict, cfg, device: torch.device | str = "
 
 def test_loader(params: Params, data: dict, device: torch.device | str = "cpu") -> TensorLoader:
     if data.get("loader") == "stream":
-        return streaming.StreamLoader(streaming.split_files(data, "test"), data["preprocessing"], data["test_y"],
+        return streaming.StreamLoader(streaming.split_array(data, "test", params.data.num_workers), data["test_y"],
                                       data["mean"], data["std"], params.evaluate.batch_size, train=False,
-                                      device=device, channels_last=params.runtime.channels_last,
-                                      num_workers=params.data.num_workers)
+                                      device=device, channels_last=params.runtime.channels_last)
     return TensorLoader(to_device(data["test_x"], device), to_device(data["test_y"], device), data["mean"],
                         data["std"], params.evaluate.batch_size, train=False, device=device,
                         channels_last=params.runtime.channels_last)
@@ -169,9 +168,8 @@ def train_eval_loader(params: Params, data: dict, device, limit: int = TRAIN_EVA
     common = dict(batch_size=params.evaluate.batch_size, train=False, device=device,
                   channels_last=params.runtime.channels_last)
     if data.get("loader") == "stream":
-        files = streaming.split_files(data, "train").subset(idx)
-        return streaming.StreamLoader(files, data["preprocessing"], y[idx], data["mean"], data["std"],
-                                      num_workers=params.data.num_workers, **common)
+        return streaming.StreamLoader(streaming.split_array(data, "train", params.data.num_workers), y[idx],
+                                      data["mean"], data["std"], rows=idx, **common)
     return TensorLoader(to_device(data["train_x"][idx], device), to_device(y[idx], device),
                         data["mean"], data["std"], **common)
 

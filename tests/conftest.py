@@ -24,3 +24,10 @@ def no_dataset_downloads(monkeypatch):
 @pytest.fixture(scope="session")
 def venv_bin():
     return Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def decoded_arrays_in_tmp(tmp_path_factory, monkeypatch):
+    """The stream path's decoded arrays (kdprune.data.decoded) go to a temp directory, never the repository's
+    data/decoded/; a test that looks for them there sets its own KDPRUNE_DECODED_DIR or deletes it."""
+    monkeypatch.setenv("KDPRUNE_DECODED_DIR", str(tmp_path_factory.getbasetemp() / "decoded"))

@@ -231,17 +231,17 @@ def test_a_fifo_or_a_device_as_params_file_is_refused(tmp_path):
     assert r.stdout.startswith("refused: /dev/zero: a device, not a regular file"), r.stdout + r.stderr[-2000:]
 
 
-def test_an_image_replaced_by_a_fifo_after_prepare_is_one_line_not_a_hang(tmp_path):
+def test_an_image_replaced_by_a_fifo_after_prepare_is_one_line_not_a_hang(tmp_path, monkeypatch):
+    """Training reads the decoded array; rebuilding a missing one reads the images again."""
     root = tiny_folder(tmp_path / "root")
     d = prepare(root, loader="stream")
     png = root / "val" / "b" / "1.png"
     png.unlink()
     os.mkfifo(png)
-    ld = streaming.StreamLoader(streaming.split_files(d, "test"), d["preprocessing"], d["test_y"], d["mean"],
-                                d["std"], 2, train=False, num_workers=0)
+    monkeypatch.setenv("KDPRUNE_DECODED_DIR", str(tmp_path / "empty"))  # the array is missing: rebuilt
     with no_hang(), pytest.raises(DatasetError, match=r"val/b/1\.png: a FIFO \(named pipe\), not a regular file; the "
                                                       r"image must be a regular file") as e:
-        list(ld)
+        streaming.split_array(d, "test", num_workers=0)
     assert "\n" not in str(e.value)
 
 

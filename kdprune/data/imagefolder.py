@@ -18,11 +18,13 @@ uint8 pixels are identical to what such a script feeds its model:
   back, then flipped with probability 1/2 (the same ops as the built-in datasets, ``kdprune.data.TensorLoader``).
 
 Two data paths (``data.loader``): ``tensor`` decodes every image once here and stores uint8 (N, C, H, W)
-tensors in ``data/prepared/dataset.pt``, like the built-in datasets; ``stream`` stores only an index (the
-files, their sizes and labels) and training decodes in DataLoader workers (``kdprune.data.streaming``). ``auto``
-takes ``tensor`` when the decoded train + val images fit ``data.memory_budget_mb``. On the stream path the
-tensors ``train_x``/``test_x`` of the prepared dict are *meta* tensors: they carry the shape (N, C, H, W) that
-the stages read, and any attempt to read a pixel from them fails loudly.
+tensors in ``data/prepared/dataset.pt``, like the built-in datasets; ``stream`` decodes every image once here
+too, into a uint8 array on disk per split (``kdprune.data.decoded``), and stores in ``dataset.pt`` the index (the
+files, their sizes and labels) and the arrays' keys and sha256; training reads its batches from the arrays
+(``kdprune.data.streaming``). ``auto`` takes ``tensor`` when the decoded train + val images fit
+``data.memory_budget_mb``. On the stream path the tensors ``train_x``/``test_x`` of the prepared dict are *meta*
+tensors: they carry the shape (N, C, H, W) that the stages read, and any attempt to read a pixel from them
+fails loudly. Both paths compute the mean/std exactly over the whole train split.
 
 What is refused, each with a one-line ``DatasetError`` naming the file or directory: a missing ``train/`` or
 ``val/``, an empty class directory, classes that differ between the splits, no images, more than
@@ -37,22 +39,23 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from kdprune.data.decode import show_path
 from kdprune.data.limits import DatasetError
-from kdprune.data.prepare import _stratified_subset, channel_stats
+from kdprune.data import decoded
+from kdprune.data.prepare import _stratified_subset, add_histogram, channel_stats, histogram_stats
 from kdprune.data.preprocessing import override_stats
-from kdprune.data.workers import Batches, FileIndex, Headers, batches_for, checked, worker_loader
+from kdprune.data.workers import Batches, FileIndex, Headers, batches_for, checked, decoded_chunks, worker_loader
 from kdprune.io import resolves_inside
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 SPLITS = (("train", "train"), ("test", "val"))  # prepared-dict split -> directory under data.root
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
 MAX_FILES = 20_000_000  # images over both splits; ImageNet-21k has 14.2M
-STATS_SAMPLE = 10_000  # stream path: mean/std from at most this many train images (exact below it)
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
 
@@ -205,13 +208,10 @@ def choose_loader(loader: str, nbytes: int, memory_budget_mb: int) -> str:
     return "stream"
 
 
-def _decode_into(out: torch.Tensor, batches: Batches, indices: torch.Tensor, num_workers: int | None,
-                 chunk: int = 64) -> None:
+def _decode_into(out: torch.Tensor, batches: Batches, indices: torch.Tensor, num_workers: int | None) -> None:
     """``out[k]`` = the image of file ``indices[k]``, decoded by ``batches`` in DataLoader workers."""
-    specs = [(indices[s:s + chunk], None, None, None) for s in range(0, len(indices), chunk)]
     start = 0
-    for x in worker_loader(batches, specs, num_workers):
-        x = checked(x)
+    for x in decoded_chunks(batches, indices, num_workers):
         out[start:start + len(x)] = x
         start += len(x)
 
@@ -219,10 +219,13 @@ def _decode_into(out: torch.Tensor, batches: Batches, indices: torch.Tensor, num
 def prepare(root: str, *, image_size: int, resize_size: int | None = None, interpolation: str = "bilinear",
             loader: str = "auto", memory_budget_mb: int = 4096, train_subset: int = 0, test_subset: int = 0,
             seed: int = 0, num_workers: int | None = None, mean: list[float] | None = None,
-            std: list[float] | None = None) -> dict:
+            std: list[float] | None = None, decoded_dir: str | os.PathLike | None = None,
+            log: Callable[[str], None] | None = None) -> dict:
     """An image folder -> the prepared dict: the keys of ``kdprune.data.prepare_dataset``'s, plus ``loader``
     ("tensor" | "stream"), ``preprocessing`` (how the stored images were made), ``computed_mean``/``computed_std``
-    and, on the stream path, ``index`` (the files). ``mean``/``std`` override the computed statistics."""
+    and, on the stream path, ``index`` (the files) and ``decoded`` (each split's array in ``decoded_dir``, default
+    ``kdprune.data.decoded.default_dir()``: key, shape, sha256). ``mean``/``std`` override the computed
+    statistics; ``log`` hears what was decoded or reused."""
     resize_size = image_size if resize_size is None else resize_size
     if resize_size < image_size:
         raise DatasetError(f"data.resize_size = {resize_size} is smaller than data.image_size = {image_size}: the "
@@ -254,40 +257,31 @@ def prepare(root: str, *, image_size: int, resize_size: int | None = None, inter
             x = torch.empty((n[split], *shape), dtype=torch.uint8)
             _decode_into(x, batches_for(files, out["preprocessing"]), torch.arange(n[split]), num_workers)
             out[f"{split}_x"] = x
-        else:  # the shape only: the pixels are decoded while training (kdprune.data.streaming)
+        else:  # the shape only: the pixels are in the decoded array on disk (kdprune.data.decoded)
             out[f"{split}_x"] = torch.empty((n[split], *shape), dtype=torch.uint8, device="meta")
     if path == "tensor":
         computed = channel_stats(out["train_x"])
     else:
-        files, labels = chosen["train"]
-        computed = _sampled_stats(files, labels, batches_for(files, out["preprocessing"]), memory_budget_mb, seed,
-                                  num_workers)
+        hist = torch.zeros(channels, 256, dtype=torch.int64)
+        specs = decoded.prepare_arrays(
+            root, {split: chosen[split][0] for split in chosen}, out["preprocessing"],
+            decoded.default_dir() if decoded_dir is None else Path(decoded_dir), num_workers,
+            on_chunk={"train": lambda x: add_histogram(hist, torch.from_numpy(x))}, log=log)
+        computed = histogram_stats(hist)  # exact, over the whole train split, as on the tensor path
         out["index"] = {"root": str(folder.root), **{split: chosen[split][0].to_dict() for split in chosen}}
-    _check_stats(computed, root, n["train"] if path == "tensor" else None)
+        out["decoded"] = {split: spec.to_dict() for split, spec in specs.items()}
+    _check_stats(computed, root, n["train"])
     out["mean"], out["std"] = override_stats(computed, mean, std, channels)
     out["computed_mean"], out["computed_std"] = computed
     return out
 
 
-def _check_stats(computed: tuple[list[float], list[float]], root: str, n_train: int | None) -> None:
+def _check_stats(computed: tuple[list[float], list[float]], root: str, n_train: int) -> None:
     """Refuse a train split with a constant channel (std 0: normalising divides by zero) or non-finite statistics,
-    as ``prepare_dataset`` does for the built-in datasets; ``n_train`` None: the stream path's sample."""
+    as ``prepare_dataset`` does for the built-in datasets."""
     for c, (m, s) in enumerate(zip(*computed)):
         if not (math.isfinite(m) and math.isfinite(s) and s > 0):
-            what = f"its {n_train} train images" if n_train is not None else "a sample of its train images"
             raise DatasetError(
-                f"data.root = {show_path(root)}: channel {c} of {what} has mean {m} and std {s}: "
+                f"data.root = {show_path(root)}: channel {c} of its {n_train} train images has mean {m} and std {s}: "
                 f"{'every pixel has the same value, so normalising divides by zero' if s == 0 else 'not finite'} "
                 f"(training would diverge to NaN); are these the right images?")
-
-
-def _sampled_stats(files: FileIndex, labels: torch.Tensor, batches: Batches, memory_budget_mb: int, seed: int,
-                   num_workers: int | None) -> tuple[list[float], list[float]]:
-    """Stream path: the exact statistics of a class-stratified sample of the train split; all of it when it has
-    at most ``STATS_SAMPLE`` images and they fit half the memory budget."""
-    shape = (batches.channels, batches.image_size, batches.image_size)
-    cap = max(1, min(STATS_SAMPLE, ((int(memory_budget_mb) << 20) // 2) // decoded_bytes(1, *shape[:2])))
-    idx = _stratified_subset(labels, cap, torch.Generator().manual_seed(seed))  # all of them when cap >= N
-    x = torch.empty((len(idx), *shape), dtype=torch.uint8)
-    _decode_into(x, batches, idx, num_workers)
-    return channel_stats(x)

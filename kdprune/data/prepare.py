@@ -43,16 +43,26 @@ def channel_stats(x: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list
     Exact: from a per-channel histogram of the 256 pixel values (integer counts over chunks of
     images), with one rounding at the end, to float32, the precision the values had when they came
     from a float32 reduction. Needs no float copy of the split, which for SVHN with extra would be 7 GB."""
-    n = x.shape[0] * x.shape[2] * x.shape[3]
     hist = torch.zeros(x.shape[1], 256, dtype=torch.int64)
     for i in range(0, len(x), chunk):
-        for c in range(x.shape[1]):
-            hist[c] += torch.bincount(x[i:i + chunk, c].reshape(-1), minlength=256)
+        add_histogram(hist, x[i:i + chunk])
+    return histogram_stats(hist)
+
+
+def add_histogram(hist: torch.Tensor, x: torch.Tensor) -> None:
+    """``hist`` (C, 256) int64 += the per-channel counts of the pixel values of uint8 images ``x`` (n, C, H, W)."""
+    for c in range(x.shape[1]):
+        hist[c] += torch.bincount(x[:, c].reshape(-1), minlength=256)
+
+
+def histogram_stats(hist: torch.Tensor) -> tuple[list[float], list[float]]:
+    """``channel_stats`` from the per-channel histogram (C, 256) of the images' pixel values."""
     mean, std = [], []
     for counts in hist.tolist():
+        n = sum(counts)
         s = sum(k * v for v, k in enumerate(counts))  # Python ints: no overflow, no rounding
         ss = sum(k * v * v for v, k in enumerate(counts))
-        mean.append(s / (n * 255))  # int / int is correctly rounded
+        mean.append(s / (n * 255) if n else float("nan"))  # int / int is correctly rounded
         std.append(((n * ss - s * s) / (n * (n - 1) * 255 ** 2)) ** 0.5 if n > 1 else 0.0)
     return _as_float32(mean), _as_float32(std)
 

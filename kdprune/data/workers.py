@@ -1,8 +1,9 @@
-"""Many image files at once, in DataLoader workers: the shared file index, the header and batch datasets the
-workers run, and the loader that runs them (kdprune/data/imagefolder.py and streaming.py use these)."""
+"""Many image files at once, in DataLoader workers: the shared file index, the header and decoding datasets the
+workers run, and the loader that runs them (kdprune/data/imagefolder.py and decoded.py use these)."""
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from kdprune.data.limits import DatasetError
 
 
 HEADER_BATCH = 256  # files per header-reading task
+DECODE_BATCH = 64  # files per decoding task
 
 
 class FileIndex:
@@ -40,12 +42,6 @@ class FileIndex:
         return {"blob": torch.from_numpy(self.blob), "offsets": torch.from_numpy(self.offsets),
                 "sizes": torch.from_numpy(self.sizes)}
 
-    def subset(self, indices: torch.Tensor) -> FileIndex:
-        """The files at ``indices`` (in that order), with their sizes."""
-        rel = [self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
-               for i in indices.tolist()]
-        return FileIndex.pack(self.root, rel, self.sizes[indices.numpy()])
-
     @classmethod
     def from_dict(cls, root: str, d: dict) -> FileIndex:
         return cls(root, d["blob"].numpy(), d["offsets"].numpy(), d["sizes"].numpy())
@@ -73,39 +69,39 @@ class Headers(torch.utils.data.Dataset):
 
 
 class Batches(torch.utils.data.Dataset):
-    """Item = one batch, given as ``(indices, dy, dx, flip)`` (``dy``/``dx``/``flip`` None or one per image): the
-    decoded uint8 images (n, C, S, S), each padded by ``pad`` and cropped at (dy, dx), then flipped where asked
-    (``kdprune.data.TensorLoader``'s augmentation on the stored image) - or an error message."""
+    """Item = the images of the files at ``indices`` (an int64 tensor), decoded as ``kdprune.data.decode`` does:
+    uint8 (n, C, S, S), or an error message."""
 
     def __init__(self, files: FileIndex, channels: int, resize_size: int, image_size: int,
-                 interpolation: str = "bilinear", pad: int = 0):
+                 interpolation: str = "bilinear"):
         self.files, self.channels, self.resize_size, self.image_size = files, channels, resize_size, image_size
-        self.interpolation, self.pad = interpolation, pad
+        self.interpolation = interpolation
 
-    def __getitem__(self, spec):
-        indices, dy, dx, flip = spec
+    def __getitem__(self, indices: torch.Tensor):
         s = self.image_size
         out = torch.empty((len(indices), self.channels, s, s), dtype=torch.uint8)
         try:
             for k, i in enumerate(indices.tolist()):
-                img = decode(self.files.path(i), self.channels, self.resize_size, s, self.interpolation,
-                             int(self.files.sizes[i]))
-                if dy is not None:
-                    img = torch.nn.functional.pad(img, (self.pad,) * 4)
-                    y0, x0 = int(dy[k]), int(dx[k])
-                    img = img[:, y0:y0 + s, x0:x0 + s]
-                if flip is not None and bool(flip[k]):
-                    img = img.flip(-1)
-                out[k] = img
+                out[k] = decode(self.files.path(i), self.channels, self.resize_size, s, self.interpolation,
+                                int(self.files.sizes[i]))
         except DatasetError as e:
             return str(e)
         return out
 
 
-def batches_for(files: FileIndex, preprocessing: dict, pad: int = 0) -> Batches:
+def batches_for(files: FileIndex, preprocessing: dict) -> Batches:
     """``Batches`` that decode ``files`` as the prepared dict's ``preprocessing`` says."""
     p = preprocessing
-    return Batches(files, p["channels"], p["resize_size"], p["image_size"], p["interpolation"], pad)
+    return Batches(files, p["channels"], p["resize_size"], p["image_size"], p["interpolation"])
+
+
+def decoded_chunks(batches: Batches, indices: torch.Tensor, num_workers: int | None,
+                   chunk: int = DECODE_BATCH) -> Iterator[torch.Tensor]:
+    """The images of the files at ``indices``, in that order, decoded by ``batches`` in DataLoader workers, as
+    uint8 tensors of at most ``chunk`` images (a worker's error is raised here as one line)."""
+    specs = [indices[s:s + chunk] for s in range(0, len(indices), chunk)]
+    for x in worker_loader(batches, specs, num_workers):
+        yield checked(x)
 
 
 def _worker_init(_):
@@ -116,12 +112,10 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def worker_loader(dataset, sampler, num_workers: int | None, *, pin_memory: bool = False,
-                  persistent: bool = False) -> torch.utils.data.DataLoader:
+def worker_loader(dataset, sampler, num_workers: int | None) -> torch.utils.data.DataLoader:
     """A DataLoader whose every item is already a batch (``batch_size=None``), in the sampler's order."""
     n = default_workers() if num_workers is None else num_workers
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=n,
-                                       pin_memory=pin_memory, persistent_workers=persistent and n > 0,
                                        worker_init_fn=_worker_init if n > 0 else None,
                                        prefetch_factor=2 if n > 0 else None)
 

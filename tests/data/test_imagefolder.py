@@ -137,15 +137,19 @@ def test_train_and_val_subsets_are_class_stratified(rgb_folder):
 
 # ---- the stream path ----
 
-def test_stream_path_stores_an_index_and_shapes_only(fm_folder):
+def test_stream_path_stores_an_index_the_arrays_keys_and_shapes_only(fm_folder):
     root, written = fm_folder
     d = prepare(root, loader="stream")
-    assert d["loader"] == "stream" and "index" in d
+    assert d["loader"] == "stream" and "index" in d and set(d["decoded"]) == {"train", "test"}
+    assert d["decoded"]["train"]["shape"] == list(written["train"][0].shape) and len(d["decoded"]["train"]["sha256"]) == 64
     assert d["train_x"].shape == written["train"][0].shape and d["train_x"].device.type == "meta"
     with pytest.raises(NotImplementedError):  # the stages read the shape; a pixel read fails loudly
         d["train_x"].to("cpu")
     t = prepare(root, loader="tensor")
-    assert (d["mean"], d["std"]) == (t["mean"], t["std"])  # the whole (small) train split was sampled
+    assert (d["mean"], d["std"]) == (t["mean"], t["std"])  # exact, over the whole train split
+    for split in ("train", "test"):  # the array holds the tensor path's pixels
+        assert torch.equal(torch.from_numpy(streaming.split_array(d, split).read(np.arange(len(t[f"{split}_y"])))),
+                           t[f"{split}_x"])
     buf1, buf2 = io.BytesIO(), io.BytesIO()
     torch.save(d, buf1)
     torch.save(prepare(root, loader="stream"), buf2)
@@ -171,28 +175,55 @@ def test_stream_yields_exactly_the_tensor_paths_batches(folder, fm_folder, rgb_f
         assert xs.dtype == torch.float32 and torch.equal(xs, xt) and torch.equal(ys, yt)
         n += len(ys)
     assert n == len(tensor["test_y"])
-    for epoch in range(2):  # train: the same order, crops and flips from the same seed (both on the CPU)
+    for epoch in range(3):  # train: the same order, crops and flips from the same seed (both on the CPU)
         for (xs, ys), (xt, yt) in zip(s_train, t_train, strict=True):
             assert xs.shape == xt.shape and torch.equal(ys, yt) and torch.equal(xs, xt), epoch
     assert torch.equal(s_train.generator.get_state(), t_train.generator.get_state())
+    for (xs, ys), (xt, yt) in zip(stage.train_eval_loader(params, stream, "cpu", limit=7),
+                                  stage.train_eval_loader(params, tensor, "cpu", limit=7),
+                                  strict=True):  # 7 evenly spaced rows of the train array, unaugmented
+        assert torch.equal(xs, xt) and torch.equal(ys, yt)
 
 
-def test_stream_workers_do_not_change_the_batches_and_ddp_shards_make_up_the_batch(rgb_folder):
+def test_prefetch_does_not_change_the_batches_and_ddp_ranks_get_the_tensor_paths_shards(rgb_folder):
+    from kdprune.train.distributed import ShardedLoader
+
     d = prepare(rgb_folder, image_size=16, loader="stream")
-    files = streaming.split_files(d, "train")
+    t = prepare(rgb_folder, image_size=16, loader="tensor")
+    kw = dict(train=True, crop_padding=2, hflip=True, seed=5)
 
-    def batches(workers, rank=0, world=1):
-        ld = streaming.StreamLoader(files, d["preprocessing"], d["train_y"], d["mean"], d["std"], 10, train=True,
-                                    crop_padding=2, hflip=True, seed=5, num_workers=workers, rank=rank, world=world)
-        return list(ld)
+    def batches(prefetch=2, rank=0, world=1, epochs=2):
+        ld = streaming.StreamLoader(streaming.split_array(d, "train"), d["train_y"], d["mean"], d["std"], 10,
+                                    rank=rank, world=world, prefetch=prefetch, **kw)
+        return [b for _ in range(epochs) for b in ld]
 
-    single = batches(0)
-    assert [torch.equal(a[0], b[0]) for a, b in zip(single, batches(2))] == [True] * len(single)
+    single = batches()
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(single, batches(prefetch=0), strict=True))
+    for rank in range(3):  # each rank's shard is the tensor path's (ShardedLoader's), epoch after epoch
+        ref = ShardedLoader(t["train_x"], t["train_y"], t["mean"], t["std"], 10, rank=rank, world=3, **kw)
+        ref_batches = [b for _ in range(2) for b in ref]
+        for (xs, ys), (xt, yt) in zip(batches(rank=rank, world=3), ref_batches, strict=True):
+            assert torch.equal(xs, xt) and torch.equal(ys, yt)
     shards = [batches(0, rank, 3) for rank in range(3)]
     for i, (x, y) in enumerate(single):
         xs = torch.cat([s[i][0] for s in shards])
         ys = torch.cat([s[i][1] for s in shards])
         assert torch.equal(xs[:len(y)], x) and torch.equal(ys[:len(y)], y)  # the last batch is padded to 3k
+
+
+def test_ddp_ranks_read_disjoint_images_of_the_same_array(rgb_folder):
+    d = prepare(rgb_folder, image_size=16, loader="stream")
+    read: dict[int, list[np.ndarray]] = {}
+    for rank in range(2):
+        array = streaming.split_array(d, "train")
+        real = array.read
+        array.read = lambda rows, _r=rank, _real=real: read.setdefault(_r, []).append(rows.copy()) or _real(rows)
+        list(streaming.StreamLoader(array, d["train_y"], d["mean"], d["std"], 12, train=True, crop_padding=2,
+                                    hflip=True, rank=rank, world=2, prefetch=0))
+    n = len(d["train_y"])  # 36: three batches of 12, six images per rank each
+    for a, b in zip(read[0], read[1], strict=True):
+        assert len(a) == len(b) == 6 and not set(a.tolist()) & set(b.tolist())
+    assert sorted(np.concatenate(read[0] + read[1]).tolist()) == list(range(n))
 
 
 def test_training_on_the_stream_path_gives_the_tensor_paths_model_and_resumes_its_order(rgb_folder):
@@ -354,19 +385,41 @@ def test_missing_root_and_small_resize(tmp_path):
         prepare(root, image_size=8, resize_size=6)
 
 
-@pytest.mark.parametrize("case", ["corrupt", "changed"])
-def test_stream_path_reports_a_file_damaged_after_prepare_by_name(tmp_path, case):
+def test_no_epoch_decodes_an_image_and_a_missing_array_is_rebuilt(tmp_path, monkeypatch):
     root = tiny_folder(tmp_path / "root")
     d = prepare(root, image_size=8, loader="stream")
+    ref = [b for b in streaming.StreamLoader(streaming.split_array(d, "test"), d["test_y"], d["mean"], d["std"], 3,
+                                             train=False)]
+    monkeypatch.setattr(imagefolder.decoded, "batches_for", lambda *a: pytest.fail("decoded an image"))
+    monkeypatch.setattr(streaming.decoded, "batches_for", lambda *a: pytest.fail("decoded an image"))
+    params = folder_params(root, image_size=8)
+    for _ in range(2):  # epochs read the array only
+        assert len(list(stage.train_loader(params, d, params.teacher))) == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("KDPRUNE_DECODED_DIR", str(tmp_path / "decoded"))  # another, empty, cache: rebuilt there
+    array = streaming.split_array(d, "test")
+    assert array.path.parent == tmp_path / "decoded"
+    got = list(streaming.StreamLoader(array, d["test_y"], d["mean"], d["std"], 3, train=False))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, ref, strict=True))
+
+
+@pytest.mark.parametrize("case", ["corrupt", "changed"])
+def test_rebuilding_a_missing_array_from_changed_images_is_one_line(tmp_path, monkeypatch, case):
+    root = tiny_folder(tmp_path / "root")
+    d = prepare(root, image_size=8, loader="stream")
+    monkeypatch.setenv("KDPRUNE_DECODED_DIR", str(tmp_path / "empty"))
     png = root / "val" / "b" / "1.png"
-    size = png.stat().st_size
-    png.write_bytes(os.urandom(size) if case == "corrupt" else png.read_bytes() + b"more")
-    ld = streaming.StreamLoader(streaming.split_files(d, "test"), d["preprocessing"], d["test_y"], d["mean"],
-                                d["std"], 2, train=False, num_workers=1)
-    pattern = "not a readable image" if case == "corrupt" else r"the file changed since `dvc repro prepare`"
-    with pytest.raises(DatasetError, match=r"val/b/1\.png: " + pattern) as e:
-        list(ld)
+    if case == "corrupt":
+        png.write_bytes(os.urandom(png.stat().st_size))
+        pattern = r"val/b/1\.png: not a readable image"
+    else:  # other pixels, the same file size: only the pixels' sha256 can tell
+        Image.new("RGB", (12, 10), (1, 2, 3)).save(png)
+        pattern = r"test-[0-9a-f]{64}\.u8: rebuilt from data.root, its pixels hash to .* the images changed since"
+        d["index"]["test"]["sizes"][-1] = png.stat().st_size  # as if the size had not changed (the last file)
+    with pytest.raises(DatasetError, match=pattern) as e:
+        streaming.split_array(d, "test")
     assert "\n" not in str(e.value)
+    assert not [p for p in (tmp_path / "empty").iterdir() if not p.name.endswith(".lock")]  # nothing half-written
 
 
 # ---- normalisation: data.mean / data.std, torchvision weights ----
