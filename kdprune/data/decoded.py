@@ -162,6 +162,8 @@ def _read_header(path: Path, spec: Spec) -> tuple[str, str]:
         fh, size = io.open_regular(path, "a decoded array", None, DatasetError)
         with fh:
             raw = fh.read(HEADER.size)
+    except DatasetError as e:  # not a regular file (a FIFO would block the reader)
+        raise DatasetError(f"{e}; delete it and rerun `dvc repro prepare` (it is rebuilt from data.root)") from None
     except OSError as e:
         raise _refuse(path, f"cannot read it ({e.strerror or e})") from None
     if len(raw) < HEADER.size:
