@@ -69,12 +69,14 @@ def test_imagefolder_benchmark_runs_tiny(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     root = mod.make_folder(tmp_path / "folder", 60)  # 48 train images: 3 batches of 16
-    res = mod.run_throughput(root, workers=(0,), batch=16)
-    assert res["stream_img_s"][0] > 0 and res["plain_img_s"][0] > 0
+    res = mod.run_throughput(root, workers=(0,), batch=16, epochs=2, prepare_workers=0)
+    assert res["stream_img_s"]["prefetch 0"] > 0 and res["stream_img_s"]["prefetch 2"] > 0
+    assert res["plain_img_s"][0] > 0 and res["stream_cold_img_s"] > 0 and res["prepare_img_s"] > 0
     mem = mod.rss_child(root, budget_mb=1, steps=2, workers=0, batch=16)
     assert mem["loader"] == "stream" and mem["decoded_mb"] > mem["budget_mb"] and mem["vmhwm_main_mb"] > 0
+    assert mem["train_peaks"]["anon_sum_mb"] > 0 and mem["prepare_peaks"]["pss_sum_mb"] > 0
     text = mod.report({"machine": "x", "torch": "y", "throughput": res, "memory": [mem]})
-    assert "ratio" in text and "-> stream" in text
+    assert "ratio" in text and "-> stream" in text and "page cache" in text and "pays for itself" in text
 
 
 def test_channel_speedup_benchmark_runs_tiny():
