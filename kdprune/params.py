@@ -66,7 +66,7 @@ class DataParams:
     test_subset: int = 0
     crop_padding: int = 2  # random-crop augmentation: pad by this many pixels, crop back
     svhn_extra: bool = False  # svhn only: append extra_32x32.mat (531k images) to the train split
-    # -- image folders (kdprune/imagefolder.py, kdprune/streaming.py) and normalisation (kdprune/preprocessing.py)
+    # -- image folders (kdprune/data/imagefolder.py, decoded.py, streaming.py), normalisation (data/preprocessing.py)
     image_size: int | None = None  # imagefolder: side of the square images the model sees; null = 224 (DEFAULT_...)
     resize_size: int | None = None  # imagefolder: the shorter side is resized to this, then centre-cropped
     interpolation: Literal["bilinear", "bicubic"] | None = None  # imagefolder: of that resize; null = bilinear
@@ -74,7 +74,7 @@ class DataParams:
     std: list[float] | None = None
     loader: Literal["auto", "tensor", "stream"] = "auto"  # imagefolder: auto = tensor when it fits the budget
     memory_budget_mb: int = 4096  # decoded train + val above this -> stream (auto) or an error (tensor)
-    num_workers: int | None = None  # stream path: decoding processes; null = min(8, cores); 0 = in the main one
+    num_workers: int | None = None  # imagefolder prepare: decoding processes; null = min(8, cores); 0 = in the main one
 
     @property
     def image_size_or_default(self) -> int:

@@ -2,7 +2,8 @@
 
   limits (budget, size checks, DatasetError), registry (the datasets, where their files are), idx / cifar /
   svhn (one reader per format family), prepare (-> data/prepared/dataset.pt), loader (tensor-resident),
-  imagefolder + streaming + preprocessing (your own images; the streaming loader for sets larger than RAM).
+  imagefolder + decoded + streaming + preprocessing (your own images; for sets larger than RAM, each split
+  decoded once into a uint8 array on disk, and the loader that reads its batches).
 
 ``prepare`` converts a dataset once into ``data/prepared/dataset.pt``: uint8 images (N, C, H, W),
 int64 labels and metadata. Training never touches a per-sample Dataset/DataLoader: the whole
