@@ -39,7 +39,8 @@ def prepare_folder(params: Params) -> None:
     weights = weights_of(params.model.name) if pretrained else None
     out = imagefolder.prepare(d.root, **folder_settings(d, weights), loader=d.loader, memory_budget_mb=d.memory_budget_mb,
                               train_subset=d.train_subset, test_subset=d.test_subset, seed=params.seed,
-                              num_workers=d.num_workers, log=lambda msg: stage.log(f"prepare: decoded array of {msg}"))
+                              num_workers=d.num_workers,
+                              log=lambda msg: stage.log(f"prepare: decoded array of {msg}"))
     io.torch_save(stage.PREPARED, out)
     p = out["preprocessing"]
     stage.log(f"prepare: imagefolder {d.root}: {len(out['classes'])} classes, train {tuple(out['train_x'].shape)} "

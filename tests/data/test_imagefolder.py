@@ -141,7 +141,8 @@ def test_stream_path_stores_an_index_the_arrays_keys_and_shapes_only(fm_folder):
     root, written = fm_folder
     d = prepare(root, loader="stream")
     assert d["loader"] == "stream" and "index" in d and set(d["decoded"]) == {"train", "test"}
-    assert d["decoded"]["train"]["shape"] == list(written["train"][0].shape) and len(d["decoded"]["train"]["sha256"]) == 64
+    assert d["decoded"]["train"]["shape"] == list(written["train"][0].shape)
+    assert len(d["decoded"]["train"]["sha256"]) == 64
     assert d["train_x"].shape == written["train"][0].shape and d["train_x"].device.type == "meta"
     with pytest.raises(NotImplementedError):  # the stages read the shape; a pixel read fails loudly
         d["train_x"].to("cpu")
