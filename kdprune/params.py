@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -135,9 +135,8 @@ class DataParams:
 class ModelParams:
     arch: Literal["resnet", "resnet_bottleneck", "resnet_imagenet", "torchvision", "custom"] = "resnet"
     depth: int = 8
-    # Stage-1 width: the stem and stage 1 have `width` channels (Bottleneck archs: stage-1 mid width; the
-    # stage outputs are 4x their mids); each later stage doubles. 16 is the standard for the CIFAR ResNets,
-    # 64 for resnet_imagenet (ResNet-50/101/152).
+    # Stage-1 width: the stem and stage 1 have `width` channels (Bottleneck archs: stage-1 mid width; the stage
+    # outputs are 4x their mids); each later stage doubles. 16: the CIFAR ResNets, 64: resnet_imagenet.
     width: int = 16
     name: str | None = None  # arch torchvision: the builder, e.g. resnet18 (TORCHVISION_CLASSIFIERS)
     factory: str | None = None  # arch custom: "package.module:function" returning an nn.Module (runs user code)
@@ -274,8 +273,7 @@ class TrainParams:
 @dataclass(frozen=True)
 class PruneParams:
     method: Literal["magnitude", "l1_filter", "channel"] = "magnitude"
-    ratio: float = 0.8  # magnitude: fraction of prunable weights removed; l1_filter: fraction of inner filters;
-    # channel: fraction of the channels of every prunable group removed
+    ratio: float = 0.8  # fraction removed: of prunable weights (magnitude), inner filters (l1_filter), channels
     importance: Literal["l1", "l2", "taylor", "bn_scale"] = "l1"  # channel: how channels are ranked
     target_macs_reduction: float | None = None  # channel: prune in steps until MACs fall by this factor (not ratio)
     include_first_conv: bool = True  # magnitude only: l1_filter never prunes the stem, residual path or fc
@@ -360,8 +358,7 @@ class DistillParams(TrainParams):
     schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
     warmup_frac: float = 0.0
     variants: list[str] = field(default_factory=lambda: ["kd", "finetune"])
-    finetune_lr: float | None = None  # the finetune variant's own peak learning rate; None = lr (each method at its
-    # own tuned rate in one experiment: same teacher, mask and batch order)
+    finetune_lr: float | None = None  # the finetune variant's own peak learning rate; None = lr
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the KD term in kd variants; finetune always uses 0
     at_beta: float = 0.0  # attention-transfer weight (Zagoruyko & Komodakis use 1000) in variants with a teacher
@@ -375,10 +372,10 @@ class DistillParams(TrainParams):
             check(v in VARIANTS, f"{p}.variants", self.variants, f"each entry must be one of {list(VARIANTS)}")
         check(len(set(self.variants)) == len(self.variants), f"{p}.variants", self.variants, "has duplicates")
         if self.finetune_lr is not None:
-            check(0 < self.finetune_lr <= MAX_LR, f"{p}.finetune_lr", self.finetune_lr,
-                   f"must be null (= {p}.lr) or in (0, {MAX_LR}] (the finetune variant's peak SGD learning rate)")
-            check("finetune" in self.variants, f"{p}.finetune_lr", self.finetune_lr,
-                   f"applies to the finetune variant, which {p}.variants does not list; set it to null")
+            check(0 < self.finetune_lr <= MAX_LR, f"{p}.finetune_lr", self.finetune_lr, f"must be null (= {p}.lr) or "
+                   f"in (0, {MAX_LR}] (the finetune variant's peak SGD learning rate)")
+            check("finetune" in self.variants, f"{p}.finetune_lr", self.finetune_lr, "applies to the finetune "
+                   f"variant, which {p}.variants does not list; set it to null")
         check(within(MIN_TEMPERATURE, self.temperature, MAX_TEMPERATURE), f"{p}.temperature", self.temperature,
                f"must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (Hinton et al. use 1-20; near 0 the softened "
                "logits overflow to NaN, and the KD term is scaled by T^2)")
@@ -390,12 +387,6 @@ class DistillParams(TrainParams):
                f"{p}.at_layers", self.at_layers,
                f"must list at most {MAX_AT_LAYERS} distinct module names (as model.named_modules() spells them, "
                "e.g. layer3 or features.6)")
-
-    def for_variant(self, variant: str) -> "DistillParams":
-        """The training settings one variant runs with: finetune at ``finetune_lr`` when set, else these."""
-        if variant == "finetune" and self.finetune_lr is not None:
-            return replace(self, lr=self.finetune_lr)
-        return self
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from kdprune.params import Params
 from kdprune.prune.counts import count_params, count_prunable
 from kdprune.train import distributed
 from kdprune.train.loop import fit
-from kdprune.train.recovery import agp_schedule, starting_point
+from kdprune.train.recovery import agp_schedule, starting_point, train_settings
 from kdprune.train.runtime import seed_everything, setup_runtime
 
 
@@ -46,7 +46,7 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
     # quantize.method qat: train through INT8 rounding (kdprune/deploy/qat.py); the checkpoint holds plain weights
     fake_quant = qat.attach(student) if params.quantize.method == "qat" else None
     t0 = time.perf_counter()
-    cfg = params.distill.for_variant(variant)  # finetune at distill.finetune_lr when that is set
+    cfg = train_settings(params.distill, variant)  # finetune at distill.finetune_lr when that is set
     history = fit(student, loader, stage.test_loader(params, data, device), cfg, runtime=params.runtime,
                   objective=start.objective(teacher, params.distill), masks=masks,
                   prune_schedule=agp_schedule(params.prune, cfg.epochs * len(loader)) if start.gradual else None,

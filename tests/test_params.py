@@ -250,7 +250,8 @@ def test_finetune_lr_needs_the_finetune_variant_and_changes_only_finetune():
     with pytest.raises(ParamsError, match=r"distill.finetune_lr = 0.2 is invalid: applies to the finetune variant"):
         params_from_dict(p)
     d = params_from_dict(BASE | {"distill": {**BASE["distill"], "lr": 0.01, "finetune_lr": 0.2}}).distill
-    assert d.for_variant("finetune").lr == 0.2 and d.for_variant("finetune").epochs == d.epochs
-    assert d.for_variant("kd").lr == 0.01 and d.for_variant("scratch").lr == 0.01
+    from kdprune.train.recovery import train_settings
+    assert train_settings(d, "finetune").lr == 0.2 and train_settings(d, "finetune").epochs == d.epochs
+    assert train_settings(d, "kd").lr == 0.01 and train_settings(d, "scratch").lr == 0.01
     unset = params_from_dict(BASE).distill
-    assert unset.finetune_lr is None and unset.for_variant("finetune") is unset
+    assert unset.finetune_lr is None and train_settings(unset, "finetune") is unset

@@ -4,14 +4,24 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from kdprune.tracking.store import ALIASES_TAG, finished_pipeline_runs, tracking_uri
 
+def dvc_exe() -> str:
+    """``dvc`` on PATH, else the one beside this Python (a venv's bin/ that was not activated)."""
+    found = shutil.which("dvc") or shutil.which("dvc", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise SystemExit(f"error: no dvc on PATH or beside {sys.executable}; run ./run.sh setup, or activate the venv")
+    return found
+
+
 def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    r = subprocess.run([dvc_exe(), *args], capture_output=True, text=True)
     if check and r.returncode != 0:
         raise SystemExit(f"error: dvc {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
     return r
@@ -31,7 +41,7 @@ def start_workers(jobs: int) -> None:
     log = Path(".dvc/tmp/sweep-queue-start.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
-        r = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], stdout=fh, stderr=subprocess.STDOUT)
+        r = subprocess.run([dvc_exe(), "queue", "start", "-j", str(jobs)], stdout=fh, stderr=subprocess.STDOUT)
     if r.returncode != 0:
         raise SystemExit(f"error: dvc queue start failed:\n{log.read_text()}")
 

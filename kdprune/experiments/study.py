@@ -34,8 +34,10 @@ from kdprune.experiments import queue
 from kdprune.experiments.frontier_search import MAX_PROBES, Probe, search
 from kdprune.experiments.runs import FrontierError
 from kdprune.experiments.study_analysis import analyse
-from kdprune.experiments.study_plan import (Experiment, Plan, StudyError, cell_experiment, frontier_experiments,
-                                            frontier_range, load, load_plan, run_for, study_probes)
+from kdprune.experiments.frontier_axis import AXES, Axis
+from kdprune.experiments.study_plan import (Choice, Experiment, Plan, StudyError, cell_experiment,
+                                            frontier_experiments, frontier_range, load, load_plan, resolve, run_for,
+                                            study_probes)
 from kdprune.tracking.store import tracking_uri
 from kdprune.tracking.summary import log_summary, reports_experiment
 
@@ -48,7 +50,8 @@ def clock() -> float:
 
 
 def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: print(m, flush=True)) -> bool:
-    """Run missing experiments in plan order until the part's time is up; True when the plan is complete."""
+    """Run missing experiments in plan order until the part's time is up; True when the plan is complete. A cell
+    whose values an earlier cell chooses joins the plan as soon as that cell's runs are in (``resolve``)."""
     t0 = clock()
 
     def run_one(e: Experiment) -> pd.DataFrame:
@@ -60,44 +63,68 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
         ok = run_for(plan, runs, e) is not None
         log(f"study: {'done' if ok else 'FAILED (see dvc queue logs ' + ', '.join(names.values()) + ')'} "
             f"in {seconds:.0f} s")
+        if not ok:
+            failed.add(repr(e))
         return runs
 
+    failed: set[str] = set()  # repr of the experiments that failed: not retried in this part
     runs = load(plan, uri)
+    plan = resolve(plan, runs)
     todo = [e for e in plan.experiments if run_for(plan, runs, e) is None]
-    log(f"study {plan.name}: {len(plan.experiments) - len(todo)} of {len(plan.experiments)} experiments done; "
-        f"this part runs at most {minutes:g} minutes")
-    for e in todo:
+    log(f"study {plan.name}: {len(plan.experiments) - len(todo)} of {len(plan.experiments)} experiments done"
+        + (f", {len(plan.pending)} cell(s) waiting for choices" if plan.pending else "")
+        + f"; this part runs at most {minutes:g} minutes")
+    while True:
+        plan = resolve(plan, runs)
+        e = next((e for e in plan.experiments if repr(e) not in failed and run_for(plan, runs, e) is None), None)
+        if e is None:
+            break
         if clock() - t0 > minutes * 60:
             log(f"study: the part's {minutes:g} minutes are up; rerun the same command to resume")
             return False
-        runs = load(plan, uri)
-        if run_for(plan, runs, e) is not None:
-            continue
+        for cell, made in plan.choices.items():
+            if e.cell == cell:
+                log(f"study: cell {cell} runs at {', '.join(describe_choice(c) for c in made.values())}")
+                break
         runs = run_one(e)
-    # the frontier probes: bisection between the cells' range, on the frontier's seeds
+    if failed or plan.pending:
+        log(f"study: {len(failed)} experiment(s) failed in this part; "
+            + (f"waiting: {'; '.join(f'{c} {why}' for c, why in plan.pending.items())}; " if plan.pending else "")
+            + "rerun to retry (see dvc queue logs)")
+        return False
+    # the frontier probes: bisection between the cells' range, on the frontier's seeds, along each axis in turn
     fr = plan.frontier
 
-    def run_batch(ratios: list[float]) -> list[Probe]:
-        # one experiment at a time, seed by seed, like the cells: the part stops on time between two of them
-        # (a batch of 5 seeds x 2 ratios is ~3 h here), the records are rewritten after each, and a resumed
-        # part skips the seeds already run (a ratio is a probe once every seed has a run)
-        runs = load(plan, uri)
-        for e in frontier_experiments(plan, ratios):
-            if run_for(plan, runs, e) is not None:
-                continue
-            if clock() - t0 > minutes * 60:
-                raise PartOver
-            runs = run_one(e)
-        return study_probes(plan, runs)
+    def run_batch(axis: Axis):
+        def run(ratios: list[float]) -> list[Probe]:
+            # one experiment at a time, seed by seed, like the cells: the part stops on time between two of them
+            # (a batch of 5 seeds x 2 ratios is ~3 h here), the records are rewritten after each, and a resumed
+            # part skips the seeds already run (a ratio is a probe once every seed has a run)
+            runs = load(plan, uri)
+            for e in frontier_experiments(plan, ratios):
+                if run_for(plan, runs, e) is not None:
+                    continue
+                if clock() - t0 > minutes * 60:
+                    raise PartOver
+                runs = run_one(e)
+            return study_probes(plan, runs, axis=axis)
+        return run
 
     lo, hi = frontier_range(plan)
     try:
-        search(run_batch, study_probes(plan, runs), fr["methods"], fr["budgets"], lo, hi, fr["tolerance"],
-               MAX_PROBES, log, prune_method=str({**plan.base, **cell_experiment(plan).flat}["prune.method"]))
+        for name in fr["axes"]:
+            axis = AXES[name]
+            search(run_batch(axis), study_probes(plan, load(plan, uri), axis=axis), fr["methods"], fr["budgets"],
+                   lo, hi, fr["tolerance"], MAX_PROBES, log,
+                   prune_method=str({**plan.base, **cell_experiment(plan).flat}["prune.method"]), axis=axis)
     except PartOver:
         log(f"study: the part's {minutes:g} minutes are up during the frontier search; rerun to resume")
         return False
     return True
+
+
+def describe_choice(c: Choice) -> str:
+    return f"{c.key}={c.value} (chosen in {c.ref.cell} on train_acc_{c.ref.by}: {c.score:.2f} %)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,14 +147,22 @@ def main(argv: list[str] | None = None) -> int:
         uri = tracking_uri()
         if args.plan:
             runs = load(plan, uri)
+            plan = resolve(plan, runs)
+            for cell, made in plan.choices.items():
+                print(f"chosen    {cell}: {', '.join(describe_choice(c) for c in made.values())}")
             for e in plan.experiments:
                 r = run_for(plan, runs, e)
                 print(f"{'done ' + str(r['run_id'])[:8] if r is not None else 'todo    '}  {e.describe()}")
+            for c in plan.cells:
+                if c.name in plan.pending:
+                    print(f"pending   {c.name}: {len(c.seeds) * len(c.ratios) * math.prod(map(len, c.grid.values()))} "
+                          f"experiment(s); {plan.pending[c.name]}")
             return 0
         complete = None
         if not args.analyse:
             complete = run_part(plan, args.part_minutes, args.jobs, uri)
         runs = load(plan, uri)
+        plan = resolve(plan, runs)
         text, files = analyse(plan, runs)
         print(text)
         if not args.no_mlflow_summary:
@@ -136,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if complete is None:  # --analyse: nothing ran, so say what the records hold
             done = sum(1 for e in plan.experiments if run_for(plan, runs, e) is not None)
             print(f"study {plan.name}: {done} of {len(plan.experiments)} planned experiments done (the frontier "
-                  "probes come after them)")
+                  "probes come after them)" + (f"; {len(plan.pending)} cell(s) wait for choices" if plan.pending else ""))
         else:
             print(f"study {plan.name}: {'complete' if complete else 'not complete yet: rerun to resume'}")
         return 0

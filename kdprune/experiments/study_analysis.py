@@ -15,7 +15,8 @@ from kdprune.experiments.frontier_report import headline, plural_seeds, teachers
 from kdprune.data.registry import REGISTRY
 from kdprune.experiments.runs import KD_KEYS, csv_text, same_teacher_and_mask, same_value
 from kdprune.experiments.stats import holm, paired, simultaneous
-from kdprune.experiments.study_plan import (BUDGET_KEYS, Experiment, Plan, cell_experiment, duplicates,
+from kdprune.experiments.frontier_axis import AXES, COMPRESSION, Axis
+from kdprune.experiments.study_plan import (BUDGET_KEYS, Choice, Experiment, Plan, cell_experiment, duplicates,
                                             frontier_cell_ratios, frontier_own, preliminary_seeds, run_for,
                                             study_probes, target)
 
@@ -79,31 +80,60 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
         which = "those runs and the search's" if own else "those runs"
         lines += [f"Pipeline wall time summed over {which} (MLflow start to end, each the real pipeline time): "
                   f"{wall / 3600:.2f} h.", ""]
-    core_cell = plan.experiments[0].cell
+    core_cell = plan.core
+    if plan.choices or plan.pending:
+        lines += choices_section(plan)
     core = cell_runs(plan, runs, core_cell)
     if core:
         df = pd.DataFrame([{**r.to_dict(), "ratio": e.ratio, "seed": e.seed} for e, r in core])
         lines += kd_ft_table(df, f"## Core grid: kd vs finetune ({core_cell})", "core", rows,
                              "KD − FT is paired by seed (same teacher, mask and batch order)")
     choices: dict[str, dict] = {}
-    for cell in dict.fromkeys(e.cell for e in plan.experiments[1:] if e.cell != core_cell):
+    for cell in [c.name for c in plan.cells if c.name != core_cell]:
         res = cell_runs(plan, runs, cell)
         if not res:
-            lines += [f"## {cell}", "", "No finished runs yet.", ""]
+            lines += [f"## {cell}", "", "No finished runs yet." if cell not in plan.pending else
+                      f"Not planned yet: it {plan.pending[cell]}.", ""]
+        elif quantizes(plan, cell):
+            lines += qat_section(plan, cell, res, core, rows)
         elif borrows_finetune(plan, cell):
             lines += paired_cell(plan, cell, res, core, rows, choices)
         else:
             lines += section(plan, cell, res, core, rows, choices)
+    files = [out / "metrics" / f"{plan.outputs}.md", out / "metrics" / f"{plan.outputs}.csv"]
     fr = plan.frontier
+    waiting = next(((c, plan.pending[c]) for c in (fr["cell"], core_cell) if c in plan.pending), None)
+    if waiting:
+        lines += ["## Frontier", "", f"Not yet: the {waiting[0]} cell {waiting[1]}.", ""]
+    else:
+        for name in fr["axes"]:
+            flines, ffiles = frontier_section(plan, runs, AXES[name], out)
+            lines += flines
+            files += ffiles
+    text = "\n".join(lines) + "\n"
+    io.write_text(files[0], text)
+    io.write_text(files[1], csv_text(pd.DataFrame(rows)))
+    return text, files
+
+
+def frontier_prefix(plan: Plan, axis: Axis) -> str:
+    """The frontier files' stem: frontier[_<axis>] for the first study (its committed names), else
+    <outputs>_frontier_<axis>."""
+    return axis.prefix if plan.outputs == "study" else f"{plan.outputs}_frontier_{axis.name}"
+
+
+def frontier_section(plan: Plan, runs: pd.DataFrame, axis: Axis, out: Path) -> tuple[list[str], list[Path]]:
+    """The frontier along ``axis`` from the frontier cell's probes (or, while the cells run, a preliminary one)."""
+    fr, core_cell, lines, files = plan.frontier, plan.core, [], []
     cell = fr["cell"]
-    probes, seeds, note = study_probes(plan, runs), fr["seeds"], ""
+    probes, seeds, note = study_probes(plan, runs, axis=axis), fr["seeds"], ""
     if len(probes) < 2:  # the study is still running: a preliminary frontier on the seeds complete so far, from
         # the frontier's cell, or from the core grid while that has more complete seeds (kd at other settings)
         own = preliminary_seeds(plan, runs)
         cell, seeds = fr["cell"], own
         if cell != core_cell and len(core_seeds := preliminary_seeds(plan, runs, core_cell)) > len(own):
             cell, seeds = core_cell, core_seeds
-        probes = study_probes(plan, runs, seeds, cell) if seeds else []
+        probes = study_probes(plan, runs, seeds, cell, axis) if seeds else []
         done = f"for seed(s) {', '.join(map(str, own))} only" if own else "for no seed yet"
         which = (f"only seed(s) {', '.join(map(str, seeds))} of {len(fr['seeds'])} have finished every ratio of the "
                  f"{cell} cell" if cell == fr["cell"] else
@@ -115,24 +145,23 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
     if len(probes) >= 2 and not note and all(any(math.isclose(p.ratio, r) for r in core_ratios) for p in probes):
         note = (f" Not searched yet: every probe is one of the {cell} cell's ratios, so each frontier point is "
                 "interpolated between them; the bisection's own probes will move it.")
-    files = [out / "metrics" / "study.md", out / "metrics" / "study.csv"]
     if len(probes) >= 2:
         kd = fmt_kd(kd_settings_of(plan, cell))
+        prefix = frontier_prefix(plan, axis)
         ffiles, fronts = write_outputs(out, probes, fr["methods"], fr["budgets"],
                                        f"{plan.name}: {plural_seeds(len(seeds))}, kd at {kd}"
-                                       + (" (preliminary)" if note else ""), prefix="frontier")
+                                       + (" (preliminary)" if note else ""), prefix=prefix, axis=axis)
         teacher = float(np.mean([p.teacher.mean() for p in probes]))
-        lines += ["## Frontier", "", *[f"- {headline(fronts, teacher, b)}" for b in fr["budgets"]], "",
-                  f"From {len(probes)} probes (metrics/frontier.md has the table, plots/frontier.png the plot; the "
+        lrs = lr_settings(plan, cell)
+        lines += ["## Frontier" + ("" if axis is COMPRESSION else f" along {axis.label}"), "",
+                  *[f"- {headline(fronts, teacher, b, axis)}" for b in fr["budgets"]], "",
+                  f"From {len(probes)} probes (metrics/{prefix}.md has the table, plots/{prefix}.png the plot; the "
                   f"bracket is a 95 % seed-bootstrap interval). The probes run the {cell} cell's params: kd "
-                  f"at {kd}; a probe's finetune may come from the run of the same seed and ratio at other KD "
+                  f"at {kd}{lrs}; a probe's finetune may come from the run of the same seed and ratio at other KD "
                   f"settings (fine-tuning reads none of them), when both report the same teacher and compression."
                   f"{note}", "", teachers_note(probes), ""]
         files += ffiles
-    text = "\n".join(lines) + "\n"
-    io.write_text(files[0], text)
-    io.write_text(files[1], csv_text(pd.DataFrame(rows)))
-    return text, files
+    return lines, files
 
 
 def kd_ft_table(df: pd.DataFrame, heading: str, name: str, rows: list, pairing: str) -> list[str]:
@@ -197,11 +226,11 @@ def fmt_kd(kd: dict[str, Any]) -> str:
 def borrows_finetune(plan: Plan, cell: str) -> bool:
     """A cell without a grid that runs kd but not finetune, and whose params differ from the core grid's only in
     the KD settings: its KD − FT pairs with the core grid's finetune of the same seed and ratio."""
-    if plan.grids.get(cell):
+    if plan.grids.get(cell) or plan.core in plan.pending:
         return False
     e = next(x for x in plan.experiments if x.cell == cell)
     flat, variants = target(plan, e)
-    core, _ = target(plan, plan.experiments[0])
+    core, _ = target(plan, cell_experiment(plan, plan.core))
     rest = lambda d: {k: v for k, v in d.items() if k not in KD_KEYS | {"distill.variants"}}  # noqa: E731
     return "kd" in variants and "finetune" not in variants and rest(flat) == rest(core)
 
@@ -261,7 +290,8 @@ def section(plan: Plan, cell: str, res, core, rows: list, choices: dict[str, dic
             r = r.copy()
             r["acc_finetune"] = ft
         settings.setdefault(tuple(e.flat.get(k) for k in varied), []).append(r)
-    default = tuple({**plan.base, **plan.experiments[0].flat}.get(k) for k in varied)
+    core_flat = {} if plan.core in plan.pending else cell_experiment(plan, plan.core).flat
+    default = tuple({**plan.base, **core_flat}.get(k) for k in varied)
     seeds = {e.seed for e, _ in res}
     if varied and default not in settings:  # the core grid's runs of the same seeds: every row compares like seeds
         base_runs = [r for e, r in core if e.ratio in ratios and e.seed in seeds]
@@ -345,6 +375,97 @@ def section(plan: Plan, cell: str, res, core, rows: list, choices: dict[str, dic
             rows.append({"section": cell, "setting": f"each method's own choice: kd {fmt_setting(varied, best[0])}, "
                          f"finetune {fmt_setting(varied, ft[0])}", "n": p["n"], "kd_minus_finetune": p["diff"],
                          "ci95_low": p["lo"], "ci95_high": p["hi"]})
+    return lines + [""]
+
+
+def lr_settings(plan: Plan, cell: str) -> str:
+    """", lr 0.05; finetune at lr 0.2" when the cell runs finetune at its own rate (distill.finetune_lr), else ""."""
+    flat = {**plan.base, **cell_experiment(plan, cell).flat}
+    if flat.get("distill.finetune_lr") is None:
+        return ""
+    return f", lr {flat['distill.lr']:g}; finetune at lr {flat['distill.finetune_lr']:g}"
+
+
+def choices_section(plan: Plan) -> list[str]:
+    """The values chosen on training accuracy for the later cells, once each, and the cells still waiting."""
+    seen: dict[tuple, tuple[Choice, list[str]]] = {}
+    for cell, made in plan.choices.items():
+        for c in made.values():
+            seen.setdefault((c.key, c.ref), (c, []))[1].append(cell)
+    lines = ["## Settings chosen on training accuracy", "",
+             "Each value below is the setting of its cell's grid with the highest mean training accuracy of the "
+             "method named (train_acc_<method>: a fixed 10k subset of the training split; the test split is never "
+             "looked at), the first in the grid's order on a tie; the cells listed run at it.", ""]
+    for c, cells in seen.values():
+        lines.append(f"- `{c.key}` = {c.value} for {c.ref.by}: chosen in cell {c.ref.cell} over its `{c.ref.key}` "
+                     f"(train_acc_{c.ref.by} {c.score:.2f} %, mean of {c.n} runs); used by {', '.join(cells)}")
+    lines += [f"- cell {cell}: not planned yet, it {why}" for cell, why in plan.pending.items()]
+    return lines + [""]
+
+
+def quantizes(plan: Plan, cell: str) -> bool:
+    """A cell without a grid that trains quantization-aware (quantize.method qat): compared with the core grid's
+    post-training quantization of the same seeds and ratios."""
+    if plan.grids.get(cell) or plan.core in plan.pending:
+        return False
+    flat, _ = target(plan, cell_experiment(plan, cell))
+    core, _ = target(plan, cell_experiment(plan, plan.core))
+    return flat.get("quantize.method") == "qat" and core.get("quantize.method") == "ptq"
+
+
+QAT_PAIRS = (("QAT-KD", "QAT-FT"), ("QAT-KD", "PTQ-KD"), ("QAT-FT", "PTQ-FT"), ("PTQ-KD", "PTQ-FT"))
+
+
+def qat_section(plan: Plan, cell: str, res, core, rows: list) -> list[str]:
+    """INT8 accuracy (the INT8 files through onnxruntime) of PTQ (the core grid's runs) against QAT (this cell's)
+    for kd and finetune, per ratio, paired by seed; Holm over every comparison of the section."""
+    by_ratio: dict[float, list[dict[str, float]]] = {}
+    unpaired = 0
+    for e, r in res:
+        c = next((c for x, c in core if (x.seed, x.ratio) == (e.seed, e.ratio)), None)
+        if c is None or not same_teacher_and_mask(c["acc_teacher"], c["compression_ratio"], r["acc_teacher"],
+                                                  r["compression_ratio"]):
+            unpaired += 1
+            continue
+        vals = {"FP32-FT": c.get("acc_finetune"), "FP32-KD": c.get("acc_kd"), "PTQ-FT": c.get("acc_finetune_int8"),
+                "PTQ-KD": c.get("acc_kd_int8"), "QAT-FT": r.get("acc_finetune_int8"), "QAT-KD": r.get("acc_kd_int8"),
+                "mac_reduction": r.get("mac_reduction"), "seed": e.seed}
+        if any(v is None or pd.isna(v) for v in vals.values()):
+            unpaired += 1
+            continue
+        by_ratio.setdefault(e.ratio, []).append({k: float(v) for k, v in vals.items()})
+    ratios = ", ".join(f"{x:g}" for x in sorted({e.ratio for e, _ in res}))
+    lines = [f"## {cell}: post-training against quantization-aware INT8 (ratio {ratios})", "",
+             "INT8 test accuracy %, of the INT8 ONNX files through onnxruntime (mean ± std over seeds). PTQ: the core "
+             "grid's students quantized after recovery (onnxruntime's static quantization); QAT: this cell's, "
+             "recovered with fake quantization in the same scheme (QAT-KD distils from the fp32 teacher), then "
+             "quantized the same way. Both from the same teacher and pruned model, paired by seed; FP32: the core "
+             "grid's students before quantization.", "",
+             "| ratio | MACs / | FP32-FT | FP32-KD | PTQ-FT | PTQ-KD | QAT-FT | QAT-KD | n |", "|" + "---|" * 9]
+    tests = []
+    for ratio, g in sorted(by_ratio.items()):
+        col = lambda k: np.array([x[k] for x in g])  # noqa: E731
+        lines.append(f"| {ratio:g} | {col('mac_reduction').mean():.1f}x | " + " | ".join(
+            ms(col(k)) for k in ("FP32-FT", "FP32-KD", "PTQ-FT", "PTQ-KD", "QAT-FT", "QAT-KD")) + f" | {len(g)} |")
+        tests += [(ratio, a, b, col(a), col(b)) for a, b in QAT_PAIRS]
+    stats_ = [paired(x, y) for *_, x, y in tests]
+    adj = holm([p["p"] for p in stats_])
+    m = sum(1 for p in stats_ if p["n"] >= 2)
+    lines += ["", f"Paired differences (pt); the 95 % interval Bonferroni-adjusted for the {m} comparisons of this "
+                  "table (family-wise 95 %), the p-value (paired t) Holm-adjusted.", "",
+              "| ratio | comparison | difference | 95 % CI (adj.) | Holm p | verdict |", "|" + "---|" * 6]
+    for (ratio, a, b, x, y), p, ap in zip(tests, stats_, adj):
+        lo, hi = simultaneous(x - y, max(m, 1))
+        verdict = ("-" if math.isnan(ap) else f"{a} better" if ap < 0.05 and p["diff"] > 0 else
+                   f"{b} better" if ap < 0.05 else "no significant difference")
+        lines.append(f"| {ratio:g} | {a} − {b} | {p['diff']:+.2f} | "
+                     f"{'-' if math.isnan(lo) else f'[{lo:+.2f}, {hi:+.2f}]'} | "
+                     f"{'-' if math.isnan(ap) else f'{ap:.3g}'} | {verdict} |")
+        rows.append({"section": cell, "ratio": ratio, "setting": f"{a} - {b}", "n": p["n"], "kd_minus_finetune": None,
+                     "difference": p["diff"], "ci95_adj_low": lo, "ci95_adj_high": hi, "p": p["p"], "p_holm": ap})
+    if unpaired:
+        lines += ["", f"{unpaired} run(s) of this cell have no core-grid run of the same seed and ratio with the same "
+                      "teacher and compression (or lack an INT8 accuracy) yet; they are not in the table."]
     return lines + [""]
 
 

@@ -21,7 +21,7 @@ same sparsity; scratch variants, which have no trained weights to rank, keep the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -80,6 +80,12 @@ def starting_point(variant: str, params, pruned: nn.Module, masks: Masks | None,
         dense.load_state_dict(teacher.state_dict())
         return Start(dense, {}, alpha, at_beta, gradual=True)
     return Start(pruned, masks, alpha, at_beta, gradual=False)
+
+
+def train_settings(distill, variant: str):
+    """The ``distill`` settings one variant trains with: finetune at ``distill.finetune_lr`` when set."""
+    return replace(distill, lr=distill.finetune_lr) if variant == "finetune" and distill.finetune_lr is not None \
+        else distill
 
 
 def agp_schedule(p, total_steps: int) -> AGPSchedule:

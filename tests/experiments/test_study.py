@@ -1,5 +1,6 @@
 """kdprune.study: the committed study plan validates; hostile plans are refused naming the key; parts resume
 from the records alone and stop on time; the analysis (Holm, the check tables, the frontier) on fake runs."""
+import dataclasses
 import math
 
 import numpy as np
@@ -108,7 +109,8 @@ def small_plan(tmp_path, monkeypatch, params_path):
     (tmp_path / "params.yaml").write_text(params_path.read_text())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a.db'}")
     plan = study_plan.load_plan("study-fashion", tmp_path / "params.yaml")
-    plan.experiments = [e for e in plan.experiments if e.seed in (0, 1)]  # a smaller plan, the same logic
+    plan.cells = [dataclasses.replace(c, seeds=[s for s in c.seeds if s in (0, 1)]) for c in plan.cells]
+    plan = study_plan.resolve(plan, pd.DataFrame())  # a smaller plan, the same logic
     plan.frontier["seeds"] = [0, 1]
     plan.records.parent.mkdir(parents=True, exist_ok=True)
     return plan

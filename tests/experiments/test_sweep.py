@@ -1,4 +1,7 @@
 """python -m kdprune.sweep checks every argument before anything is pulled or queued: one line, exit 2."""
+import sys
+from pathlib import Path
+
 import pytest
 
 from kdprune.experiments import queue as exp_queue
@@ -82,3 +85,12 @@ def test_good_arguments_reach_the_queue(no_dvc, monkeypatch, capsys):
     (grid, extra, jobs), = got
     assert sorted(grid) == sorted((s, r) for s in (0, 4294967295) for r in (0.0, 0.5, 0.999)) and jobs == 64
     assert extra == ["-S", "distill.epochs=2"]
+
+
+def test_dvc_is_found_beside_the_python_when_the_venv_is_not_activated(monkeypatch, tmp_path):
+    from kdprune.experiments import queue as q
+    monkeypatch.setenv("PATH", str(tmp_path))  # no dvc on PATH
+    assert Path(q.dvc_exe()).parent == Path(sys.executable).parent
+    monkeypatch.setattr(q.sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(SystemExit, match="no dvc on PATH or beside"):
+        q.dvc_exe()
