@@ -27,6 +27,7 @@ import yaml
 
 from kdprune import overrides as ovr
 from kdprune.data import REGISTRY
+from kdprune.dvctool import find_dvc
 from kdprune.models import build_model, spec_from_params
 from kdprune.prune.counts import dense_macs
 from kdprune.params import Params, ParamsError, flatten, params_from_dict, safe_load_yaml
@@ -184,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     print(shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
+    exe = find_dvc()  # the printed command says plain dvc; run the one found (a venv not activated has one)
     try:
-        return subprocess.call(cmd)
+        return subprocess.call([exe or cmd[0], *cmd[1:]])
     except FileNotFoundError:
         print("error: dvc is not on PATH: run it as ./run.sh preset NAME (which uses the project's .venv), or "
               "activate the environment that has dvc (. .venv/bin/activate)", file=sys.stderr)

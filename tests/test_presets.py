@@ -94,8 +94,23 @@ def test_options_before_the_double_dash_and_dvc_args_after_it(monkeypatch, capsy
 
 def test_a_missing_dvc_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no dvc to start
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))  # and none beside the running Python
     assert presets.main(["run", "study-fashion", "--", "-S", "seed=1"]) == 127
     assert "error: dvc is not on PATH" in capsys.readouterr().err
+
+
+def test_the_venvs_dvc_runs_when_the_venv_is_not_activated(tmp_path, monkeypatch, capsys):
+    """Old: `.venv/bin/python -m kdprune.presets run NAME` without the venv on PATH said dvc was missing, though
+    it lay beside that Python. The printed command stays plain `dvc ...`; the one found runs."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "dvc").write_text('#!/bin/sh\necho "fake dvc $*" > "${0%/*}/ran"\n')  # builtins only: PATH is empty
+    (fake / "dvc").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no dvc on PATH
+    monkeypatch.setattr(sys, "executable", str(fake / "python"))
+    assert presets.main(["run", "study-fashion", "--", "-S", "seed=1"]) == 0
+    assert capsys.readouterr().out.startswith("dvc exp run -n study-fashion -S ")
+    assert (fake / "ran").read_text().startswith("fake dvc exp run -n study-fashion -S ")
 
 
 def test_an_invalid_preset_names_its_file_and_key(tmp_path, monkeypatch, committed):

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator
 
 from kdprune import io
 from kdprune.archs import ARCHS, model_name
+from kdprune.dvctool import find_dvc
 from kdprune.params import flatten
 
 # params shown first, in this order: what usually differs between experiments
@@ -129,7 +130,7 @@ def render(rows: list[dict[str, Any]], as_csv: bool = False) -> str:
 def exp_show_json(dvc_args: Iterable[str]) -> list:
     cmd = ["dvc", "exp", "show", "--json", *dvc_args]  # an argument list: nothing goes through a shell
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        r = subprocess.run([find_dvc() or cmd[0], *cmd[1:]], capture_output=True, text=True, timeout=600)
     except FileNotFoundError:
         raise CompareError("dvc not found: activate the venv (. .venv/bin/activate)") from None
     if r.returncode != 0:

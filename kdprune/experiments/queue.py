@@ -4,17 +4,17 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from kdprune.dvctool import find_dvc
 from kdprune.tracking.store import ALIASES_TAG, finished_pipeline_runs, tracking_uri
 
 def dvc_exe() -> str:
     """``dvc`` on PATH, else the one beside this Python (a venv's bin/ that was not activated)."""
-    found = shutil.which("dvc") or shutil.which("dvc", path=str(Path(sys.executable).parent))
+    found = find_dvc()
     if found is None:
         raise SystemExit(f"error: no dvc on PATH or beside {sys.executable}; run ./run.sh setup, or activate the venv")
     return found

@@ -64,6 +64,19 @@ def test_cli_outside_a_dvc_repo_is_one_clear_line(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: `dvc exp show --json` failed") and "Traceback" not in r.stderr
 
 
+def test_dvc_beside_the_python_is_used_when_the_venv_is_not_activated(tmp_path, monkeypatch):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "dvc").write_text('#!/bin/sh\necho \'[{"rev": "workspace", "name": null, "data": {}}]\'\n')
+    (fake / "dvc").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no dvc on PATH
+    monkeypatch.setattr(sys, "executable", str(fake / "python"))
+    assert compare.exp_show_json([]) == [{"rev": "workspace", "name": None, "data": {}}]
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))  # and none anywhere: one line
+    with pytest.raises(compare.CompareError, match="dvc not found"):
+        compare.exp_show_json([])
+
+
 def test_a_mac_target_shows_the_ratio_reached_and_each_row_names_its_model():
     """Old: ratio showed prune.ratio (0.8, not used with a MAC target; 0.304 was reached), and depth 8 showed for
     torchvision and custom models, with no model name anywhere."""
