@@ -29,7 +29,7 @@ from kdprune.prune.counts import count_params, count_prunable
 from kdprune.train import distributed
 from kdprune.train.loop import fit
 from kdprune.train.recovery import agp_schedule, starting_point, train_settings
-from kdprune.train.runtime import seed_everything, setup_runtime
+from kdprune.train.runtime import bf16_choice, seed_everything, setup_runtime
 
 
 def recover(params: Params, variant: str, data: dict, device) -> None:
@@ -74,7 +74,8 @@ def recover(params: Params, variant: str, data: dict, device) -> None:
                   {f"acc_{variant}": test_acc, f"train_acc_{variant}": train_acc, **extra})
     columns = ("epoch", "lr", "train_loss", "train_acc", "test_acc") + (("prunable_sparsity",) if start.gradual else ())
     stage.write_curve(stage.PLOTS / "distill" / f"{variant}.csv", history, columns)
-    stage.write_timing(f"distill_{variant}", history, wall_seconds=round(time.perf_counter() - t0, 3))
+    stage.write_timing(f"distill_{variant}", history, wall_seconds=round(time.perf_counter() - t0, 3),
+                       bf16=int(bf16_choice(params.runtime, device)[0]))  # what runtime.bf16 resolved to here
 
 
 def main(params: Params) -> None:

@@ -18,7 +18,7 @@ from kdprune.params import Params
 from kdprune.prune.counts import count_params
 from kdprune.teacher import accuracy_warning, check_runs, import_weights, model_source
 from kdprune.train.loop import fit
-from kdprune.train.runtime import setup_runtime, to_runtime
+from kdprune.train.runtime import bf16_choice, setup_runtime, to_runtime
 
 
 def main(params: Params) -> None:
@@ -53,8 +53,9 @@ def main(params: Params) -> None:
         "macs_teacher": dense_macs(model, shape),
     })  # metrics only, each in one file (kdprune/metrics.py): teacher.epochs is a param
     stage.write_curve(stage.PLOTS / "teacher.csv", history)
-    stage.write_timing("teacher", history if params.teacher.epochs > 0 else None,
-                       wall_seconds=round(time.perf_counter() - t0, 3))
+    trained = params.teacher.epochs > 0  # bf16: what runtime.bf16 (auto: the hardware's) resolved to here
+    stage.write_timing("teacher", history if trained else None, wall_seconds=round(time.perf_counter() - t0, 3),
+                       **({"bf16": int(bf16_choice(params.runtime, device)[0])} if trained else {}))
     stage.finished("teacher")
 
 

@@ -248,14 +248,14 @@ def collect(workdir: Path) -> dict[str, Any]:
     for latency_json in (workdir / "metrics" / "latency.json", workdir / "logs" / "latency.json"):
         if latency_json.exists():
             metrics.update({k: float(v) for k, v in _read_json(latency_json).items() if _is_number(v)})
-    # stage timings, when this workspace ran the stage. A stage that DVC did not rerun for this result (its
-    # output unchanged or restored from the run-cache) left an older log: its time is the cached model's,
-    # logged as cached_<stage>_<k> so it is never read as this run's cost (pipeline_times says which ran)
+    # stage timings and precision, when this workspace ran the stage. A stage that DVC did not rerun for this
+    # result (its output unchanged or restored from the run-cache) left an older log: its time is the cached
+    # model's, logged as cached_<stage>_<k> so it is never read as this run's cost (pipeline_times says which ran)
     started_ms = pipeline_times(workdir, metric_files)[0]
     for log in sorted((workdir / "logs").glob("*.json")):
         rec = _read_json(log)
         prefix = "" if log.stat().st_mtime * 1000 >= started_ms - 1000 else "cached_"
-        for k in ("train_seconds", "wall_seconds"):
+        for k in ("train_seconds", "wall_seconds", "bf16"):  # bf16: 1 trained under bf16 autocast, 0 in fp32
             if _is_number(rec.get(k)):
                 metrics[f"{prefix}{log.stem}_{k}"] = float(rec[k])
     metrics = {k: v for k, v in headline(metrics).items() if math.isfinite(v)}

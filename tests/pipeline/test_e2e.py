@@ -6,11 +6,14 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from kdprune import metrics
+from kdprune.train.runtime import bf16_choice
 from tests.helpers import default_params, write_fake_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,6 +131,14 @@ def test_repro_then_exp_run_reuses_teacher_and_logs_two_runs(tmp_path, venv_bin)
     assert by_ratio["0.95"].data.params["prune.min_layer_density"] == "0.02"
     for r in runs:
         assert {"acc_teacher", "acc_kd", "acc_finetune", "acc_pruned", "compression_ratio"} <= set(r.data.metrics)
+    # each run records the precision its training stages ran at (runtime.bf16 auto resolves per machine);
+    # the cached teacher's as cached_teacher_bf16, as its times
+    runtime = SimpleNamespace(bf16=yaml.safe_load((repo / "params.yaml").read_text())["runtime"]["bf16"])
+    want = float(bf16_choice(runtime, torch.device("cpu"))[0])
+    first_run, second_run = by_ratio["0.5"].data.metrics, by_ratio["0.95"].data.metrics
+    assert first_run["teacher_bf16"] == want == first_run["distill_kd_bf16"]
+    assert second_run["cached_teacher_bf16"] == want == second_run["distill_finetune_bf16"]
+    assert "teacher_bf16" not in second_run
 
     relog = subprocess.run([str(venv_bin / "python"), "-m", "kdprune.tracking", "relog"], cwd=repo, env=env,
                            capture_output=True, text=True)

@@ -637,11 +637,15 @@ def test_a_cached_teachers_training_time_is_labelled_as_such(tmp_path):
     logs/ by the run that trained it). New: only the stages that ran for this result give <stage>_*_seconds."""
     make_result(tmp_path, wall=600.0)
     now = time.time()
-    (tmp_path / "logs" / "distill_kd.json").write_text(json.dumps({"wall_seconds": 30.0, "train_seconds": 29.0}))
+    (tmp_path / "logs" / "distill_kd.json").write_text(json.dumps({"wall_seconds": 30.0, "train_seconds": 29.0,
+                                                                    "bf16": 1}))
+    teacher_log = json.loads((tmp_path / "logs" / "teacher.json").read_text())
+    (tmp_path / "logs" / "teacher.json").write_text(json.dumps({**teacher_log, "bf16": 0}))
     os.utime(tmp_path / "logs" / "teacher.json", (now - 7200, now - 7200))  # trained two hours ago
     metrics = tracking_result.collect(tmp_path)["metrics"]
     assert "cached_teacher_train_seconds" in metrics and "teacher_train_seconds" not in metrics
     assert metrics["distill_kd_train_seconds"] == 29.0
+    assert metrics["distill_kd_bf16"] == 1.0 and metrics["cached_teacher_bf16"] == 0.0 and "teacher_bf16" not in metrics
     os.utime(tmp_path / "logs" / "teacher.json", (now - 40, now - 40))  # trained just before distill
     metrics = tracking_result.collect(tmp_path)["metrics"]
     assert metrics["teacher_train_seconds"] == 599.0 and "cached_teacher_train_seconds" not in metrics
