@@ -47,11 +47,14 @@ class FakeQueue:
         assert self.now < 10_000, "wait_for_queue never returned"
 
     def remove(self, args):
+        """What DVC 3.67 does (checked by hand on a stale entry): `queue remove` takes queued and finished
+        entries only, so a 'Running' one stays and blocks the next run; `queue kill NAME` marks it Failed."""
         self.calls.append(args)
-        if args[:2] == ("queue", "remove"):
-            for e in self.entries:
-                if e["rev"] in args[2:]:
-                    e["status"] = "Failed"
+        for e in self.entries:
+            if args[:2] == ("queue", "remove") and e["rev"] in args[2:] and e["status"] != "Running":
+                e["status"] = "Failed"
+            if args[:2] == ("queue", "kill") and e["name"] in args[2:]:
+                e["status"] = "Failed"
 
 
 def test_a_task_left_running_by_a_dead_worker_is_removed_and_named_not_waited_on_forever(monkeypatch):
@@ -61,7 +64,7 @@ def test_a_task_left_running_by_a_dead_worker_is_removed_and_named_not_waited_on
                   alive=lambda now, revs: now < 30)  # the worker dies 30 s in
     logs = []
     status = exp_queue.wait_for_queue(poll=5, lost_after=120, log=logs.append)
-    assert q.calls == [("queue", "remove", "9852a3d")]  # not restarted: a running task cannot be resumed
+    assert q.calls == [("queue", "kill", "study-kd_chosen-r0p9-s3")]  # not restarted: it cannot be resumed
     assert 150 <= q.now <= 160  # 30 s alive + 120 s without any process (+ one poll)
     assert [s["status"] for s in status] == ["Success", "Failed"]
     assert "LOST study-kd_chosen-r0p9-s3 (Running)" in logs[0] and "to rerun" in logs[0]
@@ -97,6 +100,40 @@ def test_a_long_experiment_with_a_live_worker_is_waited_for(monkeypatch):
     monkeypatch.setattr(exp_queue.time, "sleep", sleep)
     assert exp_queue.wait_for_queue(poll=5, lost_after=120, log=print)[0]["status"] == "Success"
     assert q.calls == []
+
+
+def test_a_lost_running_task_and_a_lost_queued_one_both_leave_the_queue(monkeypatch):
+    """Old: both were given to `dvc queue remove`, which leaves a 'Running' entry in place; the next experiment
+    of the study then refused to start ("DVC's queue already holds 1 ... running experiment") and the part ended
+    early, 2 hours before its time."""
+    q = FakeQueue(monkeypatch, [{"rev": "r1", "name": "study-a", "status": "Running"},
+                                {"rev": "q1", "name": "study-b", "status": "Queued"}], alive=lambda now, revs: False)
+    q.calls.append(("start", 1))  # as if the one fresh worker had been tried already
+    status = exp_queue.wait_for_queue(poll=5, lost_after=60, log=lambda m: None)
+    assert ("queue", "kill", "study-a") in q.calls and ("queue", "remove", "q1") in q.calls
+    assert [s["status"] for s in status] == ["Failed", "Failed"]
+
+
+def test_no_experiment_is_queued_while_the_last_worker_is_still_closing(monkeypatch):
+    """Seen in the structured study: the worker's monitor shut it down 10 s after its task ended, the next
+    experiment was queued in that window, the closing worker received it and exited with it."""
+    now = [0.0]
+    monkeypatch.setattr(exp_queue.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(exp_queue.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+    events = []
+    monkeypatch.setattr(exp_queue, "queue_alive", lambda revs: events.append(("alive?", now[0])) or now[0] < 12)
+    monkeypatch.setattr(exp_queue, "queue_status", lambda: [])
+    monkeypatch.setattr(exp_queue, "dvc", lambda *a, **k: events.append(a[:3]))
+    monkeypatch.setattr(exp_queue, "start_workers", lambda n: events.append(("start", n)))
+    monkeypatch.setattr(exp_queue, "wait_for_queue", lambda **k: [])
+    monkeypatch.setattr(exp_queue, "run_names", lambda experiment: {})
+    exp_queue.run_grid([(0, 0.9)], [], 1, "study-x", "kdprune")
+    queued_at = next(i for i, e in enumerate(events) if e[:3] == ("exp", "run", "--queue"))
+    assert events[queued_at - 1] == ("alive?", 12.0)  # queued only once the closing worker was gone
+    # a worker that stays (someone else's, busy) is waited for at most WORKER_EXIT_WAIT s, then left to the wait
+    now[0] = 0.0
+    monkeypatch.setattr(exp_queue, "queue_alive", lambda revs: True)
+    assert exp_queue.wait_for_idle_workers() is False and now[0] == exp_queue.WORKER_EXIT_WAIT
 
 
 def test_queue_alive_reads_the_worker_and_experiment_pid_files(tmp_path, monkeypatch):

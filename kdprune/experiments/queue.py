@@ -105,9 +105,40 @@ def wait_for_queue(poll: float = 5.0, lost_after: float = LOST_AFTER,
             else:
                 log(f"sweep: LOST {names}: no DVC queue worker or experiment process has run for {lost_after:g} s "
                     "(DVC's worker exited with the task unfinished); removed from the queue, to rerun")
-                dvc("queue", "remove", *(str(s.get("rev")) for s in pending), check=False)
+                drop(pending)
                 return queue_status()
         time.sleep(poll)
+
+
+def drop(entries: list[dict]) -> None:
+    """Take lost entries out of the queue, so that the next run does not find them pending. DVC 3.67's
+    ``queue remove`` takes only queued and finished entries (a 'Running' one is "not a valid experiment name",
+    seen in the study); ``queue kill`` marks a 'Running' one Failed, whether or not its process still lives."""
+    running = [str(e.get("name") or e.get("rev")) for e in entries if e.get("status") == "Running"]
+    queued = [str(e.get("rev")) for e in entries if e.get("status") != "Running"]
+    if running:
+        dvc("queue", "kill", *running, check=False)
+    if queued:
+        dvc("queue", "remove", *queued, check=False)
+
+
+WORKER_EXIT_WAIT = 60.0  # seconds: a DVC worker whose queue has emptied shuts down about 10 s later
+
+
+def wait_for_idle_workers(timeout: float = WORKER_EXIT_WAIT, poll: float = 1.0) -> bool:
+    """Wait until no DVC queue worker process is alive (at most ``timeout`` s); whether none is.
+
+    A worker whose queue has emptied shuts itself down about 10 s after its last task; an experiment queued in
+    that window is received by the closing worker and lost with it ("monitor: shutting down due to empty
+    queue", then "Task ... received", "Got shutdown from remote": seen in the structured study, where the
+    next experiment is queued seconds after the last one finished). So a run queues only once the last
+    worker has gone; one that outlives ``timeout`` (someone else's busy worker) is left to wait_for_queue."""
+    deadline = time.monotonic() + timeout
+    while queue_alive([]):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+    return True
 
 
 def run_names(experiment: str) -> dict[str, int]:
@@ -148,6 +179,7 @@ def run_grid(grid: list[tuple], extra: list[str], jobs: int, prefix: str, experi
     for i, phase in enumerate(phases, 1):
         if not phase:
             continue
+        wait_for_idle_workers()  # the last phase's (or run's) worker may still be closing: it would take the task
         for point in phase:
             seed, ratio, sets = point[0], point[1], (point[2] if len(point) > 2 else ())
             name = f"{prefix}-r{ratio:g}-s{seed}-{int(t0)}".replace(".", "p")
