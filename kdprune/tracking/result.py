@@ -127,6 +127,7 @@ def headline(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
+VALIDATED = Path("data") / "params.valid"  # stages/validate.py's marker, rewritten at the start of every invocation
 STAGE_GAP_S = 120.0  # a stage log that ended this long before the next stage began is from an earlier invocation
 
 
@@ -138,7 +139,12 @@ def pipeline_times(workdir: Path, result_files: list[Path]) -> tuple[int, int, s
     walking back from the newest: a stage is part of this invocation while it ended at most
     ``STAGE_GAP_S`` before the next one began; an earlier log belongs to a stage DVC did not rerun
     (unchanged or restored from its cache). Without logs: the oldest result file's mtime. ``prepare``,
-    ``prune`` and ``evaluate`` write no log, so the span starts at the first training stage that ran."""
+    ``prune`` and ``evaluate`` write no log, so the span starts at the first training stage that ran.
+
+    The validate stage rewrites ``data/params.valid`` first in every DVC invocation (``always_changed``), so a
+    log older than that file is from an earlier invocation however short the gap: without this, an experiment
+    started within ``STAGE_GAP_S`` of the run that trained its teacher (a small model on a fast machine)
+    logged that teacher's time as its own."""
     mtimes = [p.stat().st_mtime for p in result_files if p.exists()]
     if not mtimes:
         now = time.time()
@@ -154,13 +160,18 @@ def pipeline_times(workdir: Path, result_files: list[Path]) -> tuple[int, int, s
             spans.append((log.stat().st_mtime, float(wall)))
     if not spans:
         return int(oldest * 1000), int(end * 1000), "result file mtimes"
-    spans.sort(reverse=True)  # newest first
+    marker = workdir / VALIDATED
+    floor = marker.stat().st_mtime if marker.exists() else -math.inf  # this invocation's first stage wrote it
+    spans = sorted((s for s in spans if s[0] >= floor), reverse=True)  # newest first, this invocation's only
+    if not spans:  # no training stage ran in this invocation: it began when validate ran
+        return int(floor * 1000), int(max(end, floor) * 1000), "data/params.valid mtime"
     start = spans[0][0] - spans[0][1]
     end = max(end, spans[0][0])
     for mtime, wall in spans[1:]:
         if start - mtime > STAGE_GAP_S:
             break
         start = min(start, mtime - wall)
+    start = max(start, floor) if math.isfinite(floor) else start
     return int(start * 1000), int(max(end, start) * 1000), "logs/*.json wall_seconds and file mtimes"
 
 

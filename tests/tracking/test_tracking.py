@@ -649,3 +649,14 @@ def test_a_cached_teachers_training_time_is_labelled_as_such(tmp_path):
     os.utime(tmp_path / "logs" / "teacher.json", (now - 40, now - 40))  # trained just before distill
     metrics = tracking_result.collect(tmp_path)["metrics"]
     assert metrics["teacher_train_seconds"] == 599.0 and "cached_teacher_train_seconds" not in metrics
+    # ... but in the previous invocation: this one's validate stage rewrote data/params.valid after it (seen in
+    # tests/pipeline/test_e2e.py on a quiet machine, where the next experiment began 40 s after the teacher)
+    marker = tmp_path / "data" / "params.valid"
+    marker.parent.mkdir(exist_ok=True)
+    marker.write_text("valid\n")
+    os.utime(marker, (now - 35, now - 35))
+    metrics = tracking_result.collect(tmp_path)["metrics"]
+    assert "cached_teacher_train_seconds" in metrics and "teacher_train_seconds" not in metrics
+    assert metrics["distill_kd_train_seconds"] == 29.0 and metrics["cached_teacher_bf16"] == 0.0
+    os.utime(marker, (now - 2000, now - 2000))  # this invocation trained the teacher too: it is this run's
+    assert tracking_result.collect(tmp_path)["metrics"]["teacher_train_seconds"] == 599.0
