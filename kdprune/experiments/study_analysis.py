@@ -285,10 +285,12 @@ def section(plan: Plan, cell: str, res, core, rows: list, choices: dict[str, dic
     settings: dict[tuple, list[pd.Series]] = {}
     borrowed = bool(varied) and set(varied) <= KD_KEYS
     for e, r in res:
-        ft = core_finetune(core, e, r) if borrowed and pd.isna(r.get("acc_finetune")) else None
-        if ft is not None:  # fine-tuning reads none of the varied keys: its run of the same seed and ratio
+        if borrowed:  # fine-tuning reads none of the varied keys: its run of the same seed and ratio at the core
+            # grid's finetune settings, also for a run that ran its own finetune (e.g. one shared with the lr cell,
+            # whose finetune ran at that cell's rate, not at the one chosen for finetune); none yet: no pair
+            ft = core_finetune(core, e, r)
             r = r.copy()
-            r["acc_finetune"] = ft
+            r["acc_finetune"] = float("nan") if ft is None else ft
         settings.setdefault(tuple(e.flat.get(k) for k in varied), []).append(r)
     core_flat = {} if plan.core in plan.pending else cell_experiment(plan, plan.core).flat
     default = tuple({**plan.base, **core_flat}.get(k) for k in varied)

@@ -136,7 +136,13 @@ def test_the_structured_study_runs_to_the_end_and_reports_qat_and_both_frontiers
     assert "`distill.finetune_lr` = 0.2 for finetune: chosen in cell lr" in text
     assert "## Core grid" in text and "| 0.65 |" in text
     assert "## qat: post-training against quantization-aware INT8" in text
-    qat = pd.read_csv(tmp_path / "metrics" / "study_channel.csv").query("section == 'qat'")
+    table = pd.read_csv(tmp_path / "metrics" / "study_channel.csv")
+    # every kd_settings row pairs with the core grid's finetune (lr 0.2), also the row whose runs the lr cell ran
+    # with its own finetune at lr 0.05 (alpha 0.9, T 4 at the kd lr 0.05)
+    ks = table.query("section == 'kd_settings'")
+    core_ft = table.query("section == 'core' and ratio == 0.55")["finetune_mean"].item()
+    assert len(ks) == 4 and ks["finetune_mean"].to_numpy() == pytest.approx([core_ft] * 4)
+    qat = table.query("section == 'qat'")
     diffs = dict(zip(qat["setting"] + "@" + qat["ratio"].astype(str), qat["difference"]))
     assert diffs["QAT-KD - PTQ-KD@0.65"] == pytest.approx(0.7) and diffs["QAT-KD - QAT-FT@0.55"] == pytest.approx(0.4 + 0.1 * math.log(4))
     assert "## Frontier along MAC reduction" in text and "## Frontier along INT8 gzip size reduction" in text
