@@ -13,7 +13,7 @@ import pandas as pd
 from kdprune import io
 from kdprune.experiments.frontier_report import headline, plural_seeds, teachers_note, write_outputs
 from kdprune.data.registry import REGISTRY
-from kdprune.experiments.runs import KD_KEYS, csv_text, missing, same_teacher_and_mask, same_value
+from kdprune.experiments.runs import KD_KEYS, csv_text, precision_line, same_teacher_and_mask, same_value
 from kdprune.experiments.stats import holm, paired, simultaneous
 from kdprune.experiments.frontier_axis import AXES, COMPRESSION, Axis
 from kdprune.experiments.study_plan import (BUDGET_KEYS, Choice, Experiment, Plan, cell_experiment, duplicates,
@@ -115,32 +115,6 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
     io.write_text(files[0], text)
     io.write_text(files[1], csv_text(pd.DataFrame(rows)))
     return text, files
-
-
-def precision(r: pd.Series) -> str:
-    """"bf16" when every training stage the run recorded (<stage>_bf16, cached_<stage>_bf16: 1 under bf16 autocast,
-    0 in fp32) ran under bf16 autocast, "fp32" when none did, "mixed" otherwise; for a run logged before the record
-    existed, what a forced runtime.bf16 (true, false) says, else "unrecorded"."""
-    vals = [float(r[k]) for k in r.index if str(k).endswith("_bf16") and not str(k).startswith("params.")
-            and not missing(r[k])]
-    if not vals:  # a forced setting says it; auto resolved per machine, unknown without the records
-        forced = str(r.get("params.runtime.bf16")).strip().lower()
-        return {"true": "bf16", "false": "fp32"}.get(forced, "unrecorded")
-    return "bf16" if all(v == 1 for v in vals) else "fp32" if all(v == 0 for v in vals) else "mixed"
-
-
-def precision_line(runs: list[pd.Series]) -> str:
-    """How many of the runs trained teacher and students under bf16 autocast, in fp32, mixed, or did not record it
-    (runtime.bf16 auto chooses bf16 where the CPU has native bf16; results are bit-identical only on one CPU type)."""
-    counts = {k: 0 for k in ("bf16", "fp32", "mixed", "unrecorded")}
-    for r in runs:
-        counts[precision(r)] += 1
-    modes = sorted({str(r.get("params.runtime.bf16")) for r in runs})
-    words = {"bf16": "every training stage under bf16 autocast", "fp32": "every training stage in fp32",
-             "mixed": "some stages under bf16 autocast, some in fp32",
-             "unrecorded": "not recorded (runtime.bf16 auto, logged before runs recorded it)"}
-    return (f"Training precision (runtime.bf16: {', '.join(modes)}), per distinct run: "
-            + "; ".join(f"{words[k]}: {n}" for k, n in counts.items() if n) + ".")
 
 
 def frontier_prefix(plan: Plan, axis: Axis) -> str:

@@ -206,11 +206,11 @@ def test_the_report_counts_each_runs_training_precision_from_its_stage_records()
                                                              distill_finetune_bf16=float("nan")),
             run(teacher_bf16=0.0, distill_kd_bf16=0.0), run(cached_teacher_bf16=1.0, distill_kd_bf16=0.0),
             run(teacher_bf16="", distill_kd_bf16=None)]
-    assert [study_analysis.precision(r) for r in runs] == ["bf16", "bf16", "fp32", "mixed", "unrecorded"]
+    assert [exp_runs.precision(r) for r in runs] == ["bf16", "bf16", "fp32", "mixed", "unrecorded"]
     # without records, a forced setting decides; auto does not
-    assert [study_analysis.precision(pd.Series({"params.runtime.bf16": v})) for v in ("False", "true", "auto", "")] \
+    assert [exp_runs.precision(pd.Series({"params.runtime.bf16": v})) for v in ("False", "true", "auto", "")] \
         == ["fp32", "bf16", "unrecorded", "unrecorded"]
-    line = study_analysis.precision_line(runs)
+    line = exp_runs.precision_line(runs)
     assert line.startswith("Training precision (runtime.bf16: auto), per distinct run:")
     assert "under bf16 autocast: 2;" in line and "in fp32: 1;" in line and "in fp32: 1; some" in line
     assert "some stages under bf16 autocast, some in fp32: 1;" in line and "not recorded" in line
