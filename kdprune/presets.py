@@ -27,7 +27,7 @@ import yaml
 
 from kdprune import overrides as ovr
 from kdprune.data import REGISTRY
-from kdprune.dvctool import find_dvc
+from kdprune.dvctool import dvc_env, find_dvc
 from kdprune.models import build_model, spec_from_params
 from kdprune.prune.counts import dense_macs
 from kdprune.params import Params, ParamsError, flatten, params_from_dict, safe_load_yaml
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     exe = find_dvc()  # the printed command says plain dvc; run the one found (a venv not activated has one)
     try:
-        return subprocess.call([exe or cmd[0], *cmd[1:]])
+        return subprocess.call([exe or cmd[0], *cmd[1:]], env=dvc_env())  # stages run plain `python`
     except FileNotFoundError:
         print("error: dvc is not on PATH: run it as ./run.sh preset NAME (which uses the project's .venv), or "
               "activate the environment that has dvc (. .venv/bin/activate)", file=sys.stderr)

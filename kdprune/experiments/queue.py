@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from kdprune.dvctool import find_dvc
+from kdprune.dvctool import dvc_env, find_dvc
 from kdprune.tracking.store import ALIASES_TAG, finished_pipeline_runs, tracking_uri
 
 def dvc_exe() -> str:
@@ -21,7 +21,7 @@ def dvc_exe() -> str:
 
 
 def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([dvc_exe(), *args], capture_output=True, text=True)
+    r = subprocess.run([dvc_exe(), *args], capture_output=True, text=True, env=dvc_env())
     if check and r.returncode != 0:
         raise SystemExit(f"error: dvc {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
     return r
@@ -41,7 +41,8 @@ def start_workers(jobs: int) -> None:
     log = Path(".dvc/tmp/sweep-queue-start.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
-        r = subprocess.run([dvc_exe(), "queue", "start", "-j", str(jobs)], stdout=fh, stderr=subprocess.STDOUT)
+        r = subprocess.run([dvc_exe(), "queue", "start", "-j", str(jobs)], stdout=fh, stderr=subprocess.STDOUT,
+                           env=dvc_env())  # the detached worker is started as plain `dvc`: it must be on PATH
     if r.returncode != 0:
         raise SystemExit(f"error: dvc queue start failed:\n{log.read_text()}")
 
