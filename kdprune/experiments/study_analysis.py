@@ -75,11 +75,12 @@ def analyse(plan: Plan, runs: pd.DataFrame, out: Path = Path(".")) -> tuple[str,
                   f"ratio(s) ({', '.join(f'{r:g}' for r in ratios)}); complete probes (every seed): {len(full)}; "
                   f"results logged twice: {sum(duplicates(plan, runs, e) for e, _ in own)}.", ""]
     if got or own:
-        wall = sum((float(r["end_time"]) - float(r["start_time"])) / 1000 for r in
-                   {r["run_id"]: r for _, r in got + own}.values() if str(r.get("end_time", "")) not in ("", "nan"))
+        distinct = list({r["run_id"]: r for _, r in got + own}.values())
+        wall = sum((float(r["end_time"]) - float(r["start_time"])) / 1000 for r in distinct
+                   if str(r.get("end_time", "")) not in ("", "nan"))
         which = "those runs and the search's" if own else "those runs"
         lines += [f"Pipeline wall time summed over {which} (MLflow start to end, each the real pipeline time): "
-                  f"{wall / 3600:.2f} h.", "", precision_line(list({r["run_id"]: r for _, r in got + own}.values())),
+                  f"{wall / 3600:.2f} h.", "", precision_line(distinct),
                   ""]
     core_cell = plan.core
     if plan.choices or plan.pending:
