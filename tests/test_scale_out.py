@@ -89,6 +89,32 @@ def test_queued_tasks_without_a_worker_get_one_fresh_worker_then_are_removed(mon
     assert q.calls == [("start", 1)]
 
 
+def test_a_worker_that_never_started_stops_the_run_at_once_with_its_error(monkeypatch, tmp_path):
+    """Part 7 of the structured study: the daemon could not start the worker (no dvc on PATH), and each of 15
+    experiments waited 254 s before it was called lost. Now the start log's traceback ends the run at once."""
+    log = tmp_path / "sweep-queue-start.log"
+    log.write_text("Started '1' new experiments task queue worker.\nTraceback (most recent call last):\n"
+                   "  File \"daemon.py\", line 1\nFileNotFoundError: [Errno 2] No such file or directory: 'dvc'\n")
+    monkeypatch.setattr(exp_queue, "START_LOG", log)
+    q = FakeQueue(monkeypatch, [{"rev": "ee", "name": "study-core-r0p2-s0", "status": "Queued"}],
+                  alive=lambda now, revs: False)
+    with pytest.raises(SystemExit) as e:
+        exp_queue.wait_for_queue(poll=5, lost_after=120, log=print)
+    assert "did not start" in str(e.value) and "No such file or directory: 'dvc'" in str(e.value)
+    assert "\n" not in str(e.value)  # one line
+    assert q.now < 10 and q.calls == [("queue", "remove", "ee")]  # no 120-s wait, no restart; the task removed
+
+    # a live worker is waited for whatever the log says, and a log without a traceback changes nothing
+    entries = [{"rev": "ff", "name": "ok", "status": "Running"}]
+    q = FakeQueue(monkeypatch, entries, alive=lambda now, revs: now < 20 or not entries.__setitem__(
+        0, {**entries[0], "status": "Success"}))
+    assert exp_queue.wait_for_queue(poll=5, lost_after=120, log=print)[0]["status"] == "Success"
+    log.write_text("Started '1' new experiments task queue worker.\n")
+    assert exp_queue.start_failure() is None
+    log.unlink()
+    assert exp_queue.start_failure() is None
+
+
 def test_a_long_experiment_with_a_live_worker_is_waited_for(monkeypatch):
     entries = [{"rev": "dd", "name": "long", "status": "Running"}]
     q = FakeQueue(monkeypatch, entries, alive=lambda now, revs: True)
