@@ -41,13 +41,12 @@ START_LOG = Path(".dvc/tmp/sweep-queue-start.log")  # `dvc queue start`'s output
 def start_workers(jobs: int) -> None:
     """`dvc queue start -j N`. Its output goes to a file, not a pipe: the detached workers inherit
     the handles, and a pipe would make this call wait for them instead of wait_for_queue."""
-    log = START_LOG
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as fh:
+    START_LOG.parent.mkdir(parents=True, exist_ok=True)
+    with open(START_LOG, "w") as fh:
         r = subprocess.run([dvc_exe(), "queue", "start", "-j", str(jobs)], stdout=fh, stderr=subprocess.STDOUT,
                            env=dvc_env())  # the detached worker is started as plain `dvc`: it must be on PATH
     if r.returncode != 0:
-        raise SystemExit(f"error: dvc queue start failed:\n{log.read_text()}")
+        raise SystemExit(f"error: dvc queue start failed:\n{START_LOG.read_text()}")
 
 
 WORKER_PIDS = Path(".dvc/tmp/exps/celery")  # dvc-exp-worker-N.pid: DVC's queue workers (dvc-task)
