@@ -20,9 +20,10 @@ The per-method axes give each method its own value at a probe (the mean over see
 is interpolated along its own values. The search still bisects prune.ratio, so the axis must grow strictly with
 the ratio over the probes (for compression: checked for l1_filter / channel, whose ratio is the channel ratio);
 where it does not, the frontier stops with an error naming the two probes and their values: it does not
-reorder or drop probes. ``--lo``, ``--hi`` and ``--tolerance`` are in the searched ratio for every axis:
+reorder or drop probes. ``--lo`` and ``--hi`` are in the searched ratio for every axis:
 ``1 / (1 - prune.ratio)``, the compression of the prunable weights under magnitude pruning (the axis's values
-are only known once measured). Outputs along another axis than compression are named frontier_<axis>.*
+are only known once measured); ``--tolerance`` is on the axis itself: a bracket's failing probe over its passing
+one, in the method's own measured values. Outputs along another axis than compression are named frontier_<axis>.*
 (metrics/frontier_macs.md, plots/frontier_bytes.png, ...); compression keeps metrics/frontier.* as before.
 
 The search. A *probe* is one ``prune.ratio``, run once per seed: one queued DVC experiment and one MLflow
@@ -33,8 +34,8 @@ channel ratio) a monotone stand-in (checked: probes whose measured compression d
 are an error); both the params compression and the MAC reduction are measured and reported. The search first
 probes ``--lo`` and ``--hi`` (compressions); then, as long as some (method, budget) has its frontier
 bracketed by a passing probe below and a failing one above that span more than
-``--tolerance`` x in compression, it probes the geometric midpoint of that bracket (bisection in
-log-compression). All the brackets' midpoints of a round run as one queue (``-j`` workers).
+``--tolerance`` x on the axis (the method's measured values: compression, MACs, bytes), it probes the midpoint of
+that bracket in ``u`` (bisection in log-ratio). All the brackets' midpoints of a round run as one queue (``-j`` workers).
 
 Resume: every finished run is read back from MLflow and from the per-run records CSV (``--records``, all
 params, all metrics and the MLflow run id of each run), so a rerun, even on a fresh clone with an empty
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="most 1/(1 - prune.ratio) searched, for every --axis (default 200x = ratio 0.995; "
                          "l1_filter/channel: at most 1/(1 - the model's largest ratio), e.g. 16 for ResNet-8 w16)")
     ap.add_argument("--tolerance", type=float, default=1.25,
-                    help="stop when each bracket spans at most this factor in 1/(1 - prune.ratio) (default 1.25)")
+                    help="stop when each bracket spans at most this factor on --axis: the failing probe's value over the "
+                         "passing one's, per method (default 1.25)")
     ap.add_argument("--max-probes", type=int, default=8, help=f"new probes at most (default 8, at most {MAX_PROBES})")
     ap.add_argument("--records", type=Path, default=RECORDS, help=f"per-run records CSV (default {RECORDS})")
     ap.add_argument("--analyse", action="store_true", help="train nothing: write the frontier from the runs so far")

@@ -31,7 +31,7 @@ import time
 import pandas as pd
 
 from kdprune.experiments import queue
-from kdprune.experiments.frontier_search import MAX_PROBES, Probe, search
+from kdprune.experiments.frontier_search import MAX_PROBES, Probe, next_probes, search
 from kdprune.experiments.runs import FrontierError
 from kdprune.experiments.study_analysis import analyse
 from kdprune.experiments.frontier_axis import AXES, Axis
@@ -123,6 +123,14 @@ def run_part(plan: Plan, minutes: float, jobs: int, uri: str, log=lambda m: prin
     return True
 
 
+def frontier_todo(plan: Plan, runs: pd.DataFrame) -> dict[str, list[float]]:
+    """Per axis, the ratios the search would probe next from the runs so far (its next round; [] where every
+    bracket is within the tolerance on that axis). More rounds may follow once those probes are in."""
+    fr, (lo, hi) = plan.frontier, frontier_range(plan)
+    return {name: next_probes(study_probes(plan, runs, axis=AXES[name]), fr["methods"], fr["budgets"], lo, hi,
+                              fr["tolerance"]) for name in fr["axes"]}
+
+
 def describe_choice(c: Choice) -> str:
     return f"{c.key}={c.value} (chosen in {c.ref.cell} on train_acc_{c.ref.by}: {c.score:.2f} %)"
 
@@ -157,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
                 if c.name in plan.pending:
                     print(f"pending   {c.name}: {len(c.seeds) * len(c.ratios) * math.prod(map(len, c.grid.values()))} "
                           f"experiment(s); {plan.pending[c.name]}")
+            if plan.frontier["cell"] in plan.pending or any(run_for(plan, runs, e) is None for e in plan.experiments):
+                print("pending   frontier: its probes come after the cells")
+                return 0
+            for name, ratios in frontier_todo(plan, runs).items():
+                print(f"todo      frontier --axis {name}: ratios {', '.join(f'{r:g}' for r in ratios)} (the next round; "
+                      "more may follow)" if ratios else f"done      frontier --axis {name}: every bracket is within "
+                      f"{plan.frontier['tolerance']:g}x on the axis")
             return 0
         complete = None
         if not args.analyse:
