@@ -158,6 +158,29 @@ def test_each_method_is_interpolated_along_its_own_axis_values():
     assert table["finetune_int8_gzip_size_reduction"].tolist() == [1.5, 4.0]
 
 
+def test_the_tolerance_is_measured_on_the_axis_not_in_the_bisected_ratio():
+    # channel pruning: MACs fall about as (1 - ratio)^2. The bracket 0.4 -> 0.55 is 1.33x in 1 / (1 - ratio) but
+    # 1.78x in MACs, so a 1.5x tolerance must bisect it on the MACs axis (it did not: the study-channel frontier
+    # stopped with 1.7x-wide MAC brackets); on the compression axis (magnitude) it is within 1.5x
+    seeds = [0, 1]
+    probes = []
+    for r, ok in ((0.2, True), (0.4, True), (0.55, False), (0.65, False)):
+        macs = 1 / (1 - r) ** 2
+        accs = {m: np.full(2, 93.0 if ok else 91.0) for m in SLOPE}
+        probes.append(fsearch.Probe(r, seeds, accs, np.full(2, TEACHER), 1 / (1 - r), macs, ["a", "b"],
+                                    axis={m: macs for m in SLOPE}))
+    f = fsearch.frontier(probes, "kd", 1.0, bootstrap=0)
+    assert (f.lo.ratio, f.hi.ratio) == (0.4, 0.55)
+    assert f.width == pytest.approx(math.log((0.6 / 0.45) ** 2))
+    lo, hi = 1 / 0.8, 1 / 0.35
+    mid = fsearch.ratio_of_u((fsearch.u_of_ratio(0.4) + fsearch.u_of_ratio(0.55)) / 2)
+    assert fsearch.next_probes(probes, list(SLOPE), [1.0], lo, hi, 1.5) == [mid]
+    assert fsearch.next_probes(probes, list(SLOPE), [1.0], lo, hi, 1.8) == []
+    flat = [fsearch.Probe(p.ratio, p.seeds, p.acc, p.teacher, p.compression, p.mac_reduction, p.run_ids)
+            for p in probes]  # no axis values: the compression, 1.33x wide
+    assert fsearch.next_probes(flat, list(SLOPE), [1.0], lo, hi, 1.5) == []
+
+
 # ------------------------------------------------------------------------------------ monotone or refused
 def test_an_axis_that_does_not_grow_with_the_ratio_is_refused_naming_both_probes():
     probes = [fsearch.Probe(r, [0], {"kd": np.array([93.0]), "finetune": np.array([93.0])}, np.full(1, TEACHER),

@@ -11,6 +11,8 @@ import yaml
 from kdprune import presets
 from kdprune.experiments import queue as exp_queue
 from kdprune.experiments import runs as exp_runs
+from kdprune.experiments import frontier_axis as faxis
+from kdprune.experiments import frontier_search as fsearch
 from kdprune.experiments import study, study_analysis, study_plan
 from tests.helpers import committed_params_text
 
@@ -131,6 +133,15 @@ def test_the_structured_study_runs_to_the_end_and_reports_qat_and_both_frontiers
     n = len(ran)
     assert study.run_part(plan, 10_000, 1, None, log=lambda m: None) is True and len(ran) == n  # nothing twice
     runs = study_plan.load(plan, None)
+    # every bracket is within the tolerance on its own axis (the fake's MACs grow as (1/(1 - ratio))^2), and
+    # `study --plan` (frontier_todo) has nothing left to probe
+    done = study_plan.resolve(plan, runs)
+    assert study.frontier_todo(done, runs) == {"macs": [], "bytes": []}
+    macs = study_plan.study_probes(done, runs, axis=faxis.AXES["macs"])
+    for m in plan.frontier["methods"]:
+        for b in plan.frontier["budgets"]:
+            f = fsearch.frontier(macs, m, b, bootstrap=0)
+            assert f.censored or f.width <= math.log(plan.frontier["tolerance"]) + 1e-9, (m, b, f.width)
     text, files = study_analysis.analyse(study_plan.resolve(plan, runs), runs, tmp_path)
     assert "results logged twice: 0." in text and "not run yet: 0;" in text
     assert "`distill.finetune_lr` = 0.2 for finetune: chosen in cell lr" in text
